@@ -1,0 +1,592 @@
+"""Parton densities from LHAPDF6 grid files (``Format: lhagrid1``) in torch, and α_s.
+
+The grid reader needs no LHAPDF installation: it parses the ``.dat`` member files
+(from ``LHAPDF_DATA_PATH`` or the grids that ship with the pythia8mc wheel) and
+interpolates them in batches on CPU or GPU. Two interpolation schemes are offered:
+
+- ``"logbicubic"`` (default): LHAPDF 6's log-bicubic scheme, a cubic Hermite
+  interpolation in (ln x, ln Q²) with finite-difference knot derivatives, the
+  upper subgrid at a flavour-threshold boundary (LHAPDF ``LogBicubicInterpolator``).
+- ``"lagrange"``: Pythia 8.3's ``LHAGrid1`` scheme, a separable four-point Lagrange
+  cubic in ln x and ln Q (linear in ln Q for subgrids of ≤ 3 Q knots), the lower
+  subgrid at a boundary.
+
+Both freeze at the grid edges outside its range. When the C++ LHAPDF Python module
+is importable, :func:`load_pdf` with ``backend="auto"`` evaluates through it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "PDFError",
+    "GridPDF",
+    "LHAPDFModulePDF",
+    "AlphaS",
+    "load_pdf",
+    "pdf_search_paths",
+    "find_pdf_member",
+    "available_pdf_sets",
+]
+
+PARTON_IDS = (-5, -4, -3, -2, -1, 21, 1, 2, 3, 4, 5)
+
+
+class PDFError(ValueError):
+    """A PDF set that cannot be found or read."""
+
+
+def _pythia_pdfdata() -> list[Path]:
+    found = []
+    env = os.environ.get("PYTHIA8DATA")
+    if env:
+        found.append(Path(env).parent / "pdfdata")
+    for prefix in {sys.prefix, sys.base_prefix}:
+        found.append(Path(prefix) / "share" / "Pythia8" / "pdfdata")
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("pythia8mc")
+        if spec and spec.origin:
+            # site-packages/pythia8mc*.so → <prefix>/share/Pythia8/pdfdata
+            found.append(Path(spec.origin).resolve().parents[3] / "share" / "Pythia8" / "pdfdata")
+    except (ImportError, IndexError):
+        pass
+    return found
+
+
+def pdf_search_paths() -> list[Path]:
+    """Folders searched for PDF sets, in order: ``LHAPDF_DATA_PATH``, ``LHAPATH``,
+    the lhapdf module's paths (when importable), then the pythia8mc wheel's pdfdata."""
+    paths: list[Path] = []
+    for var in ("LHAPDF_DATA_PATH", "LHAPATH"):
+        for part in os.environ.get(var, "").split(os.pathsep):
+            if part:
+                paths.append(Path(part))
+    try:
+        import lhapdf  # type: ignore
+
+        paths.extend(Path(p) for p in lhapdf.paths())
+    except Exception:  # noqa: BLE001 - the module is optional
+        pass
+    paths.extend(_pythia_pdfdata())
+    unique: list[Path] = []
+    for p in paths:
+        if p.is_dir() and p.resolve() not in [u.resolve() for u in unique]:
+            unique.append(p)
+    return unique
+
+
+def available_pdf_sets() -> list[str]:
+    """Names of the lhagrid1 sets found on the search path."""
+    names = set()
+    for folder in pdf_search_paths():
+        for f in folder.glob("*_0000.dat"):
+            names.add(f.name[: -len("_0000.dat")])
+        for d in folder.iterdir():
+            if d.is_dir() and (d / f"{d.name}_0000.dat").exists():
+                names.add(d.name)
+    return sorted(names)
+
+
+def find_pdf_member(name: str, member: int = 0) -> Path:
+    """Locate the ``.dat`` file of a set member, by file path or set name."""
+    direct = Path(name).expanduser()
+    if direct.is_file():
+        return direct
+    stem = f"{name}_{member:04d}.dat"
+    for folder in pdf_search_paths():
+        for candidate in (folder / name / stem, folder / stem):
+            if candidate.is_file():
+                return candidate
+    searched = ", ".join(str(p) for p in pdf_search_paths()) or "(no folder exists)"
+    sets = ", ".join(available_pdf_sets()) or "none"
+    raise PDFError(
+        f"PDF set {name!r} member {member} not found. Searched: {searched}. "
+        f"Available lhagrid1 sets: {sets}. Set LHAPDF_DATA_PATH to add a folder."
+    )
+
+
+def _read_info(dat: Path) -> dict:
+    """The set's ``.info`` metadata when it sits beside the member file (LHAPDF layout)."""
+    set_name = dat.name.rsplit("_", 1)[0]
+    info = dat.parent / f"{set_name}.info"
+    if not info.is_file():
+        return {}
+    import yaml
+
+    try:
+        return yaml.safe_load(info.read_text()) or {}
+    except yaml.YAMLError:
+        return {}
+
+
+@dataclass
+class _Subgrid:
+    x: np.ndarray
+    q: np.ndarray
+    pids: list[int]
+    values: np.ndarray  # (nx, nq, nflav)
+
+
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def _numbers(text: str) -> np.ndarray:
+    try:
+        return np.array(text.split(), dtype=np.float64)
+    except ValueError:
+        # Some published grids have fused fixed-width fields such as
+        # '0.00000000e+000.00000000e+00'; split them as a C++ stream does.
+        tokens = _NUMBER.findall(text)
+        if not tokens or len(_NUMBER.sub("", text).split()) != 0:
+            raise
+        return np.array(tokens, dtype=np.float64)
+
+
+def _parse_lhagrid1(path: Path) -> tuple[dict, list[_Subgrid]]:
+    text = path.read_text()
+    lines = text.splitlines()
+    blocks: list[tuple[int, list[str]]] = []
+    start, current = 1, []
+    for i, line in enumerate(lines, start=1):
+        if line.strip() == "---":
+            blocks.append((start, current))
+            start, current = i + 1, []
+        else:
+            current.append(line)
+    if current and any(s.strip() for s in current):
+        raise PDFError(f"{path}: data after the last '---' separator at line {start} (truncated file?)")
+    if len(blocks) < 2:
+        raise PDFError(f"{path}: not an LHAPDF6 lhagrid1 file (no '---'-separated subgrids)")
+    header = {}
+    for line in blocks[0][1]:
+        if ":" in line:
+            key, _, value = line.partition(":")
+            header[key.strip()] = value.strip()
+    if header.get("Format", "lhagrid1") != "lhagrid1":
+        raise PDFError(f"{path}: format {header.get('Format')!r} is not supported, only lhagrid1")
+    subgrids = []
+    for first_line, block in blocks[1:]:
+        rows = [b for b in block if b.strip()]
+        if len(rows) < 4:
+            raise PDFError(f"{path}: subgrid starting at line {first_line} has only {len(rows)} lines")
+        try:
+            x = np.array(rows[0].split(), dtype=np.float64)
+            q = np.array(rows[1].split(), dtype=np.float64)
+            pids = [int(v) for v in rows[2].split()]
+            values = _numbers(" ".join(rows[3:]))
+        except ValueError as err:
+            raise PDFError(f"{path}: unreadable number in the subgrid starting at line {first_line}: {err}") from None
+        expected = len(x) * len(q) * len(pids)
+        if values.size != expected:
+            raise PDFError(
+                f"{path}: subgrid starting at line {first_line} holds {values.size} values, "
+                f"expected {len(x)} x × {len(q)} Q × {len(pids)} flavours = {expected}"
+            )
+        if len(x) < 4:
+            raise PDFError(f"{path}: subgrid at line {first_line} has {len(x)} x knots; at least 4 are needed")
+        values = values.reshape(len(x), len(q), len(pids))
+        # A repeated x knot (seen in published grids) carries no information and
+        # would divide by zero in the interpolation: keep its last copy.
+        keep = np.append(np.diff(x) > 0, True)
+        if not keep.all():
+            x, values = x[keep], values[keep]
+        if np.any(np.diff(x) <= 0) or np.any(np.diff(q) <= 0):
+            raise PDFError(f"{path}: the x or Q knots of the subgrid at line {first_line} are not increasing")
+        subgrids.append(_Subgrid(x, q, [21 if p == 0 else p for p in pids], values))
+    return header, subgrids
+
+
+def _hermite(t, vl, vdl, vh, vdh):
+    t2 = t * t
+    t3 = t2 * t
+    return (2 * t3 - 3 * t2 + 1) * vl + (t3 - 2 * t2 + t) * vdl + (-2 * t3 + 3 * t2) * vh + (t3 - t2) * vdh
+
+
+def _lagrange4(u: torch.Tensor, knots: torch.Tensor) -> torch.Tensor:
+    """Weights of the cubic Lagrange polynomial through 4 knots: u (B,), knots (B, 4)."""
+    w = []
+    for a in range(4):
+        wa = torch.ones_like(u)
+        for b in range(4):
+            if a != b:
+                wa = wa * (u - knots[:, b]) / (knots[:, a] - knots[:, b])
+        w.append(wa)
+    return torch.stack(w, dim=1)
+
+
+class GridPDF:
+    """A PDF set member read from an LHAPDF6 ``lhagrid1`` file, evaluated in torch.
+
+    References: A. Buckley et al., "LHAPDF6", arXiv:1412.7420 (grid format and
+    log-bicubic interpolation); T. Sjöstrand et al., arXiv:2203.11601 (Pythia 8.3).
+
+    Arguments:
+        name: set name (e.g. ``"NNPDF23_lo_as_0130_qed"``) or path of a ``.dat`` file.
+        member: member number (0 = central).
+        interpolation: ``"logbicubic"`` (LHAPDF) or ``"lagrange"`` (Pythia ``LHAGrid1``).
+        device, dtype: where and in which precision the grid lives.
+
+    Example:
+        >>> pdf = GridPDF("NNPDF23_lo_as_0130_qed")
+        >>> xg = pdf.xfxQ2(21, torch.tensor([1e-3, 0.1]), torch.tensor([100.0, 1e4]))
+    """
+
+    def __init__(
+        self,
+        name: str,
+        member: int = 0,
+        interpolation: str = "logbicubic",
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float64,
+    ):
+        if interpolation not in ("logbicubic", "lagrange"):
+            raise PDFError(f"interpolation {interpolation!r} is not one of 'logbicubic', 'lagrange'")
+        self.path = find_pdf_member(name, member)
+        self.name = name
+        self.member = member
+        self.interpolation = interpolation
+        self.info = _read_info(self.path)
+        self.header, subgrids = _parse_lhagrid1(self.path)
+        x0 = subgrids[0].x
+        for sg in subgrids[1:]:
+            if sg.x.shape != x0.shape or not np.allclose(np.log(sg.x), np.log(x0), atol=1e-5, rtol=0):
+                raise PDFError(f"{self.path}: subgrids with different x knots are not supported")
+        pid_union: list[int] = []
+        for sg in subgrids:
+            for p in sg.pids:
+                if p not in pid_union:
+                    pid_union.append(p)
+        self.pids = pid_union
+        self._pid_index = {p: i for i, p in enumerate(self.pids)}
+        blocks = []
+        for sg in subgrids:
+            v = np.zeros((len(x0), len(sg.q), len(self.pids)))
+            for j, p in enumerate(sg.pids):
+                v[:, :, self._pid_index[p]] = sg.values[:, :, j]
+            blocks.append(v)
+        self.x_min, self.x_max = float(x0[0]), float(x0[-1])
+        self.q_min, self.q_max = float(subgrids[0].q[0]), float(subgrids[-1].q[-1])
+        self.q_bounds = [float(sg.q[-1]) for sg in subgrids[:-1]]
+        sizes = [len(sg.q) for sg in subgrids]
+        starts = np.cumsum([0] + sizes[:-1])
+        self._device, self._dtype = torch.device(device), dtype
+        t = lambda a, dt=dtype: torch.as_tensor(np.asarray(a), dtype=dt, device=self._device)
+        self._logx = t(np.log(x0))
+        self._logq2 = t(np.concatenate([2.0 * np.log(sg.q) for sg in subgrids]))
+        self._grid = t(np.concatenate(blocks, axis=1))  # (nx, NQ, F)
+        self._sub_start = t(starts, torch.long)
+        self._sub_end = t(starts + np.array(sizes) - 1, torch.long)  # inclusive
+        self._bounds_logq2 = t(2.0 * np.log(self.q_bounds)) if self.q_bounds else None
+        # ∂f/∂ln x at every knot (LHAPDF KnotArray): mean of the neighbouring slopes,
+        # one-sided at the ends.
+        g, lx = self._grid, self._logx
+        slopes = (g[1:] - g[:-1]) / (lx[1:] - lx[:-1])[:, None, None]
+        deriv = torch.empty_like(g)
+        deriv[0], deriv[-1] = slopes[0], slopes[-1]
+        deriv[1:-1] = 0.5 * (slopes[1:] + slopes[:-1])
+        self._dgrid = deriv
+
+    # ------------------------------------------------------------------ public
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def to(self, device: str | torch.device) -> "GridPDF":
+        """Move the grid to another device (returns self)."""
+        self._device = torch.device(device)
+        for attr in ("_logx", "_logq2", "_grid", "_dgrid", "_sub_start", "_sub_end", "_bounds_logq2"):
+            value = getattr(self, attr)
+            if value is not None:
+                setattr(self, attr, value.to(self._device))
+        return self
+
+    def xfxQ2_all(self, x: torch.Tensor, q2: torch.Tensor) -> torch.Tensor:
+        """x·f(x, Q²) for every flavour of the set: shape (B, len(self.pids))."""
+        x = torch.as_tensor(x, dtype=self._dtype, device=self._device).reshape(-1)
+        q2 = torch.as_tensor(q2, dtype=self._dtype, device=self._device).reshape(-1)
+        if x.shape != q2.shape:
+            raise ValueError(f"x and Q2 need the same length, got {x.shape[0]} and {q2.shape[0]}")
+        if self.interpolation == "logbicubic":
+            return self._logbicubic(x, q2)
+        return self._lagrange(x, q2)
+
+    def xfxQ2(self, pid: int | torch.Tensor, x: torch.Tensor, q2: torch.Tensor) -> torch.Tensor:
+        """x·f(x, Q²) for one PDG id, or one id per point (a tensor like x). 0 means gluon;
+        flavours absent from the set give 0."""
+        all_f = self.xfxQ2_all(x, q2)
+        zero = torch.zeros(all_f.shape[0], 1, dtype=all_f.dtype, device=all_f.device)
+        table = torch.cat([all_f, zero], dim=1)
+        lookup = torch.full((45,), len(self.pids), dtype=torch.long, device=all_f.device)
+        for p, i in self._pid_index.items():
+            if -22 <= p <= 22:
+                lookup[p + 22] = i
+        lookup[22] = lookup[21 + 22]  # id 0 is the gluon
+        if isinstance(pid, int):
+            if not -22 <= pid <= 22:
+                return zero[:, 0]
+            return table[:, lookup[pid + 22]]
+        pid_t = torch.as_tensor(pid, device=all_f.device).reshape(-1).long()
+        idx = lookup[torch.clamp(pid_t + 22, 0, 44)]
+        idx = torch.where((pid_t < -22) | (pid_t > 22), len(self.pids), idx)
+        return table.gather(1, idx[:, None])[:, 0]
+
+    def xfxQ(self, pid, x, q):
+        """x·f(x, Q) with the scale Q instead of Q²."""
+        q = torch.as_tensor(q, dtype=self._dtype, device=self._device)
+        return self.xfxQ2(pid, x, q * q)
+
+    # ------------------------------------------------------------- internals
+    def _subgrid_of(self, logq2: torch.Tensor, upper_at_boundary: bool) -> torch.Tensor:
+        if self._bounds_logq2 is None:
+            return torch.zeros_like(logq2, dtype=torch.long)
+        b = self._bounds_logq2
+        above = (logq2[:, None] >= b[None, :]) if upper_at_boundary else (logq2[:, None] > b[None, :])
+        return above.sum(1)
+
+    def _x_interval(self, logx: torch.Tensor) -> torch.Tensor:
+        nx = self._logx.shape[0]
+        return torch.clamp(torch.searchsorted(self._logx, logx.contiguous(), right=True) - 1, 0, nx - 2)
+
+    def _q_interval(self, logq2: torch.Tensor, k: torch.Tensor):
+        lo, hi = self._sub_start[k], self._sub_end[k]
+        j = torch.searchsorted(self._logq2, logq2.contiguous(), right=True) - 1
+        # searchsorted over the concatenated knots can land in a neighbouring subgrid
+        # when knots repeat at the boundary: bring it back into the chosen one.
+        j = torch.minimum(torch.maximum(j, lo), hi - 1)
+        return j, lo, hi
+
+    def _logbicubic(self, x, q2):
+        logx = torch.clamp(torch.log(x), self._logx[0], self._logx[-1])
+        logq2 = torch.clamp(torch.log(q2), self._logq2[0], self._logq2[-1])
+        ix = self._x_interval(logx)
+        k = self._subgrid_of(logq2, upper_at_boundary=True)
+        j, lo, hi = self._q_interval(logq2, k)
+        g, d, lx, lq = self._grid, self._dgrid, self._logx, self._logq2
+        dx = lx[ix + 1] - lx[ix]
+        tx = ((logx - lx[ix]) / dx)[:, None]
+
+        def along_x(row):
+            return _hermite(tx, g[ix, row], d[ix, row] * dx[:, None], g[ix + 1, row], d[ix + 1, row] * dx[:, None])
+
+        vl, vh = along_x(j), along_x(j + 1)
+        jm, jp = torch.maximum(j - 1, lo), torch.minimum(j + 2, hi)
+        vll, vhh = along_x(jm), along_x(jp)
+        d1 = (lq[j + 1] - lq[j])[:, None]
+        d0 = (lq[j] - lq[jm])[:, None]
+        d2 = (lq[jp] - lq[j + 1])[:, None]
+        lower = (j == lo)[:, None]
+        upper = (j + 1 == hi)[:, None]
+        diff = vh - vl
+        vdl_int = 0.5 * (diff + (vl - vll) * d1 / torch.where(lower, torch.ones_like(d0), d0))
+        vdh_int = 0.5 * (diff + (vhh - vh) * d1 / torch.where(upper, torch.ones_like(d2), d2))
+        vdl = torch.where(lower, diff, vdl_int)
+        vdh = torch.where(upper, diff, vdh_int)
+        tq = ((logq2 - lq[j]) / d1[:, 0])[:, None]
+        cubic = _hermite(tq, vl, vdl, vh, vdh)
+        # LHAPDF falls back to bilinear in (ln x, ln Q²) on two-knot subgrids.
+        two_knot = (lower & upper)
+        if bool(two_knot.any()):
+            bilinear = (1 - tq) * ((1 - tx) * g[ix, j] + tx * g[ix + 1, j]) + tq * ((1 - tx) * g[ix, j + 1] + tx * g[ix + 1, j + 1])
+            cubic = torch.where(two_knot, bilinear, cubic)
+        return cubic
+
+    def _lagrange(self, x, q2):
+        lx, lq = self._logx, self._logq2
+        nx = lx.shape[0]
+        logx = torch.clamp(torch.log(x), lx[0], lx[-1])
+        logq2 = torch.clamp(torch.log(q2), lq[0], lq[-1])
+        ix = self._x_interval(logx)
+        sx = torch.clamp(ix - 1, 0, nx - 4)
+        kx = sx[:, None] + torch.arange(4, device=x.device)
+        wx = _lagrange4(logx, lx[kx])  # (B, 4)
+        k = self._subgrid_of(logq2, upper_at_boundary=False)
+        j, lo, hi = self._q_interval(logq2, k)
+        size = hi - lo + 1
+        sq = torch.minimum(torch.maximum(j - 1, lo), torch.clamp(hi - 3, min=0))
+        kq = torch.minimum(sq[:, None] + torch.arange(4, device=x.device), hi[:, None])
+        wq_cubic = _lagrange4(logq2, lq[kq])
+        # Subgrids with ≤ 3 Q knots: linear in ln Q between the bracketing knots.
+        tq = (logq2 - lq[j]) / (lq[j + 1] - lq[j])
+        kq_lin = torch.stack([j, j + 1, j + 1, j + 1], dim=1)
+        wq_lin = torch.stack([1 - tq, tq, torch.zeros_like(tq), torch.zeros_like(tq)], dim=1)
+        small = (size <= 3)[:, None]
+        kq = torch.where(small, kq_lin, kq)
+        wq = torch.where(small, wq_lin, wq_cubic)
+        vals = self._grid[kx[:, :, None], kq[:, None, :]]  # (B, 4x, 4q, F)
+        return torch.einsum("ba,bc,bacf->bf", wx, wq, vals)
+
+
+class LHAPDFModulePDF:
+    """The same interface as :class:`GridPDF`, evaluated by the C++ LHAPDF library
+    through its Python module (used when importable)."""
+
+    def __init__(self, name: str, member: int = 0, device="cpu", dtype=torch.float64):
+        import lhapdf  # type: ignore
+
+        lhapdf.setVerbosity(0)
+        self._pdf = lhapdf.mkPDF(name, member)
+        self.name, self.member, self.interpolation = name, member, "lhapdf"
+        self.pids = list(self._pdf.flavors())
+        self._device, self._dtype = torch.device(device), dtype
+        self.info = {}
+        self.x_min, self.x_max = self._pdf.xMin, self._pdf.xMax
+        self.q_min, self.q_max = math.sqrt(self._pdf.q2Min), math.sqrt(self._pdf.q2Max)
+
+    @property
+    def device(self):
+        return self._device
+
+    def xfxQ2_all(self, x, q2):
+        xs = torch.as_tensor(x).reshape(-1).double().cpu().numpy()
+        qs = torch.as_tensor(q2).reshape(-1).double().cpu().numpy()
+        out = np.array([[self._pdf.xfxQ2(p, a, b) for p in self.pids] for a, b in zip(xs, qs)])
+        return torch.as_tensor(out, dtype=self._dtype, device=self._device).reshape(len(xs), len(self.pids))
+
+    def xfxQ2(self, pid, x, q2):
+        all_f = self.xfxQ2_all(x, q2)
+        index = {p: i for i, p in enumerate(self.pids)}
+        if isinstance(pid, int):
+            pid = 21 if pid == 0 else pid
+            return all_f[:, index[pid]] if pid in index else torch.zeros_like(all_f[:, 0])
+        cols = [index.get(21 if int(p) == 0 else int(p), -1) for p in torch.as_tensor(pid).reshape(-1).tolist()]
+        padded = torch.cat([all_f, torch.zeros_like(all_f[:, :1])], 1)
+        idx = torch.tensor([c if c >= 0 else len(self.pids) for c in cols], device=all_f.device)
+        return padded.gather(1, idx[:, None])[:, 0]
+
+    def xfxQ(self, pid, x, q):
+        q = torch.as_tensor(q, dtype=self._dtype)
+        return self.xfxQ2(pid, x, q * q)
+
+
+def load_pdf(
+    name: str,
+    member: int = 0,
+    backend: str = "auto",
+    interpolation: str = "logbicubic",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float64,
+):
+    """Open a PDF set member.
+
+    ``backend="auto"`` uses the lhapdf Python module when it is importable and the
+    request is for CPU, otherwise the torch grid reader; ``"lhapdf"`` and ``"grid"``
+    force one or the other.
+    """
+    if backend not in ("auto", "lhapdf", "grid"):
+        raise PDFError(f"PDF backend {backend!r} is not one of 'auto', 'lhapdf', 'grid'")
+    if backend in ("auto", "lhapdf"):
+        try:
+            import lhapdf  # type: ignore  # noqa: F401
+
+            if backend == "lhapdf" or torch.device(device).type == "cpu":
+                return LHAPDFModulePDF(name, member, device=device, dtype=dtype)
+        except ImportError:
+            if backend == "lhapdf":
+                raise PDFError("backend 'lhapdf' asked for, but the lhapdf Python module is not importable") from None
+    return GridPDF(name, member, interpolation=interpolation, device=device, dtype=dtype)
+
+
+class AlphaS:
+    """Running strong coupling α_s(Q²) at 0 (fixed), 1, 2 or 3 loops, fixed by α_s(M_Z).
+
+    Uses the asymptotic solution in Λ (PDG QCD review, eq. 9.5) with Λ^(nf) matched
+    for continuity of α_s at the quark-mass thresholds, the scheme of Pythia 8's
+    ``AlphaStrong``.
+
+    Arguments:
+        alpha_s_mz: α_s at M_Z.
+        order: loops in the running (0 = fixed value).
+        mz: Z mass in GeV.
+        thresholds: (m_c, m_b, m_t) flavour thresholds in GeV.
+        nf_max: largest number of active flavours.
+
+    Example:
+        >>> round(float(AlphaS(0.118, order=2)(torch.tensor(91.1876**2))), 6)
+        0.118
+    """
+
+    def __init__(
+        self,
+        alpha_s_mz: float = 0.118,
+        order: int = 2,
+        mz: float = 91.1876,
+        thresholds: Sequence[float] = (1.5, 4.8, 171.0),
+        nf_max: int = 5,
+    ):
+        if order not in (0, 1, 2, 3):
+            raise ValueError(f"alpha_s order must be 0, 1, 2 or 3, got {order}")
+        if not 0.0 < alpha_s_mz < 1.0:
+            raise ValueError(f"alpha_s(M_Z) must lie in (0, 1), got {alpha_s_mz}")
+        self.alpha_s_mz, self.order, self.mz, self.nf_max = alpha_s_mz, order, mz, nf_max
+        self.thresholds = tuple(float(t) for t in thresholds)
+        self.lambdas: dict[int, float] = {}
+        if order > 0:
+            lam5 = self._solve_lambda(alpha_s_mz, mz**2, 5)
+            self.lambdas[5] = lam5
+            mc, mb, mt = self.thresholds
+            self.lambdas[4] = self._solve_lambda(self._formula(mb**2, lam5, 5), mb**2, 4)
+            self.lambdas[3] = self._solve_lambda(self._formula(mc**2, self.lambdas[4], 4), mc**2, 3)
+            self.lambdas[6] = self._solve_lambda(self._formula(mt**2, lam5, 5), mt**2, 6)
+
+    def _formula(self, q2: float, lam: float, nf: int) -> float:
+        return float(self._alpha(torch.tensor(q2, dtype=torch.float64), lam, nf))
+
+    def _alpha(self, q2, lam, nf):
+        b0 = (33.0 - 2.0 * nf) / (12.0 * math.pi)
+        b1 = (153.0 - 19.0 * nf) / (24.0 * math.pi**2)
+        b2 = (2857.0 - 5033.0 * nf / 9.0 + 325.0 * nf**2 / 27.0) / (128.0 * math.pi**3)
+        t = torch.log(q2 / lam**2)
+        a = 1.0 / (b0 * t)
+        if self.order == 1:
+            return a
+        lt = torch.log(t)
+        corr = 1.0 - b1 * lt / (b0**2 * t)
+        if self.order == 3:
+            corr = corr + (b1**2 * (lt**2 - lt - 1.0) + b0 * b2) / (b0**4 * t**2)
+        return a * corr
+
+    def _solve_lambda(self, alpha: float, q2: float, nf: int) -> float:
+        # α_s decreases monotonically with ln(Q²/Λ²) in the perturbative region:
+        # bisection in ln Λ on a bracket far below Q.
+        lo, hi = math.log(1e-6), math.log(math.sqrt(q2)) - 1.0
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            if self._formula(q2, math.exp(mid), nf) > alpha:
+                hi = mid
+            else:
+                lo = mid
+        return math.exp(0.5 * (lo + hi))
+
+    def __call__(self, q2: torch.Tensor) -> torch.Tensor:
+        """α_s at the squared scale Q² (tensor of any shape)."""
+        q2 = torch.as_tensor(q2)
+        if not q2.is_floating_point():
+            q2 = q2.to(torch.float64)
+        if self.order == 0:
+            return torch.full_like(q2, self.alpha_s_mz)
+        mc, mb, mt = self.thresholds
+        # Below ~2Λ the asymptotic formula has no meaning: freeze α_s there.
+        q2 = torch.clamp(q2, min=4.0 * self.lambdas[3] ** 2)
+        out = torch.empty_like(q2)
+        nf = torch.full_like(q2, 5, dtype=torch.long)
+        nf = torch.where(q2 < mb**2, 4, nf)
+        nf = torch.where(q2 < mc**2, 3, nf)
+        if self.nf_max >= 6:
+            nf = torch.where(q2 >= mt**2, 6, nf)
+        for n in (3, 4, 5, 6):
+            mask = nf == n
+            if bool(mask.any()):
+                out[mask] = self._alpha(q2[mask], self.lambdas[n], n).to(q2.dtype)
+        return out
