@@ -1,0 +1,382 @@
+"""Process cards: YAML files loaded into typed, validated models.
+
+A card is the whole truth of a run. Every section rejects unknown keys, every
+number has its allowed range, and a bad card fails before any work starts with a
+message that names the field path, the bad value and what is allowed.
+``--set a.b=value`` overrides are applied to the YAML before validation, so they
+are checked the same way.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "CardError",
+    "Card",
+    "UnfoldCard",
+    "UnweightCard",
+    "GenerateCard",
+    "load_card",
+    "parse_card",
+    "apply_overrides",
+    "card_to_dict",
+    "section_hash",
+]
+
+
+class CardError(ValueError):
+    """A card that cannot be read or does not validate."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Fraction = Annotated[float, Field(gt=0, lt=1)]
+
+
+# ---------------------------------------------------------------- common parts
+class PDFSection(Strict):
+    """Parton densities: an LHAPDF6 set by name (LHAPDF_DATA_PATH or pythia8mc's pdfdata)."""
+
+    set: str = "NNPDF23_lo_as_0130_qed"
+    member: NonNegInt = 0
+    backend: Literal["auto", "grid", "lhapdf"] = "auto"
+    interpolation: Literal["logbicubic", "lagrange"] = "logbicubic"
+
+
+class AlphaSSection(Strict):
+    value_mz: Fraction = 0.130
+    order: Literal[0, 1, 2, 3] = 1
+
+
+class PhysicsSection(Strict):
+    sqrt_s: PositiveFloat = 13000.0
+    beams: tuple[int, int] = (2212, 2212)
+    pdf: PDFSection = PDFSection()
+    alpha_s: AlphaSSection = AlphaSSection()
+
+
+class OptimizerSection(Strict):
+    name: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
+    lr: Annotated[float, Field(gt=0, le=10)] = 1e-3
+    betas: tuple[Fraction, Fraction] = (0.9, 0.999)
+    weight_decay: NonNegFloat = 0.0
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
+
+
+class ScheduleSection(Strict):
+    name: Literal["constant", "cosine", "step", "exponential", "onecycle"] = "cosine"
+    warmup_steps: NonNegInt = 0
+    step_size: PositiveInt = 1000
+    gamma: Annotated[float, Field(gt=0, le=1)] = 0.5
+    min_lr_factor: Annotated[float, Field(ge=0, le=1)] = 0.01
+
+
+class NanGuardSection(Strict):
+    """A step whose loss or gradients are not finite is skipped and the learning
+    rate multiplied by ``lr_factor``; ``max_bad_steps`` in a row stop the run."""
+
+    max_bad_steps: PositiveInt = 10
+    lr_factor: Fraction = 0.5
+
+
+class TrainingSection(Strict):
+    optimizer: OptimizerSection = OptimizerSection()
+    schedule: ScheduleSection = ScheduleSection()
+    batch_size: PositiveInt = 512
+    epochs: PositiveInt = 20
+    max_steps: Optional[PositiveInt] = None
+    grad_clip: Optional[PositiveFloat] = 10.0
+    checkpoint_every: PositiveInt = 500
+    log_every: PositiveInt = 50
+    validation_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    nan_guard: NanGuardSection = NanGuardSection()
+
+
+class LHEOutputSection(Strict):
+    write: bool = True
+    compress: bool = False
+    max_events: Optional[PositiveInt] = None
+
+
+class CommonCard(Strict):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.+-]+$")]
+    seed: NonNegInt = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output: Optional[str] = None
+    physics: PhysicsSection = PhysicsSection()
+    training: TrainingSection = TrainingSection()
+    lhe: LHEOutputSection = LHEOutputSection()
+
+
+# ------------------------------------------------------------------- unfold
+class DetectorSection(Strict):
+    """Parametrised detector response; defaults follow the Delphes ATLAS card."""
+
+    jet_radius: Annotated[float, Field(gt=0, le=1.5)] = 0.4
+    jet_pt_min: NonNegFloat = 25.0
+    jet_eta_max: PositiveFloat = 2.5
+    max_jets: Annotated[int, Field(ge=2, le=6)] = 4
+    jet_noise: NonNegFloat = 3.0
+    jet_stochastic: NonNegFloat = 0.75
+    jet_constant: NonNegFloat = 0.05
+    jet_forward_factor: NonNegFloat = 1.5
+    lepton_resolution: NonNegFloat = 0.01
+    lepton_resolution_pt_slope: NonNegFloat = 1e-4
+    lepton_efficiency: Annotated[float, Field(gt=0, le=1)] = 0.95
+    lepton_pt_min: NonNegFloat = 20.0
+    lepton_eta_max: PositiveFloat = 2.5
+
+
+class UnfoldData(Strict):
+    source: Literal["pythia", "hdf5", "delphes"] = "pythia"
+    files: list[str] = []
+    n_events: PositiveInt = 100_000
+    test_fraction: Fraction = 0.2
+    z_decay: list[Literal[11, 13]] = [11, 13]
+    isr: bool = True
+    fsr: bool = True
+    hadronisation: bool = True
+    mpi: bool = False
+    workers: NonNegInt = 0
+    detector: DetectorSection = DetectorSection()
+
+    @model_validator(mode="after")
+    def _files_for_file_sources(self):
+        if self.source != "pythia" and not self.files:
+            raise ValueError(f"data.source = {self.source!r} needs data.files (a list of paths)")
+        if not self.z_decay:
+            raise ValueError("data.z_decay needs at least one lepton flavour (11 or 13)")
+        return self
+
+
+class MMDSection(Strict):
+    weight: NonNegFloat = 0.0
+    widths: list[PositiveFloat] = [2.0, 8.0, 25.0, 67.0]
+
+
+class CINNModel(Strict):
+    blocks: Annotated[int, Field(ge=1, le=64)] = 12
+    subnet_layers: Annotated[int, Field(ge=1, le=8)] = 2
+    subnet_width: Annotated[int, Field(ge=4, le=4096)] = 256
+    condition_layers: Annotated[int, Field(ge=1, le=12)] = 3
+    condition_width: Annotated[int, Field(ge=4, le=4096)] = 256
+    condition_dim: Annotated[int, Field(ge=1, le=1024)] = 64
+    clamp: PositiveFloat = 2.0
+    mmd: MMDSection = MMDSection()
+
+
+class UnfoldEvaluation(Strict):
+    samples_per_event: PositiveInt = 100
+    test_events: Optional[PositiveInt] = None
+    batch_size: PositiveInt = 100_000
+    ibu_iterations: PositiveInt = 4
+    bins: Annotated[int, Field(ge=4, le=200)] = 30
+
+
+class UnfoldCard(CommonCard):
+    job: Literal["unfold"]
+    data: UnfoldData = UnfoldData()
+    model: CINNModel = CINNModel()
+    evaluation: UnfoldEvaluation = UnfoldEvaluation()
+
+
+# ------------------------------------------------------------------ unweight
+class UnweightData(Strict):
+    source: Literal["generator", "lhe"] = "generator"
+    files: list[str] = []
+    n_events: PositiveInt = 1_000_000
+    n_truth_events: PositiveInt = 4_000_000
+    m_min: PositiveFloat = 50.0
+    m_max: Optional[PositiveFloat] = None
+    mapping: Literal["flat", "tau_y", "breit_wigner"] = "flat"
+    scale: Literal["mll", "fixed"] = "mll"
+    fixed_scale: PositiveFloat = 91.188
+    lepton: Literal[11, 13] = 13
+    batch_size: PositiveInt = 1_000_000
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.m_max is not None and self.m_max <= self.m_min:
+            raise ValueError(f"data.m_max = {self.m_max} must exceed data.m_min = {self.m_min}")
+        if self.source == "lhe" and not self.files:
+            raise ValueError("data.source = 'lhe' needs data.files (a list of LHE paths)")
+        return self
+
+
+class UnweightModel(Strict):
+    method: Literal["gan", "flow", "flow-exact"] = "flow-exact"
+    layers: Annotated[int, Field(ge=1, le=16)] = 4
+    width: Annotated[int, Field(ge=4, le=4096)] = 128
+    blocks: Annotated[int, Field(ge=1, le=32)] = 6
+    bins: Annotated[int, Field(ge=2, le=128)] = 16
+    latent_dim: Annotated[int, Field(ge=1, le=256)] = 8
+
+
+class UnweightEvaluation(Strict):
+    n_unweighted: PositiveInt = 100_000
+    bins: Annotated[int, Field(ge=4, le=200)] = 40
+    quantiles: Annotated[int, Field(ge=2, le=1000)] = 20
+
+
+class UnweightCard(CommonCard):
+    job: Literal["unweight"]
+    data: UnweightData = UnweightData()
+    model: UnweightModel = UnweightModel()
+    evaluation: UnweightEvaluation = UnweightEvaluation()
+
+
+# ------------------------------------------------------------------ generate
+class GenerateData(Strict):
+    source: Literal["pythia", "lhe"] = "pythia"
+    files: list[str] = []
+    n_events: PositiveInt = 100_000
+    workers: NonNegInt = 0
+
+    @model_validator(mode="after")
+    def _files(self):
+        if self.source == "lhe" and not self.files:
+            raise ValueError("data.source = 'lhe' needs data.files (a list of LHE paths)")
+        return self
+
+
+class GANModel(Strict):
+    layers: Annotated[int, Field(ge=1, le=32)] = 10
+    width: Annotated[int, Field(ge=4, le=4096)] = 512
+    latent_dim: Annotated[int, Field(ge=1, le=512)] = 18
+    representation: Literal["momenta", "ptetaphi", "logpt"] = "momenta"
+    spectral_norm: bool = False
+    batch_statistics: bool = False
+    gradient_penalty: NonNegFloat = 1.0
+    mmd_weight: NonNegFloat = 1.0
+    mmd_kernel: Literal["breit_wigner", "gaussian"] = "breit_wigner"
+    ablation: bool = True
+
+
+class GenerateEvaluation(Strict):
+    n_generated: PositiveInt = 100_000
+    bins: Annotated[int, Field(ge=4, le=200)] = 40
+    quantiles: Annotated[int, Field(ge=2, le=1000)] = 20
+
+
+class GenerateCard(CommonCard):
+    job: Literal["generate"]
+    data: GenerateData = GenerateData()
+    model: GANModel = GANModel()
+    evaluation: GenerateEvaluation = GenerateEvaluation()
+
+
+Card = Annotated[Union[UnfoldCard, UnweightCard, GenerateCard], Field(discriminator="job")]
+JOBS = {"unfold": UnfoldCard, "unweight": UnweightCard, "generate": GenerateCard}
+
+
+# ------------------------------------------------------------------- loading
+def _allowed_keys(model: type[BaseModel], path: tuple) -> list[str]:
+    """The keys a section accepts, found by walking the schema along ``path``."""
+    current: Any = model
+    for part in path:
+        if isinstance(part, int):
+            continue
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        annotation = fields[part].annotation
+        current = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        if current is None:
+            return []
+    return list(getattr(current, "model_fields", {}).keys())
+
+
+def _format_errors(err: ValidationError, model: type[BaseModel], source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        path = ".".join(str(p) for p in loc) or "(card)"
+        value = e.get("input")
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc[:-1])
+            hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            guess = f"; did you mean {hint[0]!r}?" if hint else ""
+            lines.append(f"  {path}: unknown key{guess} Allowed keys here: {', '.join(allowed)}")
+        else:
+            shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+            lines.append(f"  {path} = {shown}: {e['msg']}")
+    return f"invalid card {source}:\n" + "\n".join(lines)
+
+
+def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
+    """Apply ``a.b=value`` overrides (values parsed as YAML) to a card dictionary."""
+    out = json.loads(json.dumps(raw))
+    for item in overrides or []:
+        if "=" not in item:
+            raise CardError(f"--set {item!r}: expected the form section.key=value")
+        key, _, text = item.partition("=")
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise CardError(f"--set {item!r}: empty key")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as exc:
+            raise CardError(f"--set {item!r}: value is not valid YAML ({exc})") from None
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise CardError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def parse_card(raw: Any, source: str = "<card>"):
+    """Validate a card dictionary; raises :class:`CardError` with readable messages."""
+    if not isinstance(raw, dict):
+        raise CardError(f"invalid card {source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    job = raw.get("job")
+    if job not in JOBS:
+        raise CardError(f"invalid card {source}:\n  job = {json.dumps(job)}: must be one of {', '.join(JOBS)}")
+    model = JOBS[job]
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        raise CardError(_format_errors(err, model, source)) from None
+
+
+def load_card(path: str | Path, overrides: list[str] | None = None):
+    """Read a YAML card, apply ``--set`` overrides and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CardError(f"card file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise CardError(f"card {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    return parse_card(apply_overrides(raw or {}, overrides), str(path))
+
+
+def card_to_dict(card: BaseModel) -> dict:
+    """The resolved card as plain JSON-compatible data."""
+    return card.model_dump(mode="json")
+
+
+def section_hash(*parts: Any) -> str:
+    """A stable short hash of card sections (and seeds), for cache keys."""
+    text = json.dumps([p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

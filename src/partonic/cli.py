@@ -1,0 +1,124 @@
+"""Command line: ``partonic <command>`` and the ``unfold`` shortcut.
+
+Every job takes ``--card FILE [--set a.b=value ...] [--output DIR]
+[--device auto|cpu|cuda] [--resume]``. User errors end with a one-paragraph
+message and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+from .cards import CardError, load_card
+
+__all__ = ["main", "unfold_main", "build_parser"]
+
+JOB_HELP = {
+    "unfold": "unfold detector-level events to parton level with a conditional INN",
+    "unweight": "turn weighted Monte Carlo events into unweighted events with a GAN or flow",
+    "generate": "generate resonant events (pp -> ttbar -> 6 quarks) with an MMD-regularised GAN",
+}
+
+
+def _add_job_arguments(p: argparse.ArgumentParser, job: str) -> None:
+    p.add_argument("--card", required=True, help="process card (YAML)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a card entry, e.g. --set training.epochs=5 (repeatable)")
+    p.add_argument("--output", help="run folder (default: the card's output, else runs/<name>)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the card's device")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    if job == "unfold":
+        p.add_argument("--model", help="trained model (RUN/model.pt): unfold --input without retraining")
+        p.add_argument("--input", help="detector-level events to unfold (HDF5 or Delphes ROOT), with --model")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="partonic",
+        description="Generative networks for collider physics, each job run from a YAML process card.",
+    )
+    parser.add_argument("--version", action="version", version=f"partonic {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for job, text in JOB_HELP.items():
+        _add_job_arguments(sub.add_parser(job, help=text, description=text), job)
+    check = sub.add_parser("check-card", help="validate a card without running it",
+                           description="Validate a process card (with optional --set overrides) and print it resolved.")
+    check.add_argument("card", help="process card (YAML)")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    check.add_argument("--quiet", action="store_true", help="print only 'ok' or the errors")
+    return parser
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"partonic: error: {message}", file=sys.stderr)
+    return code
+
+
+def _check_card(args) -> int:
+    import yaml
+
+    from .cards import card_to_dict
+
+    card = load_card(args.card, args.overrides)
+    if args.quiet:
+        print(f"ok: {args.card} ({card.job})")
+    else:
+        print(f"# {args.card}: valid {card.job} card, resolved with defaults")
+        print(yaml.safe_dump(card_to_dict(card), sort_keys=False), end="")
+    return 0
+
+
+def _run_job(args) -> int:
+    from .jobs.common import JobError
+
+    card = load_card(args.card, args.overrides)
+    if card.job != args.command:
+        raise CardError(f"{args.card} is a {card.job!r} card; run it with 'partonic {card.job}'")
+    if args.device:
+        card.device = args.device
+    try:
+        module = importlib.import_module(f".jobs.{args.command}", __package__)
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.endswith(f"jobs.{args.command}"):
+            raise JobError(f"the {args.command!r} job is not available in partonic {__version__}") from None
+        raise
+    return int(module.run(card, args) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .jobs.common import JobError
+    from .physics.pdf import PDFError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        if args.command == "check-card":
+            return _check_card(args)
+        return _run_job(args)
+    except CardError as exc:
+        return _fail(str(exc))
+    except (JobError, PDFError, FileNotFoundError) as exc:
+        return _fail(str(exc), code=1)
+    except KeyboardInterrupt:
+        return _fail("interrupted; the last checkpoint is kept: rerun with --resume to continue", code=130)
+
+
+def unfold_main(argv: list[str] | None = None) -> int:
+    """The ``unfold`` shortcut: ``unfold ARGS`` is ``partonic unfold ARGS``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("--version",):
+        return main(argv)
+    parser = argparse.ArgumentParser(prog="unfold", description=JOB_HELP["unfold"] + " (same as 'partonic unfold')")
+    _add_job_arguments(parser, "unfold")
+    parser.parse_args(argv)  # --help and argument errors here, with this program's name
+    return main(["unfold", *argv])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
