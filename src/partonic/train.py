@@ -1,0 +1,362 @@
+"""The one training loop for every model.
+
+Models supply a loss; the loop supplies the rest: device placement, seeded and
+resumable batch order, optimizer and learning-rate schedule from the card,
+gradient clipping, a NaN/Inf guard, atomic checkpoints every N steps and at the
+end, ``--resume`` from the last checkpoint, a progress bar with loss and ETA, and
+a JSON-lines metrics log.
+
+A resumed run continues with the optimizer state, the position in the epoch and
+every random-number state of the interrupted one, so it finishes with the same
+parameters as an uninterrupted run with the same seed (bit for bit on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .cards import TrainingSection
+
+__all__ = ["TrainingError", "TrainResult", "train", "lr_factor", "make_optimizer", "seed_everything", "load_checkpoint"]
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+LossOutput = torch.Tensor | dict[str, torch.Tensor]
+LossFn = Callable[[nn.Module, Sequence[torch.Tensor]], LossOutput]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (repeated non-finite losses, a checkpoint that does not fit)."""
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train`.
+
+    Fields: ``steps`` optimizer steps taken in total, ``epochs`` completed epochs,
+    ``final_loss`` mean training loss of the last logging interval,
+    ``val_loss`` last validation loss (None without validation data),
+    ``skipped_steps`` steps dropped by the NaN/Inf guard, ``train_s`` wall time of
+    this call, ``resumed_from`` step the run was resumed at (None for a fresh run).
+    """
+
+    steps: int
+    epochs: int
+    final_loss: float
+    val_loss: float | None
+    skipped_steps: int
+    train_s: float
+    resumed_from: int | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(params, cfg: TrainingSection) -> torch.optim.Optimizer:
+    o = cfg.optimizer
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    if o.name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    raise TrainingError(f"unknown optimizer {o.name!r}")
+
+
+def lr_factor(step: int, total: int, cfg: TrainingSection) -> float:
+    """Learning-rate multiplier at a step: linear warm-up, then the card's schedule."""
+    s = cfg.schedule
+    if s.warmup_steps and step < s.warmup_steps:
+        return (step + 1) / s.warmup_steps
+    t = step - s.warmup_steps
+    span = max(total - s.warmup_steps, 1)
+    if s.name == "constant":
+        return 1.0
+    if s.name == "cosine":
+        return s.min_lr_factor + (1 - s.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * min(t / span, 1.0)))
+    if s.name == "step":
+        return s.gamma ** (t // s.step_size)
+    if s.name == "exponential":
+        return max(s.gamma ** (t / s.step_size), s.min_lr_factor)
+    if s.name == "onecycle":
+        # rise to the peak over the first 30%, cosine down to min_lr_factor after
+        rise = 0.3 * span
+        if t < rise:
+            return s.min_lr_factor + (1 - s.min_lr_factor) * t / rise
+        return s.min_lr_factor + (1 - s.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * min((t - rise) / (span - rise), 1.0)))
+    raise TrainingError(f"unknown schedule {s.name!r}")
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same message
+        raise TrainingError(f"checkpoint {path} cannot be read ({exc}); start a fresh run without --resume") from None
+
+
+def _batch_order(n: int, batch_size: int, seed: int, epoch: int) -> torch.Tensor:
+    """Permutation for an epoch, a pure function of (seed, epoch): resumable."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen)
+
+
+def _as_loss(out: LossOutput) -> tuple[torch.Tensor, dict[str, float]]:
+    if isinstance(out, dict):
+        if "loss" not in out:
+            raise TrainingError("a loss function returning a dict must give its total under 'loss'")
+        extras = {k: float(v.detach()) for k, v in out.items() if k != "loss" and torch.is_tensor(v) and v.numel() == 1}
+        return out["loss"], extras
+    return out, {}
+
+
+class _Metrics:
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is not None and path.exists():
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by the interruption
+            path.write_text("".join(k + "\n" for k in kept))
+        elif resume_step is None and path.exists():
+            path.unlink()
+        self.fh = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        self.fh.write(json.dumps(record) + "\n")
+        self.fh.flush()
+
+    def close(self):
+        self.fh.close()
+
+
+def train(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Sequence[torch.Tensor],
+    cfg: TrainingSection,
+    run_dir: str | Path,
+    seed: int,
+    device: torch.device | str = "cpu",
+    val_data: Sequence[torch.Tensor] | None = None,
+    resume: bool = False,
+    progress: bool | None = None,
+    description: str = "training",
+) -> TrainResult:
+    """Train ``model`` by minimising ``loss_fn(model, batch)`` over ``data``.
+
+    Arguments:
+        model: the network; moved to ``device``.
+        loss_fn: returns a scalar loss, or a dict with ``"loss"`` and other scalars to log.
+        data: tensors with the event index first (features, conditions, weights, ...).
+        cfg: the card's training section.
+        run_dir: where ``checkpoint.pt`` and ``metrics.jsonl`` live.
+        seed: seeds the batch order and the model's random numbers.
+        val_data: optional validation tensors, evaluated after every epoch.
+        resume: continue from ``run_dir/checkpoint.pt`` when it exists.
+        progress: show a progress bar (None: only on a terminal).
+
+    Returns:
+        a :class:`TrainResult`; the model holds the final parameters.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    n = int(data[0].shape[0])
+    if n == 0:
+        raise TrainingError("no training events")
+    if any(int(t.shape[0]) != n for t in data):
+        raise TrainingError(f"training tensors disagree on the number of events: {[int(t.shape[0]) for t in data]}")
+    batch_size = min(cfg.batch_size, n)
+    per_epoch = n // batch_size  # drop the ragged last batch: every step sees a full batch
+    total = cfg.max_steps or cfg.epochs * per_epoch
+    model.to(device)
+    data = [t.to(device) for t in data]
+    val = [t.to(device) for t in val_data] if val_data is not None else None
+    optimizer = make_optimizer(model.parameters(), cfg)
+
+    step, epoch, lr_scale, bad_in_row, skipped = 0, 0, 1.0, 0, 0
+    resumed_from = None
+    ckpt_path = run_dir / CHECKPOINT
+    seed_everything(seed)
+    if resume and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path, device)
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise TrainingError(f"checkpoint {ckpt_path} does not fit this model ({exc}); start a fresh run") from None
+        step, epoch, lr_scale = state["step"], state["epoch"], state["lr_scale"]
+        skipped = state.get("skipped", 0)
+        _set_rng_state(state["rng"])
+        resumed_from = step
+    metrics = _Metrics(run_dir / METRICS, resumed_from)
+
+    def checkpoint(finished: bool = False) -> None:
+        _atomic_torch_save(
+            {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
+                "lr_scale": lr_scale, "skipped": skipped, "rng": _rng_state(), "finished": finished,
+                "total_steps": total, "seed": seed,
+            },
+            ckpt_path,
+        )
+
+    from tqdm.auto import tqdm
+
+    show = progress if progress is not None else None
+    bar = tqdm(total=total, initial=step, desc=description, unit="step", disable=(show is False) or (show is None and not os.isatty(2)), dynamic_ncols=True, mininterval=1.0)
+    t0 = time.perf_counter()
+    interval_losses: list[float] = []
+    extras_sum: dict[str, float] = {}
+    history: list[dict] = []
+    val_loss = None
+    last_loss = float("nan")
+    try:
+        model.train()
+        while step < total:
+            order = _batch_order(n, batch_size, seed, epoch)
+            first_batch = step - epoch * per_epoch
+            for b in range(first_batch, per_epoch):
+                if step >= total:
+                    break
+                idx = order[b * batch_size : (b + 1) * batch_size].to(device)
+                batch = [t[idx] for t in data]
+                lr = cfg.optimizer.lr * lr_factor(step, total, cfg) * lr_scale
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.zero_grad(set_to_none=True)
+                loss, extras = _as_loss(loss_fn(model, batch))
+                finite = bool(torch.isfinite(loss).all())
+                grad_norm = float("nan")
+                if finite:
+                    loss.backward()
+                    if cfg.grad_clip is not None:
+                        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                    else:
+                        grads = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+                        grad_norm = float(torch.stack(grads).norm()) if grads else 0.0
+                    finite = math.isfinite(grad_norm)
+                if not finite:
+                    # NaN/Inf guard: drop the step, lower the rate, give up if it persists.
+                    optimizer.zero_grad(set_to_none=True)
+                    bad_in_row += 1
+                    skipped += 1
+                    lr_scale *= cfg.nan_guard.lr_factor
+                    metrics.write({"step": step, "epoch": epoch, "event": "non_finite_skipped", "lr_scale": lr_scale})
+                    if bad_in_row >= cfg.nan_guard.max_bad_steps:
+                        checkpoint()
+                        raise TrainingError(
+                            f"{bad_in_row} steps in a row gave a non-finite loss or gradient (step {step}, "
+                            f"learning rate now {lr:.3g}); the last good state is in {ckpt_path}. Lower "
+                            "training.optimizer.lr, tighten training.grad_clip or check the inputs for NaN/Inf."
+                        )
+                else:
+                    optimizer.step()
+                    bad_in_row = 0
+                    interval_losses.append(float(loss.detach()))
+                    for k, v in extras.items():
+                        extras_sum[k] = extras_sum.get(k, 0.0) + v
+                step += 1
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == total:
+                    if interval_losses:
+                        last_loss = float(np.mean(interval_losses))
+                    record = {"step": step, "epoch": epoch, "loss": last_loss, "lr": lr, "grad_norm": grad_norm,
+                              "time_s": round(time.perf_counter() - t0, 3)}
+                    record.update({k: v / max(len(interval_losses), 1) for k, v in extras_sum.items()})
+                    metrics.write(record)
+                    history.append(record)
+                    bar.set_postfix(loss=f"{last_loss:.4g}", lr=f"{lr:.2g}")
+                    interval_losses, extras_sum = [], {}
+                if step % cfg.checkpoint_every == 0 and step < total:
+                    checkpoint()
+            else:
+                epoch += 1
+                if val is not None:
+                    val_loss = evaluate_loss(model, loss_fn, val, batch_size)
+                    metrics.write({"step": step, "epoch": epoch, "val_loss": val_loss})
+                    model.train()
+                continue
+            break
+        if interval_losses:
+            last_loss = float(np.mean(interval_losses))
+        checkpoint(finished=True)
+    except KeyboardInterrupt:
+        checkpoint()
+        raise
+    finally:
+        bar.close()
+        metrics.close()
+    return TrainResult(
+        steps=step, epochs=epoch, final_loss=last_loss, val_loss=val_loss, skipped_steps=skipped,
+        train_s=time.perf_counter() - t0, resumed_from=resumed_from, history=history,
+    )
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, loss_fn: LossFn, data: Sequence[torch.Tensor], batch_size: int) -> float:
+    """Mean loss over a dataset in batches, in evaluation mode, without gradients.
+    The model's random-number use here does not disturb the training stream."""
+    state = _rng_state()
+    model.eval()
+    n = int(data[0].shape[0])
+    total, count = 0.0, 0
+    for start in range(0, n, batch_size):
+        batch = [t[start : start + batch_size] for t in data]
+        loss, _ = _as_loss(loss_fn(model, batch))
+        k = int(batch[0].shape[0])
+        total += float(loss) * k
+        count += k
+    _set_rng_state(state)
+    return total / max(count, 1)

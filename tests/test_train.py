@@ -1,0 +1,127 @@
+"""The training loop: interrupted + resumed equals uninterrupted, NaN guard, schedules."""
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from partonic.cards import TrainingSection
+from partonic.train import TrainingError, load_checkpoint, lr_factor, train
+
+TOY = textwrap.dedent(
+    """
+    import os, signal, sys, torch
+    from torch import nn
+    from partonic.cards import TrainingSection
+    from partonic.train import train
+    torch.set_num_threads(1)
+    run_dir, kill_at, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 4, generator=gen)
+    y = (x[:, :1] * 2 - x[:, 1:2] ** 2 + 0.1 * torch.randn(2000, 1, generator=gen))
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Dropout(0.1), nn.Linear(32, 1))
+    calls = [0]
+    def loss_fn(m, batch):
+        calls[0] += 1
+        if calls[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # an abrupt death between checkpoints
+        xb, yb = batch
+        noise = 0.01 * torch.randn_like(xb)  # uses the global RNG, which must resume too
+        return ((m(xb + noise) - yb) ** 2).mean()
+    cfg = TrainingSection(batch_size=64, epochs=6, checkpoint_every=40, log_every=10,
+                          schedule={"name": "cosine", "warmup_steps": 20})
+    res = train(model, loss_fn, (x[:1600], y[:1600]), cfg, run_dir, seed=11,
+                val_data=(x[1600:], y[1600:]), resume=resume, progress=False)
+    torch.save({k: v for k, v in model.state_dict().items()}, os.path.join(run_dir, "final.pt"))
+    print("steps", res.steps, "resumed_from", res.resumed_from, "loss", res.final_loss)
+    """
+)
+
+
+def run_toy(tmp_path, name, kill_at=-1, resume=False):
+    script = tmp_path / "toy.py"
+    script.write_text(TOY)
+    return subprocess.run([sys.executable, str(script), str(tmp_path / name), str(kill_at), "1" if resume else "0"], capture_output=True, text=True)
+
+
+def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
+    full = run_toy(tmp_path, "full")
+    assert full.returncode == 0, full.stderr
+    assert "steps 150" in full.stdout  # 1600 // 64 = 25 steps × 6 epochs
+    # loss calls: 25 training + 7 validation per epoch; call 120 is training step 99,
+    # between the checkpoints at steps 80 and 120
+    killed = run_toy(tmp_path, "cut", kill_at=120)
+    assert killed.returncode == -signal.SIGKILL
+    ckpt = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert ckpt["step"] == 80 and not ckpt["finished"]
+    resumed = run_toy(tmp_path, "cut", resume=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed_from 80" in resumed.stdout
+    a = torch.load(tmp_path / "full" / "final.pt")
+    b = torch.load(tmp_path / "cut" / "final.pt")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # the metrics log has no duplicated steps after the resume
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines() if "loss" in line and "val_loss" not in line]
+    assert steps == sorted(set(steps)) and steps[-1] == 150
+    full_losses = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    cut_losses = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("loss") for r in full_losses] == [r.get("loss") for r in cut_losses]
+
+
+def test_training_reduces_the_loss(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(1024, 2)
+    y = x @ torch.tensor([[1.5], [-0.5]])
+    model = torch.nn.Linear(2, 1)
+    cfg = TrainingSection(batch_size=128, epochs=30, log_every=8, optimizer={"lr": 0.05})
+    res = train(model, lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), (x, y), cfg, tmp_path, seed=1, progress=False)
+    assert res.history[0]["loss"] > 0.1 and res.final_loss < 1e-3
+    torch.testing.assert_close(model.weight.detach(), torch.tensor([[1.5, -0.5]]), atol=0.02, rtol=0)
+
+
+def test_nan_guard_skips_lowers_rate_and_stops(tmp_path):
+    x = torch.randn(256, 2)
+    model = torch.nn.Linear(2, 1)
+    calls = [0]
+
+    def sometimes_nan(m, batch):
+        calls[0] += 1
+        loss = (m(batch[0]) ** 2).mean()
+        return loss * float("nan") if calls[0] in (3, 4) else loss
+
+    cfg = TrainingSection(batch_size=32, epochs=2, log_every=1, optimizer={"lr": 0.01}, schedule={"name": "constant"})
+    res = train(model, sometimes_nan, (x,), cfg, tmp_path / "a", seed=1, progress=False)
+    assert res.skipped_steps == 2 and res.steps == 16
+    events = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["lr_scale"] for e in events if e.get("event") == "non_finite_skipped"] == [0.5, 0.25]
+    assert events[-1]["lr"] == pytest.approx(0.01 * 0.25)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+    cfg = TrainingSection(batch_size=32, epochs=2, nan_guard={"max_bad_steps": 4})
+    with pytest.raises(TrainingError, match="4 steps in a row gave a non-finite loss"):
+        train(torch.nn.Linear(2, 1), lambda m, b: (m(b[0]) * float("inf")).mean(), (x,), cfg, tmp_path / "b", seed=1, progress=False)
+    assert (tmp_path / "b" / "checkpoint.pt").exists()
+
+
+def test_schedules():
+    cfg = TrainingSection(schedule={"name": "cosine", "warmup_steps": 10, "min_lr_factor": 0.1})
+    assert lr_factor(0, 110, cfg) == pytest.approx(0.1)
+    assert lr_factor(10, 110, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, 110, cfg) == pytest.approx(0.55)
+    assert lr_factor(110, 110, cfg) == pytest.approx(0.1)
+    step = TrainingSection(schedule={"name": "step", "step_size": 5, "gamma": 0.5})
+    assert [lr_factor(s, 100, step) for s in (0, 4, 5, 12)] == [1.0, 1.0, 0.5, 0.25]
+
+
+def test_resume_with_a_different_model_is_a_clear_error(tmp_path):
+    x = torch.randn(64, 2)
+    cfg = TrainingSection(batch_size=32, epochs=1)
+    train(torch.nn.Linear(2, 1), lambda m, b: m(b[0]).pow(2).mean(), (x,), cfg, tmp_path, seed=1, progress=False)
+    with pytest.raises(TrainingError, match="does not fit this model"):
+        train(torch.nn.Linear(2, 3), lambda m, b: m(b[0]).pow(2).mean(), (x,), cfg, tmp_path, seed=1, resume=True, progress=False)
