@@ -1,0 +1,119 @@
+"""Cards: validation messages name the field, the bad value and what is allowed;
+overrides; the command line and the run folder."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from partonic.cards import CardError, apply_overrides, load_card, parse_card
+from partonic.cli import main
+from partonic.jobs.common import JobError, RunFolder, resolve_device
+
+CARDS = sorted(Path("cards").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CARDS, ids=[p.stem for p in CARDS])
+def test_shipped_cards_validate(path):
+    card = load_card(path)
+    assert card.job in ("unfold", "unweight", "generate")
+    assert main(["check-card", str(path), "--quiet"]) == 0
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path):
+    raw = yaml.safe_load(Path("cards/zw.yaml").read_text())
+    raw["trainig"] = {"epochs": 3}
+    with pytest.raises(CardError) as err:
+        parse_card(raw, "x.yaml")
+    text = str(err.value)
+    assert "trainig: unknown key; did you mean 'training'?" in text
+    assert "Allowed keys here:" in text and "physics" in text
+
+
+def test_wrong_type_and_range_name_field_value_and_rule():
+    with pytest.raises(CardError) as err:
+        load_card("cards/zw.yaml", ["training.batch_size=-4", "model.subnet_width=big", "data.detector.jet_radius=2.0", "device=gpu"])
+    text = str(err.value)
+    assert "training.batch_size = -4: Input should be greater than 0" in text
+    assert 'model.subnet_width = "big": Input should be a valid integer' in text
+    assert "data.detector.jet_radius = 2.0: Input should be less than or equal to 1.5" in text
+    assert "device = \"gpu\": Input should be 'auto', 'cpu' or 'cuda'" in text
+
+
+def test_job_and_cross_field_checks():
+    with pytest.raises(CardError, match=r"job = \"unfolding\": must be one of unfold, unweight, generate"):
+        parse_card({"job": "unfolding", "name": "x"})
+    with pytest.raises(CardError, match="data.m_max = 40.0 must exceed data.m_min = 50.0"):
+        load_card("cards/drell_yan.yaml", ["data.m_max=40"])
+    with pytest.raises(CardError, match="needs data.files"):
+        load_card("cards/zw.yaml", ["data.source=delphes"])
+
+
+def test_overrides_parse_yaml_values_and_reject_bad_forms():
+    raw = {"a": {"b": 1}}
+    out = apply_overrides(raw, ["a.c=[1, 2]", "a.b=2.5", "d.e=true"])
+    assert out == {"a": {"b": 2.5, "c": [1, 2]}, "d": {"e": True}} and raw == {"a": {"b": 1}}
+    with pytest.raises(CardError, match="expected the form"):
+        apply_overrides(raw, ["a.b"])
+    with pytest.raises(CardError, match="a.b is a value, not a section"):
+        apply_overrides(raw, ["a.b.c=1"])
+    card = load_card("cards/ttbar.yaml", ["training.optimizer.betas=[0.5, 0.9]", "model.mmd_weight=0"])
+    assert card.training.optimizer.betas == (0.5, 0.9) and card.model.mmd_weight == 0.0
+
+
+def test_bad_yaml_names_the_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("job: unfold\nname: x\ntraining:\n  epochs: [1, 2\n")
+    with pytest.raises(CardError, match=r"not valid YAML at line \d+"):
+        load_card(bad)
+    with pytest.raises(CardError, match="does not exist"):
+        load_card(tmp_path / "none.yaml")
+
+
+def test_cli_errors_are_one_paragraph_without_traceback(tmp_path):
+    exe = [sys.executable, "-m", "partonic.cli"]
+    out = subprocess.run([*exe, "check-card", "cards/zw.yaml", "--set", "model.blocs=3"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr and "did you mean 'blocks'" in out.stderr
+    ok = subprocess.run([*exe, "check-card", "cards/zw.yaml", "--set", "training.epochs=3"], capture_output=True, text=True)
+    assert ok.returncode == 0 and yaml.safe_load(ok.stdout)["training"]["epochs"] == 3
+    wrong = subprocess.run([*exe, "unweight", "--card", "cards/zw.yaml"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "is a 'unfold' card" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def test_console_scripts_help():
+    top = subprocess.run(["partonic", "--help"], capture_output=True, text=True)
+    assert top.returncode == 0 and "check-card" in top.stdout and "unweight" in top.stdout
+    for cmd in (["unfold", "--help"], ["partonic", "unfold", "--help"]):
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        assert out.returncode == 0 and "--card" in out.stdout and "--resume" in out.stdout and "--input" in out.stdout
+
+
+def test_run_folder_keeps_card_version_seed_device(tmp_path):
+    card = load_card("cards/zw.yaml", ["seed=7"])
+    run = RunFolder.create(card, resolve_device("cpu"), output=str(tmp_path / "run"))
+    info = json.loads((run.path / "run.json").read_text())
+    assert info["seed"] == 7 and info["device"] == "cpu" and info["partonic_version"]
+    assert yaml.safe_load((run.path / "card.yaml").read_text())["seed"] == 7
+    with pytest.raises(JobError, match="already holds a run"):
+        RunFolder.create(card, torch.device("cpu"), output=str(tmp_path / "run"))
+    other = load_card("cards/zw.yaml", ["seed=8"])
+    with pytest.raises(JobError, match="'seed' section differs"):
+        RunFolder.create(other, torch.device("cpu"), output=str(tmp_path / "run"), resume=True)
+    longer = load_card("cards/zw.yaml", ["seed=7", "training.epochs=50"])
+    assert RunFolder.create(longer, torch.device("cpu"), output=str(tmp_path / "run"), resume=True).path == tmp_path / "run"
+    report = run.report_base()
+    for key in ("partonic_version", "card", "device", "seed", "created", "outputs", "timing"):
+        assert key in report
+
+
+def test_device_choice():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(JobError, match="no CUDA device"):
+            resolve_device("cuda")
