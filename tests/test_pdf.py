@@ -154,3 +154,20 @@ def test_lhapdf_data_path_is_searched(tmp_path, monkeypatch):
     monkeypatch.setenv("LHAPDF_DATA_PATH", str(tmp_path))
     pdf = load_pdf("MySet")
     assert pdf.path == tmp_path / "MySet" / "MySet_0000.dat"
+
+
+@pytest.mark.parametrize("interpolation", ["logbicubic", "lagrange"])
+def test_per_point_flavours_single_flavour_and_chunking_agree(interpolation):
+    pdf = GridPDF("NNPDF31_nnlo_as_0118_luxqed", interpolation=interpolation)
+    gen = torch.Generator().manual_seed(2)
+    n = 3 * pdf.chunk_size + 17
+    x = torch.exp(torch.empty(n, dtype=torch.float64).uniform_(math.log(1e-6), 0.0, generator=gen))
+    q2 = torch.exp(torch.empty(n, dtype=torch.float64).uniform_(0.5, 15.0, generator=gen))
+    full = pdf.xfxQ2_all(x, q2)
+    pids = torch.tensor(pdf.pids)[torch.randint(len(pdf.pids), (n,), generator=gen)]
+    cols = torch.tensor([pdf.pids.index(int(p)) for p in pids])
+    torch.testing.assert_close(pdf.xfxQ2(pids, x, q2), full.gather(1, cols[:, None])[:, 0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(pdf.xfxQ2(21, x, q2), full[:, pdf.pids.index(21)], rtol=1e-12, atol=1e-14)
+    small = GridPDF("NNPDF31_nnlo_as_0118_luxqed", interpolation=interpolation)
+    small.chunk_size = 1000
+    torch.testing.assert_close(small.xfxQ2_all(x[:5000], q2[:5000]), full[:5000], rtol=1e-13, atol=1e-15)

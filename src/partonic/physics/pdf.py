@@ -208,12 +208,6 @@ def _parse_lhagrid1(path: Path) -> tuple[dict, list[_Subgrid]]:
     return header, subgrids
 
 
-def _hermite(t, vl, vdl, vh, vdh):
-    t2 = t * t
-    t3 = t2 * t
-    return (2 * t3 - 3 * t2 + 1) * vl + (t3 - 2 * t2 + t) * vdl + (-2 * t3 + 3 * t2) * vh + (t3 - t2) * vdh
-
-
 def _lagrange4(u: torch.Tensor, knots: torch.Tensor) -> torch.Tensor:
     """Weights of the cubic Lagrange polynomial through 4 knots: u (B,), knots (B, 4)."""
     w = []
@@ -290,15 +284,26 @@ class GridPDF:
         self._sub_end = t(starts + np.array(sizes) - 1, torch.long)  # inclusive
         self._bounds_logq2 = t(2.0 * np.log(self.q_bounds)) if self.q_bounds else None
         # ∂f/∂ln x at every knot (LHAPDF KnotArray): mean of the neighbouring slopes,
-        # one-sided at the ends.
+        # one-sided at the ends. With it, each x cell of each Q row is a cubic in
+        # t = (ln x − ln x_i)/Δ: store its coefficients (a0, a1, a2, a3), so that an
+        # evaluation is one gather and one contraction.
         g, lx = self._grid, self._logx
-        slopes = (g[1:] - g[:-1]) / (lx[1:] - lx[:-1])[:, None, None]
+        dx = (lx[1:] - lx[:-1])[:, None, None]
+        slopes = (g[1:] - g[:-1]) / dx
         deriv = torch.empty_like(g)
         deriv[0], deriv[-1] = slopes[0], slopes[-1]
         deriv[1:-1] = 0.5 * (slopes[1:] + slopes[:-1])
-        self._dgrid = deriv
+        vl, vh = g[:-1], g[1:]
+        vdl, vdh = deriv[:-1] * dx, deriv[1:] * dx
+        cubic = torch.stack([vl, vdl, 3 * (vh - vl) - 2 * vdl - vdh, 2 * (vl - vh) + vdl + vdh], dim=2)
+        self._cell = cubic.contiguous()  # (nx − 1, NQ, 4, F)
+        linear = torch.stack([vl, vh - vl, torch.zeros_like(vl), torch.zeros_like(vl)], dim=2)
+        self._cell_linear = linear.contiguous()
 
     # ------------------------------------------------------------------ public
+    #: points evaluated per chunk: bounds the temporary memory (16 × F values per point)
+    chunk_size = 1 << 15
+
     @property
     def device(self) -> torch.device:
         return self._device
@@ -306,41 +311,47 @@ class GridPDF:
     def to(self, device: str | torch.device) -> "GridPDF":
         """Move the grid to another device (returns self)."""
         self._device = torch.device(device)
-        for attr in ("_logx", "_logq2", "_grid", "_dgrid", "_sub_start", "_sub_end", "_bounds_logq2"):
+        for attr in ("_logx", "_logq2", "_grid", "_cell", "_cell_linear", "_sub_start", "_sub_end", "_bounds_logq2"):
             value = getattr(self, attr)
             if value is not None:
                 setattr(self, attr, value.to(self._device))
         return self
 
-    def xfxQ2_all(self, x: torch.Tensor, q2: torch.Tensor) -> torch.Tensor:
-        """x·f(x, Q²) for every flavour of the set: shape (B, len(self.pids))."""
+    def _inputs(self, x, q2):
         x = torch.as_tensor(x, dtype=self._dtype, device=self._device).reshape(-1)
         q2 = torch.as_tensor(q2, dtype=self._dtype, device=self._device).reshape(-1)
         if x.shape != q2.shape:
             raise ValueError(f"x and Q2 need the same length, got {x.shape[0]} and {q2.shape[0]}")
-        if self.interpolation == "logbicubic":
-            return self._logbicubic(x, q2)
-        return self._lagrange(x, q2)
+        return x, q2
+
+    def xfxQ2_all(self, x: torch.Tensor, q2: torch.Tensor) -> torch.Tensor:
+        """x·f(x, Q²) for every flavour of the set: shape (B, len(self.pids))."""
+        x, q2 = self._inputs(x, q2)
+        return self._chunked(x, q2, None)
 
     def xfxQ2(self, pid: int | torch.Tensor, x: torch.Tensor, q2: torch.Tensor) -> torch.Tensor:
         """x·f(x, Q²) for one PDG id, or one id per point (a tensor like x). 0 means gluon;
         flavours absent from the set give 0."""
-        all_f = self.xfxQ2_all(x, q2)
-        zero = torch.zeros(all_f.shape[0], 1, dtype=all_f.dtype, device=all_f.device)
-        table = torch.cat([all_f, zero], dim=1)
-        lookup = torch.full((45,), len(self.pids), dtype=torch.long, device=all_f.device)
+        x, q2 = self._inputs(x, q2)
+        missing = len(self.pids)
+        if isinstance(pid, int):
+            col = self._pid_index.get(21 if pid == 0 else pid, missing)
+            if col == missing:
+                return torch.zeros_like(x)
+            return self._chunked(x, q2, col)
+        pid_t = torch.as_tensor(pid, device=self._device).reshape(-1).long()
+        if pid_t.shape != x.shape:
+            raise ValueError(f"one flavour per point needs {x.shape[0]} ids, got {pid_t.shape[0]}")
+        lookup = torch.full((45,), missing, dtype=torch.long, device=self._device)
         for p, i in self._pid_index.items():
             if -22 <= p <= 22:
                 lookup[p + 22] = i
         lookup[22] = lookup[21 + 22]  # id 0 is the gluon
-        if isinstance(pid, int):
-            if not -22 <= pid <= 22:
-                return zero[:, 0]
-            return table[:, lookup[pid + 22]]
-        pid_t = torch.as_tensor(pid, device=all_f.device).reshape(-1).long()
-        idx = lookup[torch.clamp(pid_t + 22, 0, 44)]
-        idx = torch.where((pid_t < -22) | (pid_t > 22), len(self.pids), idx)
-        return table.gather(1, idx[:, None])[:, 0]
+        cols = lookup[torch.clamp(pid_t + 22, 0, 44)]
+        cols = torch.where((pid_t < -22) | (pid_t > 22), missing, cols)
+        known = cols < missing
+        out = self._chunked(x, q2, torch.where(known, cols, 0))
+        return torch.where(known, out, torch.zeros_like(out))
 
     def xfxQ(self, pid, x, q):
         """x·f(x, Q) with the scale Q instead of Q²."""
@@ -348,6 +359,22 @@ class GridPDF:
         return self.xfxQ2(pid, x, q * q)
 
     # ------------------------------------------------------------- internals
+    def _chunked(self, x, q2, cols):
+        n = x.shape[0]
+        step = self.chunk_size if self._device.type == "cpu" else 1 << 22
+        if n <= step:
+            return self._evaluate(x, q2, cols)
+        parts = []
+        for s in range(0, n, step):
+            c = cols[s : s + step] if torch.is_tensor(cols) else cols
+            parts.append(self._evaluate(x[s : s + step], q2[s : s + step], c))
+        return torch.cat(parts)
+
+    def _evaluate(self, x, q2, cols):
+        if self.interpolation == "logbicubic":
+            return self._logbicubic(x, q2, cols)
+        return self._lagrange(x, q2, cols)
+
     def _subgrid_of(self, logq2: torch.Tensor, upper_at_boundary: bool) -> torch.Tensor:
         if self._bounds_logq2 is None:
             return torch.zeros_like(logq2, dtype=torch.long)
@@ -367,42 +394,44 @@ class GridPDF:
         j = torch.minimum(torch.maximum(j, lo), hi - 1)
         return j, lo, hi
 
-    def _logbicubic(self, x, q2):
-        logx = torch.clamp(torch.log(x), self._logx[0], self._logx[-1])
-        logq2 = torch.clamp(torch.log(q2), self._logq2[0], self._logq2[-1])
+    def _logbicubic(self, x, q2, cols):
+        lx, lq = self._logx, self._logq2
+        logx = torch.clamp(torch.log(x), lx[0], lx[-1])
+        logq2 = torch.clamp(torch.log(q2), lq[0], lq[-1])
         ix = self._x_interval(logx)
         k = self._subgrid_of(logq2, upper_at_boundary=True)
         j, lo, hi = self._q_interval(logq2, k)
-        g, d, lx, lq = self._grid, self._dgrid, self._logx, self._logq2
-        dx = lx[ix + 1] - lx[ix]
-        tx = ((logx - lx[ix]) / dx)[:, None]
-
-        def along_x(row):
-            return _hermite(tx, g[ix, row], d[ix, row] * dx[:, None], g[ix + 1, row], d[ix + 1, row] * dx[:, None])
-
-        vl, vh = along_x(j), along_x(j + 1)
+        tx = (logx - lx[ix]) / (lx[ix + 1] - lx[ix])
         jm, jp = torch.maximum(j - 1, lo), torch.minimum(j + 2, hi)
-        vll, vhh = along_x(jm), along_x(jp)
-        d1 = (lq[j + 1] - lq[j])[:, None]
-        d0 = (lq[j] - lq[jm])[:, None]
-        d2 = (lq[jp] - lq[j + 1])[:, None]
-        lower = (j == lo)[:, None]
-        upper = (j + 1 == hi)[:, None]
-        diff = vh - vl
-        vdl_int = 0.5 * (diff + (vl - vll) * d1 / torch.where(lower, torch.ones_like(d0), d0))
-        vdh_int = 0.5 * (diff + (vhh - vh) * d1 / torch.where(upper, torch.ones_like(d2), d2))
-        vdl = torch.where(lower, diff, vdl_int)
-        vdh = torch.where(upper, diff, vdh_int)
-        tq = ((logq2 - lq[j]) / d1[:, 0])[:, None]
-        cubic = _hermite(tq, vl, vdl, vh, vdh)
-        # LHAPDF falls back to bilinear in (ln x, ln Q²) on two-knot subgrids.
-        two_knot = (lower & upper)
+        d1 = lq[j + 1] - lq[j]
+        lower = (j == lo).to(x.dtype)
+        upper = (j + 1 == hi).to(x.dtype)
+        r0 = d1 / torch.where(j == lo, torch.ones_like(d1), lq[j] - lq[jm])
+        r2 = d1 / torch.where(j + 1 == hi, torch.ones_like(d1), lq[jp] - lq[j + 1])
+        tq = (logq2 - lq[j]) / d1
+        t2, t3 = tq * tq, tq * tq * tq
+        h00, h10, h01, h11 = 2 * t3 - 3 * t2 + 1, t3 - 2 * t2 + tq, -2 * t3 + 3 * t2, t3 - t2
+        # The Q-direction Hermite (LHAPDF: finite-difference slopes from the rows
+        # j−1 … j+2, one-sided at subgrid edges) is linear in the four row values.
+        a, b = 0.5 * (1 - lower), 0.5 * (1 - upper)
+        w_ll = -h10 * a * r0
+        w_l = h00 + h10 * (-lower - a + a * r0) + h11 * (-upper - b)
+        w_h = h01 + h10 * (lower + a) + h11 * (upper + b - b * r2)
+        w_hh = h11 * b * r2
+        wq = torch.stack([w_ll, w_l, w_h, w_hh], dim=1)
+        rows = torch.stack([jm, j, j + 1, jp], dim=1)
+        tpow = torch.stack([torch.ones_like(tx), tx, tx * tx, tx * tx * tx], dim=1)
+        two_knot = (lower * upper) > 0
         if bool(two_knot.any()):
-            bilinear = (1 - tq) * ((1 - tx) * g[ix, j] + tx * g[ix + 1, j]) + tq * ((1 - tx) * g[ix, j + 1] + tx * g[ix + 1, j + 1])
-            cubic = torch.where(two_knot, bilinear, cubic)
-        return cubic
+            # LHAPDF falls back to bilinear in (ln x, ln Q²) on two-knot subgrids.
+            wq = torch.where(two_knot[:, None], torch.stack([torch.zeros_like(tq), 1 - tq, tq, torch.zeros_like(tq)], 1), wq)
+            out_cubic = _contract(self._cell, ix, rows, cols, wq, tpow)
+            out_linear = _contract(self._cell_linear, ix, rows, cols, wq, tpow)
+            mask = two_knot[:, None] if out_cubic.dim() == 2 else two_knot
+            return torch.where(mask, out_linear, out_cubic)
+        return _contract(self._cell, ix, rows, cols, wq, tpow)
 
-    def _lagrange(self, x, q2):
+    def _lagrange(self, x, q2, cols):
         lx, lq = self._logx, self._logq2
         nx = lx.shape[0]
         logx = torch.clamp(torch.log(x), lx[0], lx[-1])
@@ -424,8 +453,28 @@ class GridPDF:
         small = (size <= 3)[:, None]
         kq = torch.where(small, kq_lin, kq)
         wq = torch.where(small, wq_lin, wq_cubic)
-        vals = self._grid[kx[:, :, None], kq[:, None, :]]  # (B, 4x, 4q, F)
-        return torch.einsum("ba,bc,bacf->bf", wx, wq, vals)
+        g = self._grid
+        if cols is None:
+            vals = g[kx[:, :, None], kq[:, None, :]]  # (B, 4x, 4q, F)
+            return torch.einsum("ba,bc,bacf->bf", wx, wq, vals)
+        if isinstance(cols, int):
+            vals = g[..., cols][kx[:, :, None], kq[:, None, :]]
+        else:
+            vals = g[kx[:, :, None], kq[:, None, :], cols[:, None, None]]
+        return torch.einsum("ba,bc,bac->b", wx, wq, vals)
+
+
+def _contract(cell, ix, rows, cols, wq, tpow):
+    """Σ_rows Σ_powers wq · t^c · cell[ix, row, c, flavour] for every point."""
+    first = ix[:, None].expand_as(rows)
+    if cols is None:
+        vals = cell[first, rows]  # (B, 4 rows, 4 powers, F)
+        return torch.einsum("br,bc,brcf->bf", wq, tpow, vals)
+    if isinstance(cols, int):
+        vals = cell[..., cols][first, rows]  # (B, 4, 4)
+    else:
+        vals = cell[first, rows, :, cols[:, None]]  # (B, 4, 4)
+    return torch.einsum("br,bc,brc->b", wq, tpow, vals)
 
 
 class LHAPDFModulePDF:
