@@ -218,7 +218,8 @@ def write_lhe(path: str | Path, events: LHEEvents, init: LHEInit, comment: str |
         generators=[pylhe.LHEGenerator(name=init.generator, version=init.generator_version or "", description="")] if init.generator else [],
     )
     lhe_file = pylhe.LHEFile(init=init_block, events=_event_objects(events), comment=comment)
-    fmt = replace(_FORMAT, compress=compress)
+    # gzip level 6: close to the size of level 9 at a fraction of the time
+    fmt = replace(_FORMAT, compress=compress, compresslevel=6)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
