@@ -171,3 +171,43 @@ def test_per_point_flavours_single_flavour_and_chunking_agree(interpolation):
     small = GridPDF("NNPDF31_nnlo_as_0118_luxqed", interpolation=interpolation)
     small.chunk_size = 1000
     torch.testing.assert_close(small.xfxQ2_all(x[:5000], q2[:5000]), full[:5000], rtol=1e-13, atol=1e-15)
+
+
+def test_card_section_and_lhapdf_module_dispatch(monkeypatch):
+    """With an importable `lhapdf` module, backend 'auto' evaluates through it on CPU.
+    The C++ LHAPDF cannot be installed here, so a stand-in module with LHAPDF's
+    Python API (mkPDF, xfxQ2, flavors, xMin...) serves, backed by an independent
+    evaluator: Pythia8's LHAGrid1."""
+    import sys
+    import types
+
+    from partonic.cards import load_card
+    from partonic.physics.pdf import LHAPDFModulePDF, from_card
+
+    card = load_card("cards/drell_yan.yaml")
+    pdf, alpha_s = from_card(card.physics)
+    assert isinstance(pdf, GridPDF) and pdf.interpolation == "logbicubic"
+    assert float(alpha_s(torch.tensor(91.1876**2, dtype=torch.float64))) == pytest.approx(0.130, rel=1e-9)
+
+    path = find_pdf_member("NNPDF23_lo_as_0130_qed")
+    ref, keep = pythia_lhagrid1(path)
+
+    class StandIn:
+        xMin, xMax, q2Min, q2Max = 1e-9, 1.0, 1.0, 1e10
+
+        def flavors(self):
+            return [-5, -4, -3, -2, -1, 1, 2, 3, 4, 5, 21, 22]
+
+        def xfxQ2(self, pid, x, q2):
+            return ref.xf(pid, x, q2)
+
+    module = types.SimpleNamespace(setVerbosity=lambda v: None, mkPDF=lambda name, member: StandIn(), paths=lambda: [])
+    monkeypatch.setitem(sys.modules, "lhapdf", module)
+    via_module = load_pdf("NNPDF23_lo_as_0130_qed")
+    assert isinstance(via_module, LHAPDFModulePDF)
+    x = torch.tensor([1e-4, 0.01, 0.3], dtype=torch.float64)
+    q2 = torch.tensor([10.0, 1e3, 1e5], dtype=torch.float64)
+    ours = GridPDF("NNPDF23_lo_as_0130_qed", interpolation="lagrange")
+    torch.testing.assert_close(via_module.xfxQ2(21, x, q2), ours.xfxQ2(21, x, q2), rtol=1e-10, atol=0)
+    torch.testing.assert_close(via_module.xfxQ2(torch.tensor([2, -1, 0]), x, q2), ours.xfxQ2(torch.tensor([2, -1, 0]), x, q2), rtol=1e-10, atol=0)
+    assert isinstance(load_pdf("NNPDF23_lo_as_0130_qed", backend="grid"), GridPDF)

@@ -37,6 +37,7 @@ __all__ = [
     "pdf_search_paths",
     "find_pdf_member",
     "available_pdf_sets",
+    "from_card",
 ]
 
 PARTON_IDS = (-5, -4, -3, -2, -1, 21, 1, 2, 3, 4, 5)
@@ -639,3 +640,12 @@ class AlphaS:
             if bool(mask.any()):
                 out[mask] = self._alpha(q2[mask], self.lambdas[n], n).to(q2.dtype)
         return out
+
+
+def from_card(physics, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64):
+    """The PDF and α_s a card's ``physics`` section asks for: (pdf, alpha_s)."""
+    pdf = load_pdf(
+        physics.pdf.set, physics.pdf.member, backend=physics.pdf.backend,
+        interpolation=physics.pdf.interpolation, device=device, dtype=dtype,
+    )
+    return pdf, AlphaS(physics.alpha_s.value_mz, order=physics.alpha_s.order)
