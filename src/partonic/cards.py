@@ -226,10 +226,15 @@ class UnweightModel(Strict):
     latent_dim: Annotated[int, Field(ge=1, le=256)] = 8
 
 
-class UnweightEvaluation(Strict):
-    n_unweighted: PositiveInt = 100_000
+class SampleEvaluation(Strict):
+    """Histogram binning and the number of equal-probability bins of the qMSE."""
+
     bins: Annotated[int, Field(ge=4, le=200)] = 40
     quantiles: Annotated[int, Field(ge=2, le=1000)] = 20
+
+
+class UnweightEvaluation(SampleEvaluation):
+    n_unweighted: PositiveInt = 100_000
 
 
 class UnweightCard(CommonCard):
@@ -266,10 +271,8 @@ class GANModel(Strict):
     ablation: bool = True
 
 
-class GenerateEvaluation(Strict):
+class GenerateEvaluation(SampleEvaluation):
     n_generated: PositiveInt = 100_000
-    bins: Annotated[int, Field(ge=4, le=200)] = 40
-    quantiles: Annotated[int, Field(ge=2, le=1000)] = 20
 
 
 class GenerateCard(CommonCard):
