@@ -1,0 +1,70 @@
+"""Leading-order matrix elements in torch.
+
+Drell–Yan q q̄ → γ*/Z → ℓ⁻ ℓ⁺ with the couplings of the project's physics sheet
+(PHYSICS.md, after Ellis–Stirling–Webber, "QCD and collider physics", eq. 9.7ff):
+
+    dσ̂/dΩ = α²/(4ŝ) · (1/N_c) · [A0 (1 + cos²θ) + A1 cos θ],   σ̂ = 4πα² A0/(3ŝN_c)
+
+θ is the angle between the incoming quark and the outgoing ℓ⁻ in the partonic
+rest frame; |M|² (spin- and colour-averaged) = 64π² ŝ dσ̂/dΩ.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .constants import ALPHA_EM_MZ, GAMMA_Z, M_Z, SIN2_THETA_W
+
+__all__ = ["ElectroweakParameters", "QUARK_CHARGE", "QUARK_T3", "drell_yan_coefficients", "drell_yan_dsigma_dcos", "drell_yan_me2", "drell_yan_sigma_hat"]
+
+N_C = 3.0
+QUARK_CHARGE = {1: -1.0 / 3.0, 2: 2.0 / 3.0, 3: -1.0 / 3.0, 4: 2.0 / 3.0, 5: -1.0 / 3.0}
+QUARK_T3 = {1: -0.5, 2: 0.5, 3: -0.5, 4: 0.5, 5: -0.5}
+
+
+@dataclass(frozen=True)
+class ElectroweakParameters:
+    """Fixed α, M_Z, Γ_Z and s_W² (defaults: the MG5 'sm' values of PHYSICS.md)."""
+
+    alpha: float = ALPHA_EM_MZ
+    m_z: float = M_Z
+    gamma_z: float = GAMMA_Z
+    sin2_w: float = SIN2_THETA_W
+
+
+def drell_yan_coefficients(shat: torch.Tensor, flavour: int, ew: ElectroweakParameters = ElectroweakParameters()):
+    """(A0, A1) of q q̄ → γ*/Z → ℓ⁻ℓ⁺ for a quark flavour 1–5 (PHYSICS.md)."""
+    if abs(flavour) not in QUARK_CHARGE:
+        raise ValueError(f"Drell–Yan quark flavour must be 1–5 (d, u, s, c, b), got {flavour}")
+    q_q, t3_q = QUARK_CHARGE[abs(flavour)], QUARK_T3[abs(flavour)]
+    sw2 = ew.sin2_w
+    kappa = 1.0 / (4.0 * sw2 * (1.0 - sw2))
+    v_l, a_l = -0.5 + 2.0 * sw2, -0.5
+    v_q, a_q = t3_q - 2.0 * q_q * sw2, t3_q
+    d = (shat - ew.m_z**2) ** 2 + (ew.gamma_z * ew.m_z) ** 2
+    chi1 = kappa * shat * (shat - ew.m_z**2) / d
+    chi2 = kappa**2 * shat**2 / d
+    a0 = q_q**2 - 2.0 * q_q * v_l * v_q * chi1 + (v_l**2 + a_l**2) * (v_q**2 + a_q**2) * chi2
+    a1 = -4.0 * q_q * a_l * a_q * chi1 + 8.0 * v_l * a_l * v_q * a_q * chi2
+    return a0, a1
+
+
+def drell_yan_dsigma_dcos(shat, cos_theta, flavour: int, ew: ElectroweakParameters = ElectroweakParameters()):
+    """dσ̂/dcos θ (azimuth integrated) in GeV⁻²."""
+    a0, a1 = drell_yan_coefficients(shat, flavour, ew)
+    return 2.0 * math.pi * ew.alpha**2 / (4.0 * shat * N_C) * (a0 * (1.0 + cos_theta**2) + a1 * cos_theta)
+
+
+def drell_yan_me2(shat, cos_theta, flavour: int, ew: ElectroweakParameters = ElectroweakParameters()):
+    """Spin- and colour-averaged |M|² = 64π² ŝ dσ̂/dΩ (dimensionless)."""
+    a0, a1 = drell_yan_coefficients(shat, flavour, ew)
+    return 16.0 * math.pi**2 * ew.alpha**2 / N_C * (a0 * (1.0 + cos_theta**2) + a1 * cos_theta)
+
+
+def drell_yan_sigma_hat(shat, flavour: int, ew: ElectroweakParameters = ElectroweakParameters()):
+    """Total partonic σ̂ = 4πα² A0 / (3 ŝ N_c) in GeV⁻²."""
+    a0, _ = drell_yan_coefficients(shat, flavour, ew)
+    return 4.0 * math.pi * ew.alpha**2 * a0 / (3.0 * shat * N_C)
