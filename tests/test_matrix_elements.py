@@ -24,7 +24,7 @@ def test_sigma_hat_check_values(flavour):
         s = torch.tensor(roots**2, dtype=torch.float64)
         got = float(drell_yan_sigma_hat(s, flavour)) * GEV2_TO_PB
         # the sheet quotes 4 significant digits
-        assert got == pytest.approx(expected, rel=1.5e-3), (flavour, roots, got)
+        assert got == pytest.approx(expected, rel=5e-4), (flavour, roots, got)
 
 
 @pytest.mark.parametrize("flavour", [1, 2, 3, 4, 5])

@@ -62,11 +62,24 @@ class AlphaSSection(Strict):
     order: Literal[0, 1, 2, 3] = 1
 
 
+class ElectroweakSection(Strict):
+    """Fixed electroweak inputs (defaults: MG5 'sm'). ``sin2_w_bar`` enters only the
+    vector couplings (Pythia 8 style); ``width: running`` uses ŝΓ/M in the propagator."""
+
+    alpha_em: Annotated[float, Field(gt=0.005, lt=0.01)] = 1.0 / 132.507
+    m_z: Annotated[float, Field(gt=80, lt=100)] = 91.188
+    gamma_z: Annotated[float, Field(gt=1, lt=4)] = 2.4414
+    sin2_w: Annotated[float, Field(gt=0.2, lt=0.25)] = 0.22224653
+    sin2_w_bar: Optional[Annotated[float, Field(gt=0.2, lt=0.25)]] = None
+    width: Literal["fixed", "running"] = "fixed"
+
+
 class PhysicsSection(Strict):
     sqrt_s: PositiveFloat = 13000.0
     beams: tuple[int, int] = (2212, 2212)
     pdf: PDFSection = PDFSection()
     alpha_s: AlphaSSection = AlphaSSection()
+    electroweak: ElectroweakSection = ElectroweakSection()
 
 
 class OptimizerSection(Strict):

@@ -27,12 +27,19 @@ QUARK_T3 = {1: -0.5, 2: 0.5, 3: -0.5, 4: 0.5, 5: -0.5}
 
 @dataclass(frozen=True)
 class ElectroweakParameters:
-    """Fixed α, M_Z, Γ_Z and s_W² (defaults: the MG5 'sm' values of PHYSICS.md)."""
+    """Fixed α, M_Z, Γ_Z and s_W² (defaults: the MG5 'sm' values of PHYSICS.md).
+
+    ``sin2_w_bar`` (default: ``sin2_w``) enters the vector couplings only, as in
+    Pythia 8, which distinguishes the two. ``running_width`` replaces M_Z Γ_Z in the
+    Breit–Wigner by ŝ Γ_Z / M_Z (Pythia 8's ``ffbar2gmZ``).
+    """
 
     alpha: float = ALPHA_EM_MZ
     m_z: float = M_Z
     gamma_z: float = GAMMA_Z
     sin2_w: float = SIN2_THETA_W
+    sin2_w_bar: float | None = None
+    running_width: bool = False
 
 
 def drell_yan_coefficients(shat: torch.Tensor, flavour: int, ew: ElectroweakParameters = ElectroweakParameters()):
@@ -41,10 +48,12 @@ def drell_yan_coefficients(shat: torch.Tensor, flavour: int, ew: ElectroweakPara
         raise ValueError(f"Drell–Yan quark flavour must be 1–5 (d, u, s, c, b), got {flavour}")
     q_q, t3_q = QUARK_CHARGE[abs(flavour)], QUARK_T3[abs(flavour)]
     sw2 = ew.sin2_w
+    sw2_vec = sw2 if ew.sin2_w_bar is None else ew.sin2_w_bar
     kappa = 1.0 / (4.0 * sw2 * (1.0 - sw2))
-    v_l, a_l = -0.5 + 2.0 * sw2, -0.5
-    v_q, a_q = t3_q - 2.0 * q_q * sw2, t3_q
-    d = (shat - ew.m_z**2) ** 2 + (ew.gamma_z * ew.m_z) ** 2
+    v_l, a_l = -0.5 + 2.0 * sw2_vec, -0.5
+    v_q, a_q = t3_q - 2.0 * q_q * sw2_vec, t3_q
+    width_term = (shat * ew.gamma_z / ew.m_z) ** 2 if ew.running_width else (ew.gamma_z * ew.m_z) ** 2
+    d = (shat - ew.m_z**2) ** 2 + width_term
     chi1 = kappa * shat * (shat - ew.m_z**2) / d
     chi2 = kappa**2 * shat**2 / d
     a0 = q_q**2 - 2.0 * q_q * v_l * v_q * chi1 + (v_l**2 + a_l**2) * (v_q**2 + a_q**2) * chi2

@@ -1,0 +1,242 @@
+"""Naive-MC weighted event generator for pp → γ*/Z → ℓ⁻ℓ⁺ at LO, in torch.
+
+Every event is a point of the unit hypercube r ∈ [0, 1]⁴ mapped to momentum
+fractions (flat by default, or a τ/y or Breit–Wigner mapping) and to the lepton
+direction (RAMBO on diet, n = 2), with the weight
+
+    w = Σ_q [f_q(x1) f_q̄(x2) + f_q̄(x1) f_q(x2)] · |M|² · Φ₂ / (2ŝ) · J · (GeV⁻² → pb)
+
+so that ⟨w⟩ = σ in pb. The same density is available in the physics variables
+(m_ℓℓ, y_ℓℓ, cos θ*) for reweighting a generative model's samples exactly.
+Runs in batches of millions of events on CPU or GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..physics import kinematics as kin
+from ..physics.constants import GEV2_TO_PB
+from ..physics.matrix_elements import ElectroweakParameters, drell_yan_me2
+from ..physics.phasespace import breit_wigner_map, rambo_diet
+
+__all__ = ["DrellYanSetup", "WeightedEvents", "DrellYanGenerator", "electroweak_from_card"]
+
+FLAVOURS = (1, 2, 3, 4, 5)
+LEPTON_MASS = {11: 0.000511, 13: 0.105658}
+
+
+def electroweak_from_card(section) -> ElectroweakParameters:
+    """ElectroweakParameters from a card's ``physics.electroweak`` section."""
+    return ElectroweakParameters(
+        alpha=section.alpha_em, m_z=section.m_z, gamma_z=section.gamma_z, sin2_w=section.sin2_w,
+        sin2_w_bar=section.sin2_w_bar, running_width=section.width == "running",
+    )
+
+
+@dataclass(frozen=True)
+class DrellYanSetup:
+    """What the generator simulates.
+
+    Arguments:
+        sqrt_s: collider energy (GeV); m_min, m_max: cuts on m_ℓℓ (GeV, m_max None = √s).
+        mapping: "flat" (x1, x2 uniform), "tau_y" (ln τ and y uniform) or
+            "breit_wigner" (ŝ from a Z Breit–Wigner, y uniform).
+        scale: "mll" (μ_F = m_ℓℓ) or "fixed" (μ_F = fixed_scale).
+        lepton: 11 or 13.
+    """
+
+    sqrt_s: float = 13000.0
+    m_min: float = 50.0
+    m_max: float | None = None
+    mapping: str = "flat"
+    scale: str = "mll"
+    fixed_scale: float = 91.188
+    lepton: int = 13
+    ew: ElectroweakParameters = ElectroweakParameters()
+
+    def __post_init__(self):
+        if self.mapping not in ("flat", "tau_y", "breit_wigner"):
+            raise ValueError(f"mapping {self.mapping!r} is not one of flat, tau_y, breit_wigner")
+        if self.scale not in ("mll", "fixed"):
+            raise ValueError(f"scale {self.scale!r} is not one of mll, fixed")
+        if not 0 < self.m_min < (self.m_max or self.sqrt_s) <= self.sqrt_s:
+            raise ValueError(f"need 0 < m_min < m_max <= sqrt_s, got {self.m_min}, {self.m_max}, {self.sqrt_s}")
+
+
+@dataclass
+class WeightedEvents:
+    """A batch of weighted events (leading dimension N).
+
+    Fields: ``weight`` (pb; ⟨weight⟩ = σ), ``x1``, ``x2``, ``leptons`` (N, 2, 4) lab
+    momenta of ℓ⁻ and ℓ⁺, ``m``, ``y``, ``cos_theta`` (ℓ⁻ to the beam-1 axis in the
+    ℓℓ rest frame along z), ``r`` the hypercube point, ``channels`` (N, 10) the
+    contribution of each incoming (beam-1, beam-2) flavour pair (LO grids can be
+    slightly negative at large x, so a channel can be too).
+    """
+
+    weight: torch.Tensor
+    x1: torch.Tensor
+    x2: torch.Tensor
+    leptons: torch.Tensor
+    m: torch.Tensor
+    y: torch.Tensor
+    cos_theta: torch.Tensor
+    r: torch.Tensor
+    channels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.weight.shape[0]
+
+    def observables(self) -> dict[str, torch.Tensor]:
+        """m_ℓℓ, pT/η of both leptons, y_ℓℓ, cos θ* — the job's plotted observables."""
+        lm, lp = self.leptons[:, 0], self.leptons[:, 1]
+        return {
+            "m_ll": self.m, "pt_lminus": kin.pt(lm), "pt_lplus": kin.pt(lp), "eta_lminus": kin.eta(lm),
+            "eta_lplus": kin.eta(lp), "y_ll": self.y, "cos_theta": self.cos_theta,
+        }
+
+
+#: the (beam-1, beam-2) incoming flavour pair of each channel column
+CHANNELS = [(q, -q) for q in FLAVOURS] + [(-q, q) for q in FLAVOURS]
+
+
+class DrellYanGenerator:
+    """Weighted LO Drell–Yan events from a PDF set, batched on CPU or GPU.
+
+    Arguments:
+        setup: the :class:`DrellYanSetup`.
+        pdf: an object with ``xfxQ2_all`` and ``pids`` (e.g. :class:`~partonic.physics.pdf.GridPDF`).
+        device, dtype: where the events are made.
+
+    Example:
+        >>> gen = DrellYanGenerator(DrellYanSetup(), GridPDF("NNPDF23_lo_as_0130_qed"))
+        >>> ev = gen.generate(100_000, torch.Generator().manual_seed(1))
+        >>> sigma_pb = ev.weight.mean()
+    """
+
+    n_random = 4
+
+    def __init__(self, setup: DrellYanSetup, pdf, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64):
+        self.setup, self.pdf = setup, pdf
+        self.device, self.dtype = torch.device(device), dtype
+        missing = [q for q in FLAVOURS for s in (q, -q) if s not in pdf.pids]
+        if missing:
+            raise ValueError(f"PDF set lacks the quark flavours {missing}")
+        self._cols_q = torch.tensor([pdf.pids.index(q) for q in FLAVOURS], device=self.device)
+        self._cols_qbar = torch.tensor([pdf.pids.index(-q) for q in FLAVOURS], device=self.device)
+        self.s = setup.sqrt_s**2
+        self.m_max = setup.m_max or setup.sqrt_s
+        self.lepton_mass = LEPTON_MASS.get(setup.lepton, 0.0)
+
+    # ------------------------------------------------------------------ core
+    def _scale2(self, shat):
+        return shat if self.setup.scale == "mll" else torch.full_like(shat, self.setup.fixed_scale**2)
+
+    def _channel_weights(self, x1, x2, shat, cos_theta):
+        """(N, 10) contributions f f |M|² (before phase-space factors), GeV-less."""
+        q2 = self._scale2(shat)
+        f1 = self.pdf.xfxQ2_all(x1, q2).to(self.dtype) / x1[:, None]
+        f2 = self.pdf.xfxQ2_all(x2, q2).to(self.dtype) / x2[:, None]
+        me_fwd = torch.stack([drell_yan_me2(shat, cos_theta, q, self.setup.ew) for q in FLAVOURS], 1)
+        me_bwd = torch.stack([drell_yan_me2(shat, -cos_theta, q, self.setup.ew) for q in FLAVOURS], 1)
+        # quark from beam 1: θ is the ℓ⁻ angle to the quark; quark from beam 2: π − θ
+        qqbar = f1[:, self._cols_q] * f2[:, self._cols_qbar] * me_fwd
+        qbarq = f1[:, self._cols_qbar] * f2[:, self._cols_q] * me_bwd
+        return torch.cat([qqbar, qbarq], dim=1)
+
+    def _decay_factor(self, shat):
+        """Φ₂ / (2ŝ) with the massless Φ₂ = 1/(8π) (lepton masses neglected in the ME)."""
+        return 1.0 / (8.0 * math.pi) / (2.0 * shat)
+
+    def from_random(self, r: torch.Tensor) -> WeightedEvents:
+        """Map hypercube points r (N, 4) to weighted events."""
+        r = r.to(self.device, self.dtype)
+        n = r.shape[0]
+        s = self.s
+        tau_min, tau_max = self.setup.m_min**2 / s, self.m_max**2 / s
+        mapping = self.setup.mapping
+        if mapping == "flat":
+            x1, x2 = r[:, 0], r[:, 1]
+            jac = torch.ones_like(x1)
+            tau = x1 * x2
+        else:
+            if mapping == "tau_y":
+                log_ratio = math.log(tau_max / tau_min)
+                tau = tau_min * torch.exp(log_ratio * r[:, 0])
+                jac_tau = tau * log_ratio
+            else:
+                z = self.setup.ew
+                shat_bw, jac_s = breit_wigner_map(r[:, 0], z.m_z, z.gamma_z, self.setup.m_min**2, self.m_max**2)
+                tau, jac_tau = shat_bw / s, jac_s / s
+            half = 0.5 * torch.log(tau)
+            yy = half * (1.0 - 2.0 * r[:, 1])
+            x1, x2 = torch.sqrt(tau) * torch.exp(yy), torch.sqrt(tau) * torch.exp(-yy)
+            jac = jac_tau * (-2.0 * half)
+        shat = tau * s
+        inside = (shat >= self.setup.m_min**2) & (shat <= self.m_max**2) & (x1 > 0) & (x2 > 0) & (x1 <= 1) & (x2 <= 1)
+        # keep every event (weight 0 outside the cuts) but evaluate PDFs at safe points
+        safe_x1 = torch.where(inside, x1, torch.full_like(x1, 0.5))
+        safe_x2 = torch.where(inside, x2, torch.full_like(x2, 0.5))
+        safe_shat = torch.where(inside, shat, torch.full_like(shat, 0.25 * s))
+        m = torch.sqrt(safe_shat)
+        decay, _ = rambo_diet(m, 2, r=r[:, 2:4])
+        cos_theta = decay[:, 0, 3] / decay[:, 0, 0]
+        channels = self._channel_weights(safe_x1, safe_x2, safe_shat, cos_theta)
+        channels = channels * (self._decay_factor(safe_shat) * jac * GEV2_TO_PB)[:, None]
+        channels = torch.where(inside[:, None], channels, torch.zeros_like(channels))
+        weight = channels.sum(1)
+        y = 0.5 * torch.log(safe_x1 / safe_x2)
+        if self.lepton_mass > 0:
+            # put the leptons on shell at fixed direction in the ℓℓ rest frame
+            pmag = torch.sqrt(torch.clamp(safe_shat / 4 - self.lepton_mass**2, min=0.0))
+            decay = torch.cat([decay[..., :1], decay[..., 1:] * (pmag[:, None] / decay[:, :, 0])[..., None]], dim=-1)
+        beta = torch.stack([torch.zeros_like(y), torch.zeros_like(y), torch.tanh(y)], 1)
+        leptons = kin.boost(decay, beta[:, None, :].expand(n, 2, 3))
+        return WeightedEvents(weight, x1, x2, leptons, torch.sqrt(shat.clamp(min=0)), y, cos_theta, r, channels)
+
+    def generate(self, n: int, generator: torch.Generator | None = None, batch_size: int = 1_000_000) -> WeightedEvents:
+        """n weighted events (uniform hypercube points), made in batches."""
+        parts = []
+        for start in range(0, n, batch_size):
+            k = min(batch_size, n - start)
+            r = torch.rand(k, self.n_random, generator=generator, dtype=self.dtype, device="cpu" if generator is not None and generator.device.type == "cpu" else self.device)
+            parts.append(self.from_random(r))
+        if len(parts) == 1:
+            return parts[0]
+        return WeightedEvents(*[torch.cat([getattr(p, f) for p in parts]) for f in WeightedEvents.__dataclass_fields__])
+
+    # -------------------------------------------------------------- densities
+    def density(self, m: torch.Tensor, y: torch.Tensor, cos_theta: torch.Tensor) -> torch.Tensor:
+        """dσ/(dm dy dcos θ) in pb/GeV at the given points (zero outside the cuts and
+        the kinematic limits), azimuth integrated. From dx1 dx2 = (2m/s) dm dy."""
+        m = m.to(self.device, self.dtype)
+        y = y.to(self.device, self.dtype)
+        c = cos_theta.to(self.device, self.dtype)
+        s = self.s
+        shat = m * m
+        tau = shat / s
+        x1, x2 = torch.sqrt(tau) * torch.exp(y), torch.sqrt(tau) * torch.exp(-y)
+        inside = (m >= self.setup.m_min) & (m <= self.m_max) & (x1 < 1) & (x2 < 1) & (c.abs() <= 1)
+        safe = lambda v, d: torch.where(inside, v, torch.full_like(v, d))
+        x1, x2, shat, c_safe = safe(x1, 0.5), safe(x2, 0.5), safe(shat, 0.25 * s), safe(c, 0.0)
+        ch = self._channel_weights(x1, x2, shat, c_safe).sum(1)
+        # Φ₂/(2ŝ) holds ∫dΩ/(4π) with dΩ = 2π dcosθ → density per dcosθ: × 4π / (2 · 2π) … written out:
+        # dσ = ff |M|²/(2ŝ) dΦ₂ dx1 dx2, dΦ₂ = dcosθ dφ /(32π²) → per dcosθ (φ integrated): 1/(16π)
+        per_cos = ch / (2.0 * shat) / (16.0 * math.pi)
+        dens = per_cos * (2.0 * torch.sqrt(shat) / s) * GEV2_TO_PB
+        return torch.where(inside, dens, torch.zeros_like(dens))
+
+    def channel_probabilities(self, m: torch.Tensor, y: torch.Tensor, cos_theta: torch.Tensor) -> torch.Tensor:
+        """(N, 10) probabilities of the incoming flavour pairs (CHANNELS) at given kinematics."""
+        s = self.s
+        shat = (m * m).to(self.device, self.dtype)
+        tau = shat / s
+        x1 = (torch.sqrt(tau) * torch.exp(y.to(self.device, self.dtype))).clamp(1e-12, 1 - 1e-12)
+        x2 = (torch.sqrt(tau) * torch.exp(-y.to(self.device, self.dtype))).clamp(1e-12, 1 - 1e-12)
+        ch = self._channel_weights(x1, x2, shat, cos_theta.to(self.device, self.dtype).clamp(-1, 1)).clamp(min=0)
+        total = ch.sum(1, keepdim=True)
+        return torch.where(total > 0, ch / total.clamp(min=1e-300), torch.full_like(ch, 1.0 / ch.shape[1]))
