@@ -99,3 +99,16 @@ def test_bad_setup():
         DrellYanSetup(mapping="vegas")
     with pytest.raises(ValueError, match="m_min < m_max"):
         DrellYanSetup(m_min=100.0, m_max=50.0)
+
+
+def test_sigma_agrees_with_pythia8(pdf):
+    """Pythia8's own σ for ffbar2gmZ with the same PDF file, mass cut and its
+    electroweak inputs (fixed α(M_Z), s_W², s̄_W², running Z width) read back."""
+    from partonic.physics.matrix_elements import ElectroweakParameters
+    from partonic.simulate.pythia import pythia_drell_yan
+
+    ref = pythia_drell_yan(m_min=50.0, pdf_path=pdf.path, n_events=100_000, seed=3)
+    assert "pythia_errors" not in ref
+    ours = quadrature_sigma(DrellYanGenerator(DrellYanSetup(m_min=50.0, ew=ElectroweakParameters(**ref["electroweak"])), pdf))
+    assert abs(ours - ref["sigma_pb"]) < 3 * ref["error_pb"], (ours, ref)
+    assert abs(ours / ref["sigma_pb"] - 1) < 0.01
