@@ -19,27 +19,7 @@ def pdf():
 
 
 def quadrature_sigma(gen: DrellYanGenerator) -> float:
-    """σ = ∫ dm dy dcosθ dσ/(dm dy dcosθ) by Gauss–Legendre rules: 64 points per
-    m segment (in ln m, segments around the Z), 48 in y, 3 in cos θ (exact: the
-    angular dependence is quadratic)."""
-    xs, ws = np.polynomial.legendre.leggauss(64)
-    yx, yw = np.polynomial.legendre.leggauss(48)
-    cx, cw = np.polynomial.legendre.leggauss(3)
-    total = 0.0
-    m_max = gen.m_max
-    edges = [e for e in [gen.setup.m_min, 80, 88, 94, 100, 200, 1000, 4000, m_max] if gen.setup.m_min <= e <= m_max]
-    for a, b in zip(edges[:-1], edges[1:]):
-        la, lb = math.log(a), math.log(b)
-        m = np.exp(0.5 * (lb - la) * xs + 0.5 * (lb + la))
-        wm = 0.5 * (lb - la) * ws * m
-        ymax = -np.log(m / gen.setup.sqrt_s)
-        mm = np.repeat(m, 48 * 3)
-        yy = np.repeat((ymax[:, None] * yx[None, :]).ravel(), 3)
-        cc = np.tile(cx, len(m) * 48)
-        weight = np.repeat(wm, 48 * 3) * np.repeat((ymax[:, None] * yw[None, :]).ravel(), 3) * np.tile(cw, len(m) * 48)
-        dens = gen.density(torch.from_numpy(mm), torch.from_numpy(yy), torch.from_numpy(cc)).numpy()
-        total += float((dens * weight).sum())
-    return total
+    return gen.integrate()
 
 
 def test_sigma_matches_quadrature_for_every_mapping(pdf):

@@ -215,7 +215,7 @@ class UnweightData(Strict):
     n_truth_events: PositiveInt = 4_000_000
     m_min: PositiveFloat = 50.0
     m_max: Optional[PositiveFloat] = None
-    mapping: Literal["flat", "tau_y", "breit_wigner"] = "flat"
+    mapping: Literal["flat", "tau_y", "breit_wigner", "multichannel"] = "flat"
     scale: Literal["mll", "fixed"] = "mll"
     fixed_scale: PositiveFloat = 91.188
     lepton: Literal[11, 13] = 13
@@ -248,6 +248,7 @@ class SampleEvaluation(Strict):
 
 class UnweightEvaluation(SampleEvaluation):
     n_unweighted: PositiveInt = 100_000
+    tail_events: PositiveInt = 1_000_000
 
 
 class UnweightCard(CommonCard):

@@ -64,9 +64,9 @@ class DrellYanPreprocessing(nn.Module):
     nearly flat peak; cos θ* through atanh; then all three are standardised.
     """
 
-    def __init__(self, m_min: float, m_max: float, m_z: float, gamma_z: float, bw_fraction: float = 0.7, power: float = 3.0):
+    def __init__(self, m_min: float, m_max: float, m_z: float, gamma_z: float, sqrt_s: float = 13000.0, bw_fraction: float = 0.7, power: float = 3.0):
         super().__init__()
-        for name, value in dict(m_min=m_min, m_max=m_max, m_z=m_z, gamma_z=gamma_z, bw_fraction=bw_fraction, power=power).items():
+        for name, value in dict(m_min=m_min, m_max=m_max, m_z=m_z, gamma_z=gamma_z, sqrt_s=sqrt_s, bw_fraction=bw_fraction, power=power).items():
             self.register_buffer(name, torch.tensor(float(value), dtype=torch.float64))
         self.standardise = Standardise(3)
 
@@ -93,13 +93,36 @@ class DrellYanPreprocessing(nn.Module):
         return self.bw_fraction * bw + (1 - self.bw_fraction) * pw
 
     def m_inverse_cdf(self, f):
-        lo = torch.full_like(f, float(self.m_min))
-        hi = torch.full_like(f, float(self.m_max))
-        for _ in range(70):  # bisection: the CDF is monotone
+        # The CDF is monotone: a few bisection steps in ln m bracket the root, then
+        # safeguarded Newton steps converge to machine precision.
+        lo = torch.full_like(f, math.log(float(self.m_min)))
+        hi = torch.full_like(f, math.log(float(self.m_max)))
+        for _ in range(16):
             mid = 0.5 * (lo + hi)
-            below = self.m_cdf(mid) < f
+            below = self.m_cdf(torch.exp(mid)) < f
             lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
-        return 0.5 * (lo + hi)
+        m = torch.exp(0.5 * (lo + hi))
+        m_lo, m_hi = torch.exp(lo), torch.exp(hi)
+        for _ in range(8):
+            step = (self.m_cdf(m) - f) / self.m_pdf(m).clamp(min=1e-300)
+            m = torch.minimum(torch.maximum(m - step, m_lo), m_hi)
+        return m
+
+    # an analytic reference density covering all of phase space -------------------
+    def reference_sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(m, y, cos θ) from the analytic m model, y flat in its kinematic range
+        |y| < ln(√s/m), cos θ flat: heavy enough tails for defensive importance sampling."""
+        r = torch.rand(n, 3, generator=generator, dtype=torch.float64).to(self.m_min.device)
+        m = self.m_inverse_cdf(r[:, 0])
+        y_max = torch.log(self.sqrt_s / m)
+        return torch.stack([m, (2 * r[:, 1] - 1) * y_max, 2 * r[:, 2] - 1], 1)
+
+    def reference_log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        m, y, c = x[:, 0], x[:, 1], x[:, 2]
+        y_max = torch.log(self.sqrt_s / m.clamp(min=float(self.m_min)))
+        inside = (m >= self.m_min) & (m <= self.m_max) & (y.abs() < y_max) & (c.abs() <= 1)
+        lp = torch.log(self.m_pdf(m.clamp(float(self.m_min), float(self.m_max)))) - torch.log(2 * y_max) - math.log(2.0)
+        return torch.where(inside, lp, torch.full_like(lp, -math.inf))
 
     def fit(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> "DrellYanPreprocessing":
         with torch.no_grad():
@@ -167,3 +190,17 @@ class WeightedFlow(nn.Module):
         u, log_pu = self.flow.sample(n, generator=generator)
         x, ld = self.preprocessing.inverse(u.double())
         return x, log_pu.double() - ld
+
+    @torch.no_grad()
+    def sample_defensive(self, n: int, fraction: float, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples of the mixture (1 − ε) p_flow + ε p_ref with the preprocessing's analytic
+        reference density (defensive importance sampling, Hesterberg 1995): weights
+        stay bounded where the flow's tails are too light. Returns x and log q(x)."""
+        n_ref = int(torch.binomial(torch.tensor(float(n)), torch.tensor(fraction), generator=generator))
+        x_flow, lp_flow = self.sample(n - n_ref, generator=generator)
+        x_ref = self.preprocessing.reference_sample(n_ref, generator=generator)
+        x = torch.cat([x_flow, x_ref])
+        lp_f = torch.cat([lp_flow, self.log_prob(x_ref)])
+        lp_r = self.preprocessing.reference_log_prob(x)
+        log_q = torch.logaddexp(lp_f + math.log1p(-fraction), lp_r + math.log(fraction))
+        return x, log_q

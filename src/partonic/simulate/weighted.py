@@ -43,8 +43,9 @@ class DrellYanSetup:
 
     Arguments:
         sqrt_s: collider energy (GeV); m_min, m_max: cuts on m_ℓℓ (GeV, m_max None = √s).
-        mapping: "flat" (x1, x2 uniform), "tau_y" (ln τ and y uniform) or
-            "breit_wigner" (ŝ from a Z Breit–Wigner, y uniform).
+        mapping: "flat" (x1, x2 uniform), "tau_y" (ln τ and y uniform),
+            "breit_wigner" (ŝ from a Z Breit–Wigner, y uniform) or "multichannel"
+            (both of the last two, combined weights).
         scale: "mll" (μ_F = m_ℓℓ) or "fixed" (μ_F = fixed_scale).
         lepton: 11 or 13.
     """
@@ -59,8 +60,8 @@ class DrellYanSetup:
     ew: ElectroweakParameters = ElectroweakParameters()
 
     def __post_init__(self):
-        if self.mapping not in ("flat", "tau_y", "breit_wigner"):
-            raise ValueError(f"mapping {self.mapping!r} is not one of flat, tau_y, breit_wigner")
+        if self.mapping not in ("flat", "tau_y", "breit_wigner", "multichannel"):
+            raise ValueError(f"mapping {self.mapping!r} is not one of flat, tau_y, breit_wigner, multichannel")
         if self.scale not in ("mll", "fixed"):
             raise ValueError(f"scale {self.scale!r} is not one of mll, fixed")
         if not 0 < self.m_min < (self.m_max or self.sqrt_s) <= self.sqrt_s:
@@ -159,6 +160,8 @@ class DrellYanGenerator:
         s = self.s
         tau_min, tau_max = self.setup.m_min**2 / s, self.m_max**2 / s
         mapping = self.setup.mapping
+        if mapping == "multichannel":
+            return self._multichannel(r)
         if mapping == "flat":
             x1, x2 = r[:, 0], r[:, 1]
             jac = torch.ones_like(x1)
@@ -198,6 +201,39 @@ class DrellYanGenerator:
         leptons = kin.boost(decay, beta[:, None, :].expand(n, 2, 3))
         return WeightedEvents(weight, x1, x2, leptons, torch.sqrt(shat.clamp(min=0)), y, cos_theta, r, channels)
 
+    def _tau_densities(self, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sampling densities in τ of the Breit–Wigner and the ln τ mapping."""
+        s, z = self.s, self.setup.ew
+        tau_min, tau_max = self.setup.m_min**2 / s, self.m_max**2 / s
+        mg = z.m_z * z.gamma_z
+        span = math.atan((self.m_max**2 - z.m_z**2) / mg) - math.atan((self.setup.m_min**2 - z.m_z**2) / mg)
+        shat = tau * s
+        p_bw = s * mg / (span * ((shat - z.m_z**2) ** 2 + mg**2))
+        p_log = 1.0 / (tau * math.log(tau_max / tau_min))
+        return p_bw, p_log
+
+    def _multichannel(self, r: torch.Tensor) -> WeightedEvents:
+        """Breit–Wigner and ln τ channels (half the events each), weighted by the
+        combined density: low variance at the peak and in the tail."""
+        alpha = 0.5
+        use_bw = r[:, 0] < alpha
+        r_tau = torch.where(use_bw, r[:, 0] / alpha, (r[:, 0] - alpha) / (1 - alpha))
+        r2 = torch.cat([r_tau[:, None], r[:, 1:]], 1)
+        bw = DrellYanGenerator(DrellYanSetup(**{**self.setup.__dict__, "mapping": "breit_wigner"}), self.pdf, self.device, self.dtype)
+        lg = DrellYanGenerator(DrellYanSetup(**{**self.setup.__dict__, "mapping": "tau_y"}), self.pdf, self.device, self.dtype)
+        ev_bw, ev_lg = bw.from_random(r2), lg.from_random(r2)
+        pick = lambda a, b: torch.where(use_bw.view(-1, *([1] * (a.dim() - 1))), a, b)
+        ev = WeightedEvents(*[pick(getattr(ev_bw, f), getattr(ev_lg, f)) for f in WeightedEvents.__dataclass_fields__])
+        tau = (ev.m**2 / self.s).clamp(min=1e-300)
+        p_bw, p_log = self._tau_densities(tau)
+        # each channel's weight carries 1/p_k(τ); replace it by 1/(α p_bw + (1 − α) p_log)
+        own = torch.where(use_bw, p_bw, p_log)
+        factor = own / (alpha * p_bw + (1 - alpha) * p_log)
+        ev.weight = ev.weight * factor
+        ev.channels = ev.channels * factor[:, None]
+        ev.r = r
+        return ev
+
     def generate(self, n: int, generator: torch.Generator | None = None, batch_size: int = 1_000_000) -> WeightedEvents:
         """n weighted events (uniform hypercube points), made in batches."""
         parts = []
@@ -229,6 +265,34 @@ class DrellYanGenerator:
         per_cos = ch / (2.0 * shat) / (16.0 * math.pi)
         dens = per_cos * (2.0 * torch.sqrt(shat) / s) * GEV2_TO_PB
         return torch.where(inside, dens, torch.zeros_like(dens))
+
+    def integrate(self, m_lo: float | None = None, m_hi: float | None = None, points: int = 64) -> float:
+        """σ (pb) with m_ℓℓ in [m_lo, m_hi] by Gauss–Legendre quadrature of :meth:`density`
+        (ln m in segments around the Z, y over its kinematic range, cos θ exactly):
+        an independent, noise-free reference for the Monte Carlo."""
+        import numpy as np
+
+        lo = max(m_lo or self.setup.m_min, self.setup.m_min)
+        hi = min(m_hi or self.m_max, self.m_max)
+        if hi <= lo:
+            return 0.0
+        xs, ws = np.polynomial.legendre.leggauss(points)
+        yx, yw = np.polynomial.legendre.leggauss(48)
+        cx, cw = np.polynomial.legendre.leggauss(3)
+        cuts = [lo] + [e for e in (80.0, 88.0, 94.0, 100.0, 200.0, 500.0, 1000.0, 4000.0) if lo < e < hi] + [hi]
+        total = 0.0
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            la, lb = math.log(a), math.log(b)
+            m = np.exp(0.5 * (lb - la) * xs + 0.5 * (lb + la))
+            wm = 0.5 * (lb - la) * ws * m
+            ymax = -np.log(m / self.setup.sqrt_s)
+            mm = np.repeat(m, 48 * 3)
+            yy = np.repeat((ymax[:, None] * yx[None, :]).ravel(), 3)
+            cc = np.tile(cx, len(m) * 48)
+            weight = np.repeat(wm, 48 * 3) * np.repeat((ymax[:, None] * yw[None, :]).ravel(), 3) * np.tile(cw, len(m) * 48)
+            dens = self.density(torch.from_numpy(mm), torch.from_numpy(yy), torch.from_numpy(cc)).cpu().numpy()
+            total += float((dens * weight).sum())
+        return total
 
     def channel_probabilities(self, m: torch.Tensor, y: torch.Tensor, cos_theta: torch.Tensor) -> torch.Tensor:
         """(N, 10) probabilities of the incoming flavour pairs (CHANNELS) at given kinematics."""

@@ -1,0 +1,116 @@
+"""Plots a physicist reads: normalised distributions with a ratio panel, in the HEP
+style of mplhep, saved as PDF and PNG."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .metrics import weighted_histogram  # noqa: E402
+
+__all__ = ["Series", "ratio_plot", "calibration_plot"]
+
+_COLORS = ["black", "#3f90da", "#e42536", "#964a8b", "#f89c20", "#5790fc"]
+
+
+@dataclass
+class Series:
+    """One sample to draw: values, optional weights, a legend label."""
+
+    values: np.ndarray
+    label: str
+    weights: np.ndarray | None = None
+
+
+def _style():
+    try:
+        import mplhep
+
+        plt.style.use(mplhep.style.CMS)
+        plt.rcParams["font.size"] = 13
+    except Exception:  # noqa: BLE001 - the plot still works without the style
+        pass
+
+
+def ratio_plot(
+    series: list[Series],
+    edges: np.ndarray,
+    xlabel: str,
+    path: str | Path,
+    title: str = "",
+    logy: bool = False,
+    ratio_range: tuple[float, float] = (0.8, 1.2),
+) -> list[Path]:
+    """Normalised histograms (the first series is the reference) with statistical
+    bands, and a ratio panel to the reference. Writes ``path`` as .pdf and .png."""
+    _style()
+    fig, (ax, rax) = plt.subplots(2, 1, figsize=(7, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1], "hspace": 0.05})
+    widths = np.diff(edges)
+    ref_h, ref_e = None, None
+    for i, s in enumerate(series):
+        h, e = weighted_histogram(s.values, edges, s.weights)
+        norm = h.sum() * widths
+        dens, err = h / norm, e / norm
+        color = _COLORS[i % len(_COLORS)]
+        ax.stairs(dens, edges, label=s.label, color=color, linewidth=1.6)
+        ax.stairs(dens + err, edges, baseline=dens - err, fill=True, alpha=0.25, color=color)
+        if i == 0:
+            ref_h, ref_e = dens, err
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rel = np.where(ref_h > 0, ref_e / ref_h, 0)
+            rax.stairs(1 + rel, edges, baseline=1 - rel, fill=True, alpha=0.25, color=color)
+            rax.axhline(1.0, color=color, linewidth=1)
+        else:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.where(ref_h > 0, dens / ref_h, np.nan)
+                rerr = np.where(ref_h > 0, err / ref_h, np.nan)
+            rax.stairs(ratio, edges, color=color, linewidth=1.4)
+            rax.stairs(ratio + rerr, edges, baseline=ratio - rerr, fill=True, alpha=0.25, color=color)
+    ax.set_ylabel("normalised")
+    if logy:
+        ax.set_yscale("log")
+    ax.legend(title=title or None, fontsize=10, title_fontsize=10, loc="best")
+    rax.set_ylim(*ratio_range)
+    rax.set_ylabel(f"ratio to\n{series[0].label}", fontsize=10)
+    rax.set_xlabel(xlabel)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for ext in (".pdf", ".png"):
+        target = path.with_suffix(ext)
+        fig.savefig(target, bbox_inches="tight", dpi=110)
+        written.append(target)
+    plt.close(fig)
+    return written
+
+
+def calibration_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = "") -> list[Path]:
+    """Quantile-coverage curves: fraction of events whose truth lies below the q-quantile
+    of their own posterior samples, against q (ideal: the diagonal)."""
+    _style()
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+    for i, (label, (q, cov)) in enumerate(curves.items()):
+        ax.plot(q, cov, label=label, color=_COLORS[(i + 1) % len(_COLORS)])
+    ax.set_xlabel("quantile q")
+    ax.set_ylabel("fraction of events with truth below q")
+    ax.legend(title=title or None, fontsize=10)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for ext in (".pdf", ".png"):
+        target = path.with_suffix(ext)
+        fig.savefig(target, bbox_inches="tight", dpi=110)
+        written.append(target)
+    plt.close(fig)
+    return written

@@ -1,0 +1,398 @@
+"""``partonic unweight``: weighted Drell–Yan events → unweighted events with a
+weighted GAN, a weighted flow, or a flow whose samples are reweighted to the
+exact cross section and unweighted again (``flow-exact``)."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..evaluate.metrics import (
+    amplification,
+    compare_histograms,
+    hit_or_miss,
+    qmse,
+    quantile_edges,
+    unweighting_efficiency,
+)
+from ..evaluate.plots import Series, ratio_plot
+from ..io.lhe import LHEError, LHEEvents, LHEInit, LHEProcess, iter_lhe_chunks, write_lhe
+from ..io.store import DatasetCache, cache_key
+from ..models.weighted_flow import DrellYanPreprocessing, WeightedFlow
+from ..models.weighted_gan import WeightedGAN
+from ..physics import kinematics as kin
+from ..physics.pdf import from_card
+from ..simulate.weighted import CHANNELS, DrellYanGenerator, DrellYanSetup, electroweak_from_card
+from ..train import seed_everything, train
+from .common import JobError, RunFolder, atomic_write_bytes, resolve_device
+
+__all__ = ["run", "observables", "leptons_from_kinematics", "kinematics_from_leptons"]
+
+OBSERVABLES = {
+    "m_ll": (r"$m_{\mu\mu}$ [GeV]", lambda m_min: np.geomspace(m_min, 1000.0, 41), True),
+    "pt_lminus": (r"$p_T(\mu^-)$ [GeV]", lambda m_min: np.linspace(0.0, 150.0, 41), True),
+    "pt_lplus": (r"$p_T(\mu^+)$ [GeV]", lambda m_min: np.linspace(0.0, 150.0, 41), True),
+    "eta_lminus": (r"$\eta(\mu^-)$", lambda m_min: np.linspace(-6.0, 6.0, 41), False),
+    "eta_lplus": (r"$\eta(\mu^+)$", lambda m_min: np.linspace(-6.0, 6.0, 41), False),
+    "y_ll": (r"$y_{\mu\mu}$", lambda m_min: np.linspace(-5.0, 5.0, 41), False),
+    "cos_theta": (r"$\cos\theta^*$", lambda m_min: np.linspace(-1.0, 1.0, 41), False),
+}
+
+
+def leptons_from_kinematics(m, y, cos_theta, phi, lepton_mass: float) -> torch.Tensor:
+    """(N, 2, 4) lab momenta of ℓ⁻, ℓ⁺ from m_ℓℓ, y_ℓℓ, cos θ* (to +z in the rest frame
+    reached by a boost along z) and the azimuth, at zero transverse momentum of the pair."""
+    p = torch.sqrt(torch.clamp(m * m / 4 - lepton_mass**2, min=0.0))
+    sin_t = torch.sqrt(torch.clamp(1 - cos_theta**2, min=0.0))
+    vec = torch.stack([sin_t * torch.cos(phi), sin_t * torch.sin(phi), cos_theta], 1) * p[:, None]
+    e = torch.sqrt(p * p + lepton_mass**2)
+    rest = torch.stack([torch.cat([e[:, None], vec], 1), torch.cat([e[:, None], -vec], 1)], 1)
+    beta = torch.stack([torch.zeros_like(y), torch.zeros_like(y), torch.tanh(y)], 1)
+    return kin.boost(rest, beta[:, None, :].expand(-1, 2, 3))
+
+
+def kinematics_from_leptons(lminus: torch.Tensor, lplus: torch.Tensor) -> torch.Tensor:
+    """(m, y, cos θ*) of a lepton pair: cos θ* of ℓ⁻ to +z after boosting along z to
+    zero pair rapidity and then to the pair rest frame (at LO: the partonic frame)."""
+    pair = lminus + lplus
+    m = kin.mass(pair)
+    y = kin.rapidity(pair)
+    rest = kin.boost_to_rest_frame(lminus, pair)
+    cos_t = rest[:, 3] / torch.linalg.vector_norm(rest[:, 1:], dim=1)
+    return torch.stack([m, y, cos_t], 1)
+
+
+def observables(x: torch.Tensor, phi: torch.Tensor, lepton_mass: float) -> dict[str, np.ndarray]:
+    leptons = leptons_from_kinematics(x[:, 0], x[:, 1], x[:, 2], phi, lepton_mass)
+    lm, lp = leptons[:, 0], leptons[:, 1]
+    out = {
+        "m_ll": x[:, 0], "pt_lminus": kin.pt(lm), "pt_lplus": kin.pt(lp), "eta_lminus": kin.eta(lm),
+        "eta_lplus": kin.eta(lp), "y_ll": x[:, 1], "cos_theta": x[:, 2],
+    }
+    return {k: v.detach().cpu().double().numpy() for k, v in out.items()}
+
+
+def _read_lhe_inputs(files: list[str], lepton: int, device) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    xs, ws, sigma, err = [], [], 0.0, 0.0
+    for name in files:
+        path = Path(name)
+        for init, events in iter_lhe_chunks(path):
+            final = events.status == 1
+            minus = final & (events.pid == lepton)
+            plus = final & (events.pid == -lepton)
+            good = (minus.sum(1) == 1) & (plus.sum(1) == 1)
+            if not bool(good.all()):
+                bad = int((~good).nonzero()[0, 0]) + 1
+                raise JobError(f"{path}: event {bad} has no single {lepton}/{-lepton} pair in its final state")
+            lm = events.momenta[minus]
+            lp = events.momenta[plus]
+            xs.append(kinematics_from_leptons(lm, lp))
+            ws.append(events.weight)
+            sigma += sum(p.cross_section for p in init.processes)
+            err = math.hypot(err, math.sqrt(sum(p.error**2 for p in init.processes)))
+    if not xs:
+        raise JobError("data.files holds no events")
+    return torch.cat(xs).to(device), torch.cat(ws).to(device).double(), sigma / len(files), err / len(files)
+
+
+def _lhe_events(x: torch.Tensor, phi: torch.Tensor, generator: DrellYanGenerator, sigma: float, gen: torch.Generator) -> LHEEvents:
+    n = x.shape[0]
+    roots = generator.setup.sqrt_s
+    m, y, c = x[:, 0], x[:, 1], x[:, 2]
+    leptons = leptons_from_kinematics(m, y, c, phi, generator.lepton_mass)
+    probs = generator.channel_probabilities(m, y, c).cpu()
+    pick = torch.multinomial(probs, 1, generator=gen)[:, 0]
+    beam_a = torch.tensor([ch[0] for ch in CHANNELS])[pick]
+    tot = leptons.sum(1).cpu().double()
+    zero = torch.zeros(n, dtype=torch.float64)
+    ea, eb = (tot[:, 0] + tot[:, 3]) / 2, (tot[:, 0] - tot[:, 3]) / 2
+    momenta = torch.stack([torch.stack([ea, zero, zero, ea], 1), torch.stack([eb, zero, zero, -eb], 1), tot, leptons[:, 0].cpu().double(), leptons[:, 1].cpu().double()], 1)
+    row = lambda v: torch.tensor(v, dtype=torch.int64).expand(n, 5).clone()
+    lepton = generator.setup.lepton
+    pid = row([0, 0, 23, lepton, -lepton])
+    pid[:, 0], pid[:, 1] = beam_a, -beam_a
+    quark_first = beam_a > 0
+    color1, color2 = row([0] * 5), row([0] * 5)
+    color1[:, 0] = torch.where(quark_first, 501, 0)
+    color2[:, 0] = torch.where(quark_first, 0, 501)
+    color1[:, 1] = torch.where(quark_first, 0, 501)
+    color2[:, 1] = torch.where(quark_first, 501, 0)
+    mass = torch.zeros(n, 5, dtype=torch.float64)
+    mass[:, 2] = kin.mass(tot)
+    mass[:, 3:] = generator.lepton_mass
+    return LHEEvents(
+        pid=pid, status=row([-1, -1, 2, 1, 1]), mother1=row([0, 0, 1, 3, 3]), mother2=row([0, 0, 2, 3, 3]),
+        color1=color1, color2=color2, momenta=momenta, mass=mass, weight=torch.full((n,), sigma, dtype=torch.float64),
+        scale=mass[:, 2].clone(), aqed=torch.tensor(generator.setup.ew.alpha, dtype=torch.float64),
+        aqcd=torch.tensor(0.0, dtype=torch.float64), process_id=torch.tensor(1),
+    )
+
+
+#: share of exact-mode proposals drawn from the analytic reference density
+DEFENSIVE_FRACTION = 0.05
+
+
+def unweight_with_copies(weights: torch.Tensor, w_max: float, gen: torch.Generator) -> torch.Tensor:
+    """Unbiased unweighting at any w_max: event i is kept ⌊w_i/w_max⌋ times plus once
+    more with probability frac(w_i/w_max). Below w_max this is plain hit-or-miss; the
+    rare over-weights come back as repeated events instead of a bias."""
+    ratio = (weights.clamp(min=0) / w_max).cpu()
+    copies = torch.floor(ratio) + (torch.rand(ratio.shape, generator=gen, dtype=ratio.dtype) < ratio - torch.floor(ratio)).to(ratio.dtype)
+    return torch.repeat_interleave(torch.arange(len(ratio)), copies.long()).to(weights.device)
+
+
+def _exact_unweight(model, generator, n_target, batch, gen, windows):
+    """Sample the flow, weight each event by dσ/dx / p_flow, unweight exactly."""
+    pilot_x, pilot_lp = model.sample_defensive(batch, DEFENSIVE_FRACTION, generator=gen)
+    pilot_w = generator.density(pilot_x[:, 0], pilot_x[:, 1], pilot_x[:, 2]) / pilot_lp.exp()
+    eff = unweighting_efficiency(pilot_w)
+    w_max = eff.w_max
+    kept, weights, masses, n_kept = [], [], [], 0
+    x_all, w_all = pilot_x, pilot_w
+    while True:
+        idx = unweight_with_copies(w_all, w_max, gen)
+        kept.append(x_all[idx])
+        weights.append(w_all)
+        masses.append(x_all[:, 0])
+        n_kept += len(idx)
+        if n_kept >= n_target:
+            break
+        x_all, lp = model.sample_defensive(batch, DEFENSIVE_FRACTION, generator=gen)
+        w_all = generator.density(x_all[:, 0], x_all[:, 1], x_all[:, 2]) / lp.exp()
+    w_cat, m_cat = torch.cat(weights), torch.cat(masses)
+    tried = len(w_cat)
+    out = torch.cat(kept)
+    # the output follows the weighted flow samples: their weighted fractions estimate
+    # its tail content with the full statistics of every tried event
+    tails = {}
+    for lo, hi in windows:
+        sel = ((m_cat >= lo) & (m_cat < hi)).double()
+        frac = float((w_cat * sel).sum() / w_cat.sum())
+        err = float((w_cat * sel).std() * math.sqrt(tried) / w_cat.sum())
+        tails[(lo, hi)] = (frac, err)
+    return out[torch.randperm(len(out), generator=gen)[:n_target].to(out.device)], {
+        "unweighting_efficiency": n_kept / tried,
+        "robust_efficiency": eff.efficiency,
+        "w_max": w_max,
+        "duplicated_fraction": float(((w_cat / w_max) > 1).double().mean()),
+        "sigma_pb": float(w_cat.mean()),
+        "sigma_error_pb": float(w_cat.std() / math.sqrt(tried)),
+        "events_tried": tried,
+    }, tails
+
+
+def run(card, args) -> int:
+    device = resolve_device(card.device)
+    folder = RunFolder.create(card, device, args.output, args.resume)
+    seed_everything(card.seed)
+    report = folder.report_base()
+    timing = report["timing"]
+    data, method = card.data, card.model.method
+    if data.source == "lhe" and method == "flow-exact":
+        raise JobError("model.method = 'flow-exact' needs the generator's exact cross section; with data.source = 'lhe' use 'flow' or 'gan'")
+
+    pdf, _ = from_card(card.physics, device=device)
+    setup = DrellYanSetup(
+        sqrt_s=card.physics.sqrt_s, m_min=data.m_min, m_max=data.m_max, mapping=data.mapping, scale=data.scale,
+        fixed_scale=data.fixed_scale, lepton=data.lepton, ew=electroweak_from_card(card.physics.electroweak),
+    )
+    generator = DrellYanGenerator(setup, pdf, device=device)
+    gen_cpu = torch.Generator().manual_seed(card.seed)
+
+    # ---- training input: weighted events ------------------------------------
+    t0 = time.perf_counter()
+    if data.source == "generator":
+        cache = DatasetCache()
+        key = cache_key("drell_yan_weighted", data, card.seed, physics=card.physics.model_dump(mode="json"))
+        cached = cache.load(key)
+        if cached is None:
+            ev = generator.generate(data.n_events, gen_cpu, batch_size=data.batch_size)
+            arrays = {"x": torch.stack([ev.m, ev.y, ev.cos_theta], 1).cpu().numpy(), "w": ev.weight.cpu().numpy()}
+            cache.save(key, arrays, meta={"n_events": data.n_events})
+        else:
+            arrays = cached[0]
+        x_all = torch.from_numpy(arrays["x"]).to(device)
+        w_all = torch.from_numpy(arrays["w"]).to(device)
+        sigma = float(w_all.mean())
+        sigma_err = float(w_all.std() / math.sqrt(len(w_all)))
+        nonzero = w_all != 0
+        x_train, w_train = x_all[nonzero], w_all[nonzero]
+    else:
+        try:
+            x_train, w_train, sigma, sigma_err = _read_lhe_inputs(data.files, data.lepton, device)
+        except LHEError as exc:
+            raise JobError(str(exc)) from None
+        if not sigma:
+            sigma = float(w_train.mean())
+    simulate_s = time.perf_counter() - t0
+    eff = unweighting_efficiency(w_train.cpu())
+    report.update({
+        "cross_section_pb": sigma, "cross_section_error_pb": sigma_err,
+        "naive_unweighting_efficiency": eff.efficiency, "naive_unweighting": eff.as_dict(),
+        "training_events": int(len(w_train)), "training_negative_weight_fraction": float((w_train < 0).double().mean()),
+    })
+    if data.source == "generator":
+        report["cross_section_quadrature_pb"] = generator.integrate()
+    timing["simulate_s"] = simulate_s
+    timing["weighted_events_per_s"] = data.n_events / simulate_s if data.source == "generator" and cached is None else None
+
+    # ---- references: truth and hit-or-miss ---------------------------------
+    if data.source == "generator":
+        truth_setup = DrellYanSetup(**{**setup.__dict__, "mapping": "multichannel"})
+        truth_gen = DrellYanGenerator(truth_setup, pdf, device=device)
+        truth_ev = truth_gen.generate(data.n_truth_events, torch.Generator().manual_seed(card.seed + 1), batch_size=data.batch_size)
+        truth_x = torch.stack([truth_ev.m, truth_ev.y, truth_ev.cos_theta], 1)
+        truth_w = truth_ev.weight
+        del truth_ev
+    else:
+        truth_x, truth_w = x_train, w_train
+    phi = lambda n: 2 * math.pi * torch.rand(n, generator=gen_cpu, dtype=torch.float64).to(device)
+    truth_obs = observables(truth_x, phi(len(truth_x)), generator.lepton_mass)
+    hm_idx = hit_or_miss(w_train, generator=gen_cpu)
+    hm_x = x_train[hm_idx]
+    hm_obs = observables(hm_x, phi(len(hm_x)), generator.lepton_mass)
+    report["hit_or_miss_events"] = int(len(hm_idx))
+
+    # ---- model and training ---------------------------------------------------
+    ew = setup.ew
+    pre = DrellYanPreprocessing(setup.m_min, generator.m_max, ew.m_z, ew.gamma_z, sqrt_s=setup.sqrt_s).fit(x_train.cpu(), w_train.cpu()).to(device)
+    m = card.model
+    if method == "gan":
+        model = WeightedGAN(pre, dim=3, latent_dim=m.latent_dim, width=m.width, layers=m.layers, gradient_penalty=1.0)
+    else:
+        model = WeightedFlow(pre, dim=3, blocks=m.blocks, bins=m.bins, width=m.width, layers=m.layers)
+    perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(card.seed + 2)).to(device)
+    n_val = int(card.training.validation_fraction * len(perm))
+    val_idx, tr_idx = perm[:n_val], perm[n_val:]
+    result = train(
+        model, lambda mod, batch: mod.loss(batch), (x_train[tr_idx], w_train[tr_idx]), card.training, folder.path,
+        seed=card.seed, device=device, val_data=(x_train[val_idx], w_train[val_idx]) if n_val else None,
+        resume=args.resume, description=f"training {method}",
+    )
+    timing["train_s"] = result.train_s
+    report["training"] = {"steps": result.steps, "epochs": result.epochs, "final_loss": result.final_loss,
+                          "val_loss": result.val_loss, "skipped_steps": result.skipped_steps}
+    buffer = __import__("io").BytesIO()
+    torch.save({"method": method, "state_dict": model.state_dict(), "card": report["card"]}, buffer)
+    atomic_write_bytes(folder.path / "model.pt", buffer.getvalue())
+    report["outputs"]["model"] = "model.pt"
+
+    # ---- unweighted events ---------------------------------------------------
+    model.eval()
+    n_out = card.evaluation.n_unweighted
+    sample_gen = torch.Generator().manual_seed(card.seed + 3)
+    t0 = time.perf_counter()
+    method_report: dict = {}
+    windows = ((200.0, 500.0), (500.0, 1000.0))
+    if method == "flow-exact":
+        x_gen, info, tail_fracs = _exact_unweight(model, generator, n_out, batch=max(100_000, n_out // 2), gen=sample_gen, windows=windows)
+        method_report.update(info)
+        lhe_sigma, lhe_err = info["sigma_pb"], info["sigma_error_pb"]
+    elif method == "flow":
+        x_gen, _ = model.sample(n_out, generator=sample_gen)
+        lhe_sigma, lhe_err = sigma, sigma_err
+    else:
+        x_gen = model.sample(n_out, generator=sample_gen)
+        lhe_sigma, lhe_err = sigma, sigma_err
+    sample_s = time.perf_counter() - t0
+    timing["sample_s"] = sample_s
+    method_report["events_per_s"] = n_out / sample_s
+    # events outside the physical region (a GAN or plain flow can put a few there)
+    physical = generator.density(x_gen[:, 0], x_gen[:, 1], x_gen[:, 2]) > 0
+    method_report["unphysical_fraction"] = float((~physical).double().mean())
+    x_phys = x_gen[physical]
+    gen_phi = phi(len(x_gen))
+    gen_obs = observables(x_gen, gen_phi, generator.lepton_mass)
+
+    # ---- metrics ------------------------------------------------------------
+    comparisons, plots = {}, []
+    label = {"gan": "weighted GAN", "flow": "weighted flow", "flow-exact": "flow, exactly reweighted"}[method]
+    for name, (xlabel, edges_fn, logy) in OBSERVABLES.items():
+        edges = edges_fn(setup.m_min)
+        cmp = compare_histograms(gen_obs[name], truth_obs[name], edges, reference_weights=truth_w.cpu().numpy())
+        cmp_hm = compare_histograms(hm_obs[name], truth_obs[name], edges, reference_weights=truth_w.cpu().numpy())
+        comparisons[name] = {
+            "max_bulk_deviation": cmp.max_bulk_deviation, "max_bulk_pull": cmp.max_bulk_pull, "chi2_ndf": cmp.chi2_ndf,
+            "ratio": cmp.ratio, "ratio_error": cmp.ratio_error, "edges": cmp.edges,
+            "hit_or_miss_max_bulk_deviation": cmp_hm.max_bulk_deviation, "hit_or_miss_chi2_ndf": cmp_hm.chi2_ndf,
+        }
+        written = ratio_plot(
+            [Series(truth_obs[name], "truth (weighted)", truth_w.cpu().numpy()), Series(gen_obs[name], label), Series(hm_obs[name], f"hit-or-miss ({len(hm_x)} ev.)")],
+            edges, xlabel, folder.path / "plots" / name, title=rf"pp$\to\mu\mu$, {card.physics.sqrt_s / 1000:g} TeV", logy=logy,
+        )
+        plots += [str(p.relative_to(folder.path)) for p in written]
+    method_report["max_bulk_deviation"] = max(c["max_bulk_deviation"] for c in comparisons.values())
+    method_report["chi2_ndf"] = {k: c["chi2_ndf"] for k, c in comparisons.items()}
+    method_report["observables"] = comparisons
+    # tails of m_ll: generated fraction against the exact (quadrature) fraction
+    if method != "flow-exact":
+        # tail fractions from a larger sample than the histograms use
+        n_tail = max(card.evaluation.tail_events, n_out)
+        tail_gen = torch.Generator().manual_seed(card.seed + 4)
+        if method == "flow":
+            m_tail = torch.cat([model.sample(min(200_000, n_tail - s), generator=tail_gen)[0][:, 0] for s in range(0, n_tail, 200_000)])
+        else:
+            m_tail = model.sample(n_tail, generator=tail_gen)[:, 0]
+        tail_fracs = {}
+        for lo, hi in windows:
+            k = int(((m_tail >= lo) & (m_tail < hi)).sum())
+            tail_fracs[(lo, hi)] = (k / n_tail, math.sqrt(max(k, 1)) / n_tail)
+    tails = {}
+    for lo, hi in windows:
+        if data.source == "generator":
+            truth_frac = generator.integrate(lo, hi) / generator.integrate()
+        else:
+            sel = (truth_x[:, 0] >= lo) & (truth_x[:, 0] < hi)
+            truth_frac = float((truth_w * sel).sum() / truth_w.sum())
+        frac, err = tail_fracs[(lo, hi)]
+        tails[f"{lo:g}-{hi:g}"] = {
+            "ratio": frac / truth_frac if truth_frac > 0 else float("nan"),
+            "ratio_error": err / truth_frac if truth_frac > 0 else float("nan"),
+            "fraction": frac, "truth_fraction": truth_frac,
+        }
+    method_report["tail_deviation"] = {k: abs(v["ratio"] - 1) for k, v in tails.items()}
+    method_report["tails"] = tails
+    # qMSE and amplification against the hit-or-miss sample of the same input
+    nq = card.evaluation.quantiles
+    qm = {}
+    for name in ("m_ll", "pt_lminus"):
+        edges = quantile_edges(truth_obs[name], nq, truth_w.cpu().numpy())
+        q_net, q_hm = qmse(gen_obs[name], edges), qmse(hm_obs[name], edges)
+        qm[name] = {"qmse": q_net, "qmse_hit_or_miss": q_hm, "amplification": amplification(q_net, len(hm_x), nq),
+                    "expected_qmse_of_true_sample": (1 - 1 / nq) / (nq * len(x_gen))}
+    method_report["qmse"] = qm
+    method_report["amplification"] = min(v["amplification"] for v in qm.values())
+
+    # ---- LHE -----------------------------------------------------------------
+    if card.lhe.write:
+        n_lhe = min(len(x_phys), card.lhe.max_events or len(x_phys))
+        t0 = time.perf_counter()
+        events = _lhe_events(x_phys[:n_lhe], gen_phi[physical][:n_lhe], generator, lhe_sigma, sample_gen)
+        name = "events.lhe.gz" if card.lhe.compress else "events.lhe"
+        init = LHEInit(beams=card.physics.beams, energies=(card.physics.sqrt_s / 2,) * 2, weighting=3,
+                       processes=[LHEProcess(lhe_sigma, lhe_err, lhe_sigma, 1)], generator_version=report["partonic_version"])
+        write_lhe(folder.path / name, events, init, comment=f"partonic unweight, method {method}")
+        timing["lhe_write_events_per_s"] = n_lhe / (time.perf_counter() - t0)
+        report["outputs"]["lhe"] = name
+    report["outputs"]["plots"] = plots
+    report["methods"] = {method: method_report}
+    report["method"] = method
+    folder.write_report(report)
+    print(_summary(report, folder.path))
+    return 0
+
+
+def _summary(report: dict, path: Path) -> str:
+    m = report["methods"][report["method"]]
+    lines = [
+        f"partonic unweight: {report['method']} → {path}",
+        f"  σ = {report['cross_section_pb']:.2f} ± {report['cross_section_error_pb']:.2f} pb from the weighted input; naive unweighting efficiency {report['naive_unweighting_efficiency']:.2e}",
+        f"  largest bulk deviation from truth: {m['max_bulk_deviation']:.3f}; tails 200-500: {m['tail_deviation']['200-500']:.3f}, 500-1000: {m['tail_deviation']['500-1000']:.3f}; amplification {m['amplification']:.2f}",
+    ]
+    if "unweighting_efficiency" in m:
+        lines.append(f"  exact reweighting: unweighting efficiency {m['unweighting_efficiency']:.3f}, σ = {m['sigma_pb']:.2f} ± {m['sigma_error_pb']:.2f} pb")
+    return "\n".join(lines)
