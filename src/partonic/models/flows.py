@@ -140,7 +140,7 @@ class SplineFlow(nn.Module):
 
     Arguments:
         dim: data dimension (1 allowed).
-        blocks: coupling layers (alternating masks; one layer suffices for dim 1).
+        blocks: coupling layers (alternating masks; for dim 1, stacked unconditional splines).
         bins: spline bins K.
         width, layers: the conditioner MLPs.
         bound: spline interval [−bound, bound] (identity outside).
@@ -157,7 +157,7 @@ class SplineFlow(nn.Module):
         super().__init__()
         self.dim = dim
         couplings = []
-        for i in range(blocks if dim > 1 else 1):
+        for i in range(blocks):
             if dim == 1:
                 mask = torch.zeros(1, dtype=torch.bool)
             else:

@@ -63,13 +63,14 @@ class WeightedGAN(nn.Module):
         w = w / w.mean()
         z = torch.randn(u.shape[0], self.latent_dim, dtype=dtype, device=u.device)
         fake = self.generator(z)
-        if self.gradient_penalty > 0:
+        penalise = self.gradient_penalty > 0 and torch.is_grad_enabled()
+        if penalise:
             u = u.requires_grad_(True)
         logit_real = self.discriminator(u)[:, 0]
         logit_fake = self.discriminator(fake.detach())[:, 0]
         # −log D = softplus(−logit), −log(1 − D) = softplus(logit)
         loss_d = (w * F.softplus(-logit_real)).mean() + F.softplus(logit_fake).mean()
-        if self.gradient_penalty > 0:
+        if penalise:
             grad = torch.autograd.grad(logit_real.sum(), u, create_graph=True)[0]
             loss_d = loss_d + 0.5 * self.gradient_penalty * (w.abs() * (grad**2).sum(1)).mean()
         frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
