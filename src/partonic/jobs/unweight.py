@@ -237,6 +237,13 @@ def run(card, args) -> int:
     })
     if data.source == "generator":
         report["cross_section_quadrature_pb"] = generator.integrate()
+        if data.mapping != "flat":
+            # the reference figure of the naive method: flat sampling of x1, x2
+            flat = DrellYanGenerator(DrellYanSetup(**{**setup.__dict__, "mapping": "flat"}), pdf, device=device)
+            flat_w = flat.generate(1_000_000, torch.Generator().manual_seed(card.seed + 5)).weight
+            report["naive_unweighting_efficiency_flat_sampling"] = unweighting_efficiency(flat_w.cpu()).efficiency
+        else:
+            report["naive_unweighting_efficiency_flat_sampling"] = eff.efficiency
     timing["simulate_s"] = simulate_s
     timing["weighted_events_per_s"] = data.n_events / simulate_s if data.source == "generator" and cached is None else None
 
