@@ -26,7 +26,7 @@ def test_sigma_matches_quadrature_for_every_mapping(pdf):
     setup = DrellYanSetup(m_min=50.0)
     exact = quadrature_sigma(DrellYanGenerator(setup, pdf))
     assert 1400 < exact < 1700  # LO, one lepton flavour, 13 TeV (PHYSICS.md: 1.5–1.9 nb)
-    for mapping, n in (("breit_wigner", 400_000), ("tau_y", 400_000), ("flat", 1_000_000)):
+    for mapping, n in (("breit_wigner", 400_000), ("multichannel", 400_000), ("tau_y", 400_000), ("flat", 1_000_000)):
         gen = DrellYanGenerator(DrellYanSetup(m_min=50.0, mapping=mapping), pdf)
         w = gen.generate(n, torch.Generator().manual_seed(11)).weight
         sigma, err = w.mean().item(), w.std().item() / math.sqrt(n)
