@@ -23,7 +23,7 @@ import torch
 
 from _common import device_description, write_result
 from partonic.cards import TrainingSection
-from partonic.jobs.unweight import DEFENSIVE_FRACTION, _lhe_events, unweight_with_copies
+from partonic.jobs.unweight import DEFENSIVE_FRACTION, lhe_events_from_kinematics, unweight_with_copies
 from partonic.evaluate.metrics import unweighting_efficiency
 from partonic.io.lhe import LHEInit, LHEProcess, write_lhe
 from partonic.models.weighted_flow import DrellYanPreprocessing, WeightedFlow
@@ -92,7 +92,7 @@ def main() -> None:
         results[device] = r
 
     xs, _ = flow.sample(50_000)
-    events = _lhe_events(xs.cpu(), torch.zeros(len(xs), dtype=torch.float64), DrellYanGenerator(DrellYanSetup(), GridPDF("NNPDF23_lo_as_0130_qed")), 1500.0, torch.Generator().manual_seed(4))
+    events = lhe_events_from_kinematics(xs.cpu(), torch.zeros(len(xs), dtype=torch.float64), DrellYanGenerator(DrellYanSetup(), GridPDF("NNPDF23_lo_as_0130_qed")), 1500.0, torch.Generator().manual_seed(4))
     with tempfile.TemporaryDirectory() as tmp:
         _, dt = timed(lambda: write_lhe(Path(tmp) / "u.lhe", events, LHEInit(processes=[LHEProcess(1500.0, 1.0, 1500.0, 1)])), "cpu")
     results["lhe_write_events_per_s"] = len(events) / dt

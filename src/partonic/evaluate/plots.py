@@ -83,6 +83,11 @@ def ratio_plot(
     rax.set_ylim(*ratio_range)
     rax.set_ylabel(f"ratio to\n{series[0].label}", fontsize=10)
     rax.set_xlabel(xlabel)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> list[Path]:
+    """Write the figure as PDF and PNG next to each other and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     written = []
@@ -105,12 +110,4 @@ def calibration_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str
     ax.set_xlabel("quantile q")
     ax.set_ylabel("fraction of events with truth below q")
     ax.legend(title=title or None, fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    written = []
-    for ext in (".pdf", ".png"):
-        target = path.with_suffix(ext)
-        fig.savefig(target, bbox_inches="tight", dpi=110)
-        written.append(target)
-    plt.close(fig)
-    return written
+    return _save(fig, path)

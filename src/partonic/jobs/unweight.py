@@ -30,7 +30,7 @@ from ..simulate.weighted import CHANNELS, DrellYanGenerator, DrellYanSetup, elec
 from ..train import seed_everything, train
 from .common import JobError, RunFolder, atomic_write_bytes, resolve_device
 
-__all__ = ["run", "observables", "leptons_from_kinematics", "kinematics_from_leptons"]
+__all__ = ["run", "observables", "leptons_from_kinematics", "kinematics_from_leptons", "lhe_events_from_kinematics", "unweight_with_copies"]
 
 OBSERVABLES = {
     "m_ll": (r"$m_{\mu\mu}$ [GeV]", lambda m_min: np.geomspace(m_min, 1000.0, 41), True),
@@ -99,7 +99,10 @@ def _read_lhe_inputs(files: list[str], lepton: int, device) -> tuple[torch.Tenso
     return torch.cat(xs).to(device), torch.cat(ws).to(device).double(), sigma / len(files), err / len(files)
 
 
-def _lhe_events(x: torch.Tensor, phi: torch.Tensor, generator: DrellYanGenerator, sigma: float, gen: torch.Generator) -> LHEEvents:
+def lhe_events_from_kinematics(x: torch.Tensor, phi: torch.Tensor, generator: DrellYanGenerator, sigma: float, gen: torch.Generator) -> LHEEvents:
+    """Unweighted LHE events q q̄ → Z/γ* → ℓ⁻ℓ⁺ from (m, y, cos θ*) and φ: incoming
+    flavours drawn from their share of dσ at each point, colour lines, momenta that
+    balance (incoming partons along the beams), XWGTUP = σ."""
     n = x.shape[0]
     roots = generator.setup.sqrt_s
     m, y, c = x[:, 0], x[:, 1], x[:, 2]
@@ -384,7 +387,7 @@ def run(card, args) -> int:
     if card.lhe.write:
         n_lhe = min(len(x_phys), card.lhe.max_events or len(x_phys))
         t0 = time.perf_counter()
-        events = _lhe_events(x_phys[:n_lhe], gen_phi[physical][:n_lhe], generator, lhe_sigma, sample_gen)
+        events = lhe_events_from_kinematics(x_phys[:n_lhe], gen_phi[physical][:n_lhe], generator, lhe_sigma, sample_gen)
         name = "events.lhe.gz" if card.lhe.compress else "events.lhe"
         init = LHEInit(beams=card.physics.beams, energies=(card.physics.sqrt_s / 2,) * 2, weighting=3,
                        processes=[LHEProcess(lhe_sigma, lhe_err, lhe_sigma, 1)], generator_version=report["partonic_version"])
