@@ -135,6 +135,12 @@ class CommonCard(Strict):
     lhe: LHEOutputSection = LHEOutputSection()
 
 
+def _require_files(data, simulated: str) -> None:
+    """A data section that reads files (any source but the simulated one) needs them."""
+    if data.source != simulated and not data.files:
+        raise ValueError(f"data.source = {data.source!r} needs data.files (a list of paths)")
+
+
 # ------------------------------------------------------------------- unfold
 class DetectorSection(Strict):
     """Parametrised detector response; defaults follow the Delphes ATLAS card."""
@@ -169,8 +175,7 @@ class UnfoldData(Strict):
 
     @model_validator(mode="after")
     def _files_for_file_sources(self):
-        if self.source != "pythia" and not self.files:
-            raise ValueError(f"data.source = {self.source!r} needs data.files (a list of paths)")
+        _require_files(self, "pythia")
         if not self.z_decay:
             raise ValueError("data.z_decay needs at least one lepton flavour (11 or 13)")
         return self
@@ -225,8 +230,7 @@ class UnweightData(Strict):
     def _consistent(self):
         if self.m_max is not None and self.m_max <= self.m_min:
             raise ValueError(f"data.m_max = {self.m_max} must exceed data.m_min = {self.m_min}")
-        if self.source == "lhe" and not self.files:
-            raise ValueError("data.source = 'lhe' needs data.files (a list of LHE paths)")
+        _require_files(self, "generator")
         return self
 
 
@@ -267,8 +271,7 @@ class GenerateData(Strict):
 
     @model_validator(mode="after")
     def _files(self):
-        if self.source == "lhe" and not self.files:
-            raise ValueError("data.source = 'lhe' needs data.files (a list of LHE paths)")
+        _require_files(self, "pythia")
         return self
 
 

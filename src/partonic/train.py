@@ -147,11 +147,11 @@ def _batch_order(n: int, batch_size: int, seed: int, epoch: int) -> torch.Tensor
     return torch.randperm(n, generator=gen)
 
 
-def _as_loss(out: LossOutput) -> tuple[torch.Tensor, dict[str, float]]:
+def _as_loss(out: LossOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     if isinstance(out, dict):
         if "loss" not in out:
             raise TrainingError("a loss function returning a dict must give its total under 'loss'")
-        extras = {k: float(v.detach()) for k, v in out.items() if k != "loss" and torch.is_tensor(v) and v.numel() == 1}
+        extras = {k: v.detach() for k, v in out.items() if k != "loss" and torch.is_tensor(v) and v.numel() == 1}
         return out["loss"], extras
     return out, {}
 
@@ -257,36 +257,37 @@ def train(
     show = progress if progress is not None else None
     bar = tqdm(total=total, initial=step, desc=description, unit="step", disable=(show is False) or (show is None and not os.isatty(2)), dynamic_ncols=True, mininterval=1.0)
     t0 = time.perf_counter()
-    interval_losses: list[float] = []
-    extras_sum: dict[str, float] = {}
+    # kept as tensors and read once per logging interval: no device sync per step
+    interval_losses: list[torch.Tensor] = []
+    extras_sum: dict[str, torch.Tensor] = {}
+    grad_norm_t = torch.tensor(float("nan"))
     history: list[dict] = []
     val_loss = None
     last_loss = float("nan")
     try:
         model.train()
         while step < total:
-            order = _batch_order(n, batch_size, seed, epoch)
+            order = _batch_order(n, batch_size, seed, epoch).to(device)  # one copy per epoch
             first_batch = step - epoch * per_epoch
             for b in range(first_batch, per_epoch):
                 if step >= total:
                     break
-                idx = order[b * batch_size : (b + 1) * batch_size].to(device)
+                idx = order[b * batch_size : (b + 1) * batch_size]
                 batch = [t[idx] for t in data]
                 lr = cfg.optimizer.lr * lr_factor(step, total, cfg) * lr_scale
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 optimizer.zero_grad(set_to_none=True)
                 loss, extras = _as_loss(loss_fn(model, batch))
-                finite = bool(torch.isfinite(loss).all())
-                grad_norm = float("nan")
-                if finite:
-                    loss.backward()
-                    if cfg.grad_clip is not None:
-                        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-                    else:
-                        grads = [p.grad.norm() for p in model.parameters() if p.grad is not None]
-                        grad_norm = float(torch.stack(grads).norm()) if grads else 0.0
-                    finite = math.isfinite(grad_norm)
+                # A non-finite loss gives non-finite gradients, so one check of loss and
+                # gradient norm together (one device sync per step) guards both.
+                loss.backward()
+                if cfg.grad_clip is not None:
+                    grad_norm_t = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                else:
+                    grads = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+                    grad_norm_t = torch.stack(grads).norm() if grads else torch.zeros((), device=loss.device)
+                finite = bool(torch.isfinite(loss.detach()).all() & torch.isfinite(grad_norm_t))
                 if not finite:
                     # NaN/Inf guard: drop the step, lower the rate, give up if it persists.
                     optimizer.zero_grad(set_to_none=True)
@@ -304,17 +305,17 @@ def train(
                 else:
                     optimizer.step()
                     bad_in_row = 0
-                    interval_losses.append(float(loss.detach()))
+                    interval_losses.append(loss.detach())
                     for k, v in extras.items():
                         extras_sum[k] = extras_sum.get(k, 0.0) + v
                 step += 1
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == total:
                     if interval_losses:
-                        last_loss = float(np.mean(interval_losses))
-                    record = {"step": step, "epoch": epoch, "loss": last_loss, "lr": lr, "grad_norm": grad_norm,
+                        last_loss = float(torch.stack(interval_losses).double().mean())
+                    record = {"step": step, "epoch": epoch, "loss": last_loss, "lr": lr, "grad_norm": float(grad_norm_t),
                               "time_s": round(time.perf_counter() - t0, 3)}
-                    record.update({k: v / max(len(interval_losses), 1) for k, v in extras_sum.items()})
+                    record.update({k: float(v) / max(len(interval_losses), 1) for k, v in extras_sum.items()})
                     metrics.write(record)
                     history.append(record)
                     bar.set_postfix(loss=f"{last_loss:.4g}", lr=f"{lr:.2g}")
@@ -330,7 +331,7 @@ def train(
                 continue
             break
         if interval_losses:
-            last_loss = float(np.mean(interval_losses))
+            last_loss = float(torch.stack(interval_losses).double().mean())
         checkpoint(finished=True)
     except KeyboardInterrupt:
         checkpoint()

@@ -219,8 +219,12 @@ class DrellYanGenerator:
         use_bw = r[:, 0] < alpha
         r_tau = torch.where(use_bw, r[:, 0] / alpha, (r[:, 0] - alpha) / (1 - alpha))
         r2 = torch.cat([r_tau[:, None], r[:, 1:]], 1)
-        bw = DrellYanGenerator(DrellYanSetup(**{**self.setup.__dict__, "mapping": "breit_wigner"}), self.pdf, self.device, self.dtype)
-        lg = DrellYanGenerator(DrellYanSetup(**{**self.setup.__dict__, "mapping": "tau_y"}), self.pdf, self.device, self.dtype)
+        if not hasattr(self, "_channel_generators"):
+            self._channel_generators = tuple(
+                DrellYanGenerator(DrellYanSetup(**{**self.setup.__dict__, "mapping": mp}), self.pdf, self.device, self.dtype)
+                for mp in ("breit_wigner", "tau_y")
+            )
+        bw, lg = self._channel_generators
         ev_bw, ev_lg = bw.from_random(r2), lg.from_random(r2)
         pick = lambda a, b: torch.where(use_bw.view(-1, *([1] * (a.dim() - 1))), a, b)
         ev = WeightedEvents(*[pick(getattr(ev_bw, f), getattr(ev_lg, f)) for f in WeightedEvents.__dataclass_fields__])
