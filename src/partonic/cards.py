@@ -143,21 +143,27 @@ def _require_files(data, simulated: str) -> None:
 
 # ------------------------------------------------------------------- unfold
 class DetectorSection(Strict):
-    """Parametrised detector response; defaults follow the Delphes ATLAS card."""
+    """Parametrised detector response (simulate/detector.py). Defaults: the Delphes
+    ATLAS card (HCAL resolution for jets, muon resolution and efficiencies for
+    leptons, isolation cone); ``jet_angle_resolution`` is an estimate."""
 
     jet_radius: Annotated[float, Field(gt=0, le=1.5)] = 0.4
     jet_pt_min: NonNegFloat = 25.0
     jet_eta_max: PositiveFloat = 2.5
     max_jets: Annotated[int, Field(ge=2, le=6)] = 4
-    jet_noise: NonNegFloat = 3.0
-    jet_stochastic: NonNegFloat = 0.75
-    jet_constant: NonNegFloat = 0.05
-    jet_forward_factor: NonNegFloat = 1.5
-    lepton_resolution: NonNegFloat = 0.01
-    lepton_resolution_pt_slope: NonNegFloat = 1e-4
-    lepton_efficiency: Annotated[float, Field(gt=0, le=1)] = 0.95
+    jet_resolution_central: tuple[NonNegFloat, NonNegFloat, NonNegFloat] = (1.59, 0.5205, 0.0302)
+    jet_resolution_forward: tuple[NonNegFloat, NonNegFloat, NonNegFloat] = (0.0, 0.706, 0.05)
+    jet_forward_eta: PositiveFloat = 1.7
+    jet_angle_resolution: NonNegFloat = 0.02
+    lepton_resolution_barrel: tuple[NonNegFloat, NonNegFloat] = (0.015, 1.5e-4)
+    lepton_resolution_endcap: tuple[NonNegFloat, NonNegFloat] = (0.025, 3.5e-4)
+    lepton_barrel_eta: PositiveFloat = 1.5
+    lepton_efficiency_barrel: Annotated[float, Field(gt=0, le=1)] = 0.95
+    lepton_efficiency_endcap: Annotated[float, Field(gt=0, le=1)] = 0.85
     lepton_pt_min: NonNegFloat = 20.0
     lepton_eta_max: PositiveFloat = 2.5
+    isolation_dr: Annotated[float, Field(gt=0, le=1.5)] = 0.5
+    isolation_ratio: PositiveFloat = 0.12
 
 
 class UnfoldData(Strict):
