@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import sys
@@ -10,7 +11,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ShowerSummary", "shower_lhe", "capture_c_stdout"]
+__all__ = ["ShowerSummary", "shower_lhe", "capture_c_stdout", "pythia_drell_yan", "zw_settings", "zw_chunk", "simulate_zw"]
 
 
 @contextlib.contextmanager
@@ -172,3 +173,233 @@ def pythia_drell_yan(
     if errors:
         result["pythia_errors"] = {m.group(2): int(m.group(1)) for m in errors}
     return result
+
+
+# ------------------------------------------------------------------ pp → ZW
+#: Pythia's seeds must lie in [1, 900 000 000].
+_MAX_SEED = 900_000_000
+
+
+def _chunk_seed(seed: int, chunk: int) -> int:
+    """Independent Pythia seed of chunk ``chunk`` of a run with card seed ``seed``."""
+    return (seed * 1_000_003 + chunk * 7919) % _MAX_SEED + 1
+
+
+def zw_settings(
+    seed: int,
+    sqrt_s: float = 13000.0,
+    z_decay=(11, 13),
+    isr: bool = True,
+    fsr: bool = True,
+    hadronisation: bool = True,
+    mpi: bool = False,
+    pdf_path: str | Path | None = None,
+) -> list[str]:
+    """Pythia8 settings for pp → ZW (``WeakDoubleBoson:ffbar2ZW``), Z → e⁺e⁻/μ⁺μ⁻,
+    W → light quarks (d, u, s, c)."""
+    on = lambda flag: "on" if flag else "off"  # noqa: E731
+    settings = [
+        f"Beams:eCM = {sqrt_s}",
+        "WeakDoubleBoson:ffbar2ZW = on",
+        "23:onMode = off",
+        f"23:onIfAny = {' '.join(str(abs(int(z))) for z in z_decay)}",
+        "24:onMode = off",
+        "24:onIfAny = 1 2 3 4",
+        f"PartonLevel:ISR = {on(isr)}",
+        f"PartonLevel:FSR = {on(fsr)}",
+        f"PartonLevel:MPI = {on(mpi)}",
+        f"HadronLevel:all = {on(hadronisation)}",
+        "Random:setSeed = on",
+        f"Random:seed = {seed}",
+        "Next:numberCount = 0",
+        "Next:numberShowInfo = 0",
+        "Next:numberShowProcess = 0",
+        "Next:numberShowEvent = 0",
+        "Init:showChangedSettings = off",
+        "Init:showChangedParticleData = off",
+    ]
+    if pdf_path is not None:
+        settings.append(f"PDF:pSet = LHAGrid1:{pdf_path}")
+    return settings
+
+
+def _hard_partons(process) -> tuple[list, list] | None:
+    """ℓ⁻, ℓ⁺, q, q̄ (E, px, py, pz) and ids from Pythia's hard-process record."""
+    leptons, quarks = {}, {}
+    for i in range(process.size()):
+        p = process[i]
+        if p.status() != 23:
+            continue
+        mother = abs(process[p.mother1()].id())
+        pid = p.id()
+        if mother == 23 and abs(pid) in (11, 13):
+            leptons.setdefault(pid > 0, (pid, (p.e(), p.px(), p.py(), p.pz())))
+        elif mother == 24 and 1 <= abs(pid) <= 5:
+            quarks.setdefault(pid > 0, (pid, (p.e(), p.px(), p.py(), p.pz())))
+    if len(leptons) != 2 or len(quarks) != 2:
+        return None
+    ordered = [leptons[True], leptons[False], quarks[True], quarks[False]]
+    return [p for _, p in ordered], [pid for pid, _ in ordered]
+
+
+def zw_chunk(task: dict) -> dict:
+    """Generate one chunk of pp → ZW events (one process, one Pythia instance).
+
+    ``task`` holds ``n_events``, ``seed``, ``settings`` (from :func:`zw_settings`)
+    and the particle-level object options ``objects`` (keyword arguments of
+    :func:`partonic.simulate.detector.particle_level_objects`). Returns arrays
+    ``partons`` (n, 4, 4), ``parton_ids`` (n, 4), ``leptons`` (n, L, 4),
+    ``lepton_ids`` (n, L), ``jets`` (n, K, 4), and ``sigma_pb``, ``n_failed``,
+    ``errors`` (Pythia's error statistics), ``seconds``."""
+    import time
+
+    import numpy as np
+    import pythia8mc
+
+    from partonic.simulate.detector import particle_level_objects
+
+    n = task["n_events"]
+    objects = task["objects"]
+    n_lep, n_jet = objects.get("max_leptons", 4), objects.get("max_jets", 8)
+    out = {
+        "partons": np.zeros((n, 4, 4)),
+        "parton_ids": np.zeros((n, 4), dtype=np.int64),
+        "leptons": np.zeros((n, n_lep, 4)),
+        "lepton_ids": np.zeros((n, n_lep), dtype=np.int64),
+        "jets": np.zeros((n, n_jet, 4)),
+    }
+    start = time.perf_counter()
+    failed = 0
+    with capture_c_stdout() as text:
+        py = pythia8mc.Pythia("", False)
+        for line in task["settings"]:
+            if not py.readString(line):
+                raise RuntimeError(f"Pythia8 rejected the setting {line!r}")
+        if not py.init():
+            raise RuntimeError("Pythia8 failed to initialise pp → ZW")
+        k = 0
+        while k < n:
+            if not py.next():
+                failed += 1
+                if failed > 100 + n // 10:
+                    raise RuntimeError(f"Pythia8 failed {failed} times in a chunk of {n} events")
+                continue
+            hard = _hard_partons(py.process)
+            if hard is None:
+                failed += 1
+                continue
+            out["partons"][k], out["parton_ids"][k] = hard
+            final = [(p.e(), p.px(), p.py(), p.pz(), p.id()) for p in py.event if p.isFinal() and p.isVisible()]
+            arr = np.asarray(final, dtype=np.float64).reshape(-1, 5)
+            leptons, lepton_ids, jets = particle_level_objects(arr[:, :4], arr[:, 4].astype(np.int64), **objects)
+            out["leptons"][k], out["lepton_ids"][k], out["jets"][k] = leptons, lepton_ids, jets
+            k += 1
+        sigma_pb = py.infoPython().sigmaGen() * 1e9
+        py.stat()
+    errors = {m.group(2): int(m.group(1)) for m in _STAT_LINE.finditer(text[0]) if m.group(3) in ("Error", "Abort")}
+    out.update(sigma_pb=sigma_pb, n_failed=failed, errors=errors, seconds=time.perf_counter() - start)
+    return out
+
+
+def simulate_zw(
+    n_events: int,
+    seed: int,
+    settings: dict,
+    objects: dict,
+    workers: int = 0,
+    chunk_size: int = 2000,
+    progress: bool = True,
+    scratch: str | Path | None = None,
+) -> tuple[dict, dict]:
+    """pp → ZW truth and particle-level objects from Pythia8, in parallel.
+
+    The run is split into chunks of ``chunk_size`` events with independent seeds
+    (:func:`_chunk_seed`) spread over ``workers`` processes (0: all CPU cores).
+    Finished chunks are kept in ``scratch`` (``.npz``) so an interrupted run resumes
+    where it stopped; the result does not depend on the number of workers.
+
+    Arguments:
+        n_events: events to generate (before any selection).
+        seed: the card's seed.
+        settings: keyword arguments of :func:`zw_settings` except ``seed``.
+        objects: keyword arguments of :func:`~partonic.simulate.detector.particle_level_objects`.
+    Returns the concatenated arrays (see :func:`zw_chunk`) and a summary dict
+    (``sigma_pb``, ``n_failed``, ``errors``, ``events_per_s`` per core, ``workers``).
+    """
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    import time
+
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    n_chunks = -(-n_events // chunk_size)
+    sizes = [min(chunk_size, n_events - i * chunk_size) for i in range(n_chunks)]
+    scratch = Path(scratch) if scratch is not None else None
+    if scratch is not None:
+        scratch.mkdir(parents=True, exist_ok=True)
+    results: dict[int, dict] = {}
+    for i in range(n_chunks):
+        f = scratch / f"chunk_{i:05d}_{sizes[i]}.npz" if scratch is not None else None
+        if f is not None and f.is_file():
+            try:
+                with np.load(f, allow_pickle=False) as z:
+                    results[i] = {k: z[k] for k in z.files}
+            except (OSError, ValueError):
+                f.unlink(missing_ok=True)
+    todo = [i for i in range(n_chunks) if i not in results]
+    workers = workers or os.cpu_count() or 1
+    workers = max(1, min(workers, len(todo) or 1))
+    tasks = {i: {"n_events": sizes[i], "settings": zw_settings(_chunk_seed(seed, i), **settings), "objects": objects} for i in todo}
+    start = time.perf_counter()
+    bar = tqdm(total=n_events, initial=sum(sizes[i] for i in results), unit="ev", desc="Pythia8 pp→ZW", disable=not progress)
+
+    def keep(i: int, res: dict) -> None:
+        arrays = {k: v for k, v in res.items() if isinstance(v, np.ndarray)}
+        arrays["sigma_pb"] = np.array(res["sigma_pb"])
+        arrays["n_failed"] = np.array(res["n_failed"])
+        arrays["seconds"] = np.array(res["seconds"])
+        arrays["errors"] = np.array(json.dumps(res["errors"]))
+        if scratch is not None:
+            tmp = scratch / f".chunk_{i:05d}.tmp.npz"
+            np.savez(tmp, **arrays)
+            os.replace(tmp, scratch / f"chunk_{i:05d}_{sizes[i]}.npz")
+        results[i] = arrays
+        bar.update(sizes[i])
+
+    try:
+        if workers == 1:
+            for i in todo:
+                keep(i, zw_chunk(tasks[i]))
+        elif todo:
+            # spawn, not fork: the parent may already hold torch's thread pools.
+            with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+                futures = {pool.submit(zw_chunk, tasks[i]): i for i in todo}
+                try:
+                    for fut in cf.as_completed(futures):
+                        keep(futures[fut], fut.result())
+                except cf.process.BrokenProcessPool:
+                    raise RuntimeError(
+                        "a Pythia8 worker process died; when calling simulate_zw from a script, "
+                        "guard the script's top level with `if __name__ == '__main__':` (worker "
+                        "processes are spawned and re-import it), or use workers=1"
+                    ) from None
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - start
+    ordered = [results[i] for i in range(n_chunks)]
+    arrays = {k: np.concatenate([r[k] for r in ordered]) for k in ("partons", "parton_ids", "leptons", "lepton_ids", "jets")}
+    errors: dict[str, int] = {}
+    for r in ordered:
+        for msg, count in json.loads(str(r["errors"])).items():
+            errors[msg] = errors.get(msg, 0) + count
+    seconds = sum(float(r["seconds"]) for r in ordered)
+    summary = {
+        "sigma_pb": float(np.mean([float(r["sigma_pb"]) for r in ordered])),
+        "n_failed": int(sum(int(r["n_failed"]) for r in ordered)),
+        "errors": errors,
+        "events_per_s_per_core": n_events / seconds if seconds > 0 else 0.0,
+        "wall_s": elapsed,
+        "workers": workers,
+    }
+    return arrays, summary

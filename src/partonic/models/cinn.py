@@ -1,0 +1,414 @@
+"""Conditional invertible network (FrEIA) that unfolds ZW detector events to partons.
+
+References: Bellagente et al., "Invertible networks or partons to detector and
+back again", arXiv:2006.06685 (the cINN, its condition network and the ISR
+study); Ardizzone et al., arXiv:1907.02392 (conditional INNs); FrEIA 0.2
+(``SequenceINN`` of ``AllInOneBlock``).
+
+The parton level is the hard process ℓ⁻ ℓ⁺ q q̄, taken massless. Its transverse
+momenta sum to zero, so the network sees 10 numbers, not 12 (see
+:class:`PartonRepresentation`); m_jj is one of them, flattened by a Breit–Wigner
+CDF, so the narrow W peak needs no MMD term. Azimuths are measured from the
+detector-level ℓ⁻ (the event is symmetric under rotations about the beam) and
+wrapped, so every sample maps back to a physical event. The detector level
+enters through a condition network fed with log pT, η, cos Δφ, sin Δφ (and
+log(1 + m) for jets) of the leptons and the leading jets, the jet count and the
+lepton flavour.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from partonic.models.mmd import mmd2
+from partonic.physics import kinematics as kin
+from partonic.models.weighted_flow import Standardise
+
+__all__ = [
+    "PartonRepresentation",
+    "DetectorRepresentation",
+    "ConditionalINN",
+    "Unfolder",
+    "parton_observables",
+    "jet_mass",
+    "massless",
+    "order_quarks",
+]
+
+#: Azimuthal centres of the wrapped Δφ of ℓ⁻ and ℓ⁺ (relative to the detector ℓ⁻):
+#: the seam of each wrapped variable sits where that particle is least likely.
+_PHI_CENTRES = (0.0, math.pi)
+_ETA_LIMIT = 8.0
+_COS_LIMIT = 1.0 - 1e-7
+
+
+def _wrap(phi: torch.Tensor) -> torch.Tensor:
+    """Angle in [−π, π)."""
+    return torch.remainder(phi + math.pi, 2.0 * math.pi) - math.pi
+
+
+def _massless(pt, eta, phi) -> torch.Tensor:
+    eta = eta.clamp(-_ETA_LIMIT, _ETA_LIMIT)
+    return torch.stack([pt * torch.cosh(eta), pt * torch.cos(phi), pt * torch.sin(phi), pt * torch.sinh(eta)], -1)
+
+
+def _pt_eta_phi(p: torch.Tensor):
+    pt = torch.hypot(p[..., 1], p[..., 2])
+    eta = torch.asinh(p[..., 3] / pt.clamp(min=1e-12))
+    return pt, eta, torch.atan2(p[..., 2], p[..., 1])
+
+
+def massless(partons: torch.Tensor) -> torch.Tensor:
+    """The same pT, η, φ with zero mass (the parton level is taken massless)."""
+    return _massless(*_pt_eta_phi(partons))
+
+
+def order_quarks(partons: torch.Tensor) -> torch.Tensor:
+    """(ℓ⁻, ℓ⁺, q, q̄) → (ℓ⁻, ℓ⁺, q₁, q₂) with pT(q₁) ≥ pT(q₂)."""
+    pt = torch.hypot(partons[..., 1], partons[..., 2])
+    swap = pt[:, 3] > pt[:, 2]
+    out = partons.clone()
+    out[swap, 2], out[swap, 3] = partons[swap, 3], partons[swap, 2]
+    return out
+
+
+class PartonRepresentation(nn.Module):
+    """ℓ⁻ ℓ⁺ q q̄ of the hard process (Σ pT = 0, massless) ↔ 10 standardised features.
+
+    Features: log pT, η, Δφ of ℓ⁻ and ℓ⁺; the W system's mass through the
+    logit of a Breit–Wigner CDF (so the narrow peak is flat for the network) and
+    its rapidity (its pT is −pT of the ℓℓ pair: momentum balance); the quark's
+    direction in the W rest frame, atanh(cos θ*) and φ* − φ_ref. m_jj is thus a
+    coordinate, not a difference of large numbers.
+
+    Arguments:
+        m_w, gamma_w: Breit–Wigner used to flatten m_jj (any values near the truth work).
+    """
+
+    dim = 10
+
+    def __init__(self, m_w: float = 80.419, gamma_w: float = 2.0476):
+        super().__init__()
+        self.register_buffer("m_w", torch.tensor(float(m_w)))
+        self.register_buffer("gamma_w", torch.tensor(float(gamma_w)))
+        self.standardise = Standardise(self.dim)
+
+    def _mass_to_xi(self, m):
+        u = torch.atan((m**2 - self.m_w**2) / (self.m_w * self.gamma_w)) / math.pi + 0.5
+        u = u.clamp(1e-12, 1 - 1e-12)
+        return torch.log(u) - torch.log1p(-u)
+
+    def _xi_to_mass(self, xi):
+        u = torch.sigmoid(xi).clamp(1e-12, 1 - 1e-12)
+        m2 = self.m_w**2 + self.m_w * self.gamma_w * torch.tan(math.pi * (u - 0.5))
+        return m2.clamp(min=1e-6).sqrt()
+
+    def raw(self, partons: torch.Tensor, phi_ref: torch.Tensor) -> torch.Tensor:
+        pt, eta, phi = _pt_eta_phi(partons)
+        cols = []
+        for k, centre in enumerate(_PHI_CENTRES):
+            cols += [torch.log(pt[:, k].clamp(min=1e-6)), eta[:, k], _wrap(phi[:, k] - phi_ref - centre)]
+        w = partons[:, 2] + partons[:, 3]
+        m = (w[:, 0] ** 2 - (w[:, 1:] ** 2).sum(-1)).clamp(min=1e-12).sqrt()
+        y = 0.5 * torch.log((w[:, 0] + w[:, 3]) / (w[:, 0] - w[:, 3]))
+        q = kin.boost_to_rest_frame(partons[:, 2], w)
+        cos = (q[:, 3] / q[:, 1:].norm(dim=-1)).clamp(-_COS_LIMIT, _COS_LIMIT)
+        cols += [self._mass_to_xi(m), y, torch.atanh(cos), _wrap(torch.atan2(q[:, 2], q[:, 1]) - phi_ref)]
+        return torch.stack(cols, -1)
+
+    def fit(self, partons: torch.Tensor, phi_ref: torch.Tensor) -> "PartonRepresentation":
+        self.standardise.fit(self.raw(partons, phi_ref))
+        return self
+
+    def forward(self, partons: torch.Tensor, phi_ref: torch.Tensor) -> torch.Tensor:
+        return self.standardise(self.raw(partons, phi_ref))[0]
+
+    def inverse(self, features: torch.Tensor, phi_ref: torch.Tensor) -> torch.Tensor:
+        raw = self.standardise.inverse(features)[0]
+        leptons = []
+        for k, centre in enumerate(_PHI_CENTRES):
+            log_pt, eta, dphi = raw[:, 3 * k], raw[:, 3 * k + 1], raw[:, 3 * k + 2]
+            leptons.append(_massless(torch.exp(log_pt.clamp(max=12.0)), eta, _wrap(phi_ref + centre + dphi)))
+        lm, lp = leptons
+        m = self._xi_to_mass(raw[:, 6])
+        y = raw[:, 7].clamp(-_ETA_LIMIT, _ETA_LIMIT)
+        px, py = -(lm[:, 1] + lp[:, 1]), -(lm[:, 2] + lp[:, 2])
+        mt = torch.sqrt(m**2 + px**2 + py**2)
+        w = torch.stack([mt * torch.cosh(y), px, py, mt * torch.sinh(y)], -1)
+        cos = torch.tanh(raw[:, 8])
+        sin = torch.sqrt((1 - cos**2).clamp(min=0.0))
+        phi_star = phi_ref + raw[:, 9]
+        half = 0.5 * m
+        q_rest = torch.stack([half, half * sin * torch.cos(phi_star), half * sin * torch.sin(phi_star), half * cos], -1)
+        q = kin.boost(q_rest, w[:, 1:] / w[:, :1])
+        return torch.stack([lm, lp, q, w - q], 1)
+
+
+class DetectorRepresentation(nn.Module):
+    """Detector-level leptons, jets, jet count and flavour → standardised condition features.
+
+    Per lepton: log pT, η, cos Δφ, sin Δφ (Δφ to the ℓ⁻, so the ℓ⁻ has only the
+    first two); per jet slot: the same and log(1 + m); absent jets are zero after
+    standardisation; then one-hot 2/3/≥4 jets and 1 for muons, 0 for electrons.
+    Returns the features and the reference azimuth (the ℓ⁻'s φ).
+    """
+
+    def __init__(self, max_jets: int):
+        super().__init__()
+        self.max_jets = max_jets
+        self.n_continuous = 2 + 4 + 5 * max_jets
+        self.dim = self.n_continuous + 3 + 1
+        self.register_buffer("mean", torch.zeros(self.n_continuous))
+        self.register_buffer("std", torch.ones(self.n_continuous))
+
+    def raw(self, leptons, jets, n_jets, flavour):
+        lpt, leta, lphi = _pt_eta_phi(leptons)
+        phi_ref = lphi[:, 0]
+        jets = jets[:, : self.max_jets]
+        jpt, jeta, jphi = _pt_eta_phi(jets)
+        present = (jets[..., 0] > 0).to(leptons.dtype)
+        m2 = (jets[..., 0] ** 2 - (jets[..., 1:] ** 2).sum(-1)).clamp(min=0.0)
+        cols = [torch.log(lpt[:, 0]), leta[:, 0], torch.log(lpt[:, 1]), leta[:, 1], torch.cos(lphi[:, 1] - phi_ref), torch.sin(lphi[:, 1] - phi_ref)]
+        masks = [torch.ones_like(phi_ref)] * 6
+        for k in range(self.max_jets):
+            d = jphi[:, k] - phi_ref
+            cols += [torch.log(jpt[:, k].clamp(min=1e-3)), jeta[:, k], torch.cos(d), torch.sin(d), torch.log1p(m2[:, k].sqrt())]
+            masks += [present[:, k]] * 5
+        return torch.stack(cols, -1), torch.stack(masks, -1), phi_ref
+
+    def fit(self, leptons, jets, n_jets, flavour) -> "DetectorRepresentation":
+        x, mask, _ = self.raw(leptons, jets, n_jets, flavour)
+        count = mask.sum(0).clamp(min=1.0)
+        mean = (x * mask).sum(0) / count
+        var = (((x - mean) * mask) ** 2).sum(0) / count
+        self.mean.copy_(mean)
+        self.std.copy_(var.sqrt().clamp(min=1e-6))
+        return self
+
+    def forward(self, leptons, jets, n_jets, flavour):
+        x, mask, phi_ref = self.raw(leptons, jets, n_jets, flavour)
+        x = (x - self.mean) / self.std * mask
+        channel = torch.nn.functional.one_hot((n_jets.clamp(2, 4) - 2).long(), 3).to(x.dtype)
+        muon = (flavour == 13).to(x.dtype)[:, None]
+        return torch.cat([x, channel, muon], -1), phi_ref
+
+
+def _mlp(n_in: int, n_out: int, width: int, layers: int, zero_last: bool = False) -> nn.Sequential:
+    mods: list[nn.Module] = []
+    d = n_in
+    for _ in range(layers):
+        mods += [nn.Linear(d, width), nn.ReLU()]
+        d = width
+    last = nn.Linear(d, n_out)
+    if zero_last:
+        # Coupling blocks start as the identity: a stable start for deep stacks.
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+    mods.append(last)
+    return nn.Sequential(*mods)
+
+
+class ConditionalINN(nn.Module):
+    """FrEIA ``SequenceINN`` of ``AllInOneBlock``s, conditioned through a condition network.
+
+    Arguments:
+        dim: dimension of the parton features.
+        condition_in: dimension of the detector features.
+        blocks, subnet_layers, subnet_width: the coupling stack and its subnets.
+        condition_layers, condition_width, condition_dim: the condition network.
+        clamp: soft clamping of the affine coefficients (FrEIA ``affine_clamping``).
+
+    Example:
+        >>> inn = ConditionalINN(10, 30)
+        >>> z, log_jac = inn(torch.randn(5, 10), torch.randn(5, 30))
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        condition_in: int,
+        blocks: int = 12,
+        subnet_layers: int = 2,
+        subnet_width: int = 256,
+        condition_layers: int = 3,
+        condition_width: int = 256,
+        condition_dim: int = 64,
+        clamp: float = 2.0,
+    ):
+        super().__init__()
+        import FrEIA.framework as Ff
+        import FrEIA.modules as Fm
+
+        self.dim = dim
+        self.condition_net = _mlp(condition_in, condition_dim, condition_width, condition_layers)
+
+        def subnet(n_in: int, n_out: int) -> nn.Module:
+            return _mlp(n_in, n_out, subnet_width, subnet_layers, zero_last=True)
+
+        self.inn = Ff.SequenceINN(dim)
+        for _ in range(blocks):
+            self.inn.append(Fm.AllInOneBlock, cond=0, cond_shape=(condition_dim,), subnet_constructor=subnet, affine_clamping=clamp, permute_soft=True)
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Parton features → latent z and log |det ∂z/∂x|."""
+        return self.inn(x, c=[self.condition_net(condition)])
+
+    def inverse(self, z: torch.Tensor, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent z → parton features and log |det ∂x/∂z|."""
+        return self.inn(z, c=[self.condition_net(condition)], rev=True)
+
+    def log_prob(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        z, log_jac = self(x, condition)
+        return -0.5 * (z**2).sum(-1) - 0.5 * self.dim * math.log(2 * math.pi) + log_jac
+
+
+def jet_mass(partons: torch.Tensor) -> torch.Tensor:
+    """m_jj of the two quarks (slots 2, 3)."""
+    p = partons[:, 2] + partons[:, 3]
+    return (p[:, 0] ** 2 - (p[:, 1:] ** 2).sum(-1)).clamp(min=0.0).sqrt()
+
+
+def parton_observables(partons: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The observables the job reports, from (N, 4, 4) ℓ⁻ ℓ⁺ q q̄ (any quark order)."""
+    p = order_quarks(partons)
+    pt, eta, _ = _pt_eta_phi(p)
+    lead = pt[:, 0] >= pt[:, 1]
+    z = p[:, 0] + p[:, 1]
+    w = p[:, 2] + p[:, 3]
+    mass = lambda v: (v[:, 0] ** 2 - (v[:, 1:] ** 2).sum(-1)).clamp(min=0.0).sqrt()  # noqa: E731
+    zw = z + w
+    return {
+        "pt_q1": pt[:, 2],
+        "pt_q2": pt[:, 3],
+        "eta_q1": eta[:, 2],
+        "eta_q2": eta[:, 3],
+        "m_jj": mass(w),
+        "pt_l1": torch.where(lead, pt[:, 0], pt[:, 1]),
+        "pt_l2": torch.where(lead, pt[:, 1], pt[:, 0]),
+        "eta_l1": torch.where(lead, eta[:, 0], eta[:, 1]),
+        "eta_l2": torch.where(lead, eta[:, 1], eta[:, 0]),
+        "m_ll": mass(z),
+        "pt_w": torch.hypot(w[:, 1], w[:, 2]),
+        "m_zw": mass(zw),
+        "y_zw": 0.5 * torch.log((zw[:, 0] + zw[:, 3]).clamp(min=1e-9) / (zw[:, 0] - zw[:, 3]).clamp(min=1e-9)),
+    }
+
+
+def _cpu64(module: nn.Module) -> nn.Module:
+    """A double-precision CPU copy (preprocessing runs there, whatever the network's device)."""
+    return copy.deepcopy(module).to("cpu", torch.float64)
+
+
+class Unfolder(nn.Module):
+    """Everything needed to unfold: both representations and the cINN (one checkpoint).
+
+    Arguments:
+        max_jets: jet slots in the condition.
+        model: the card's ``model`` section (sizes, clamp, MMD).
+
+    Example:
+        >>> unfolder = Unfolder(4, card.model).fit(train_events)
+        >>> samples = unfolder.unfold(test_events, n_samples=100)  # (N, 100, 4, 4)
+    """
+
+    def __init__(self, max_jets: int, model):
+        super().__init__()
+        self.parton = PartonRepresentation()
+        self.detector = DetectorRepresentation(max_jets)
+        self.cinn = ConditionalINN(
+            PartonRepresentation.dim,
+            self.detector.dim,
+            blocks=model.blocks,
+            subnet_layers=model.subnet_layers,
+            subnet_width=model.subnet_width,
+            condition_layers=model.condition_layers,
+            condition_width=model.condition_width,
+            condition_dim=model.condition_dim,
+            clamp=model.clamp,
+        )
+        self.mmd_weight = float(model.mmd.weight)
+        self.mmd_widths = list(model.mmd.widths)
+
+    @staticmethod
+    def tensors(events, dtype=torch.float32) -> dict[str, torch.Tensor]:
+        out = {
+            "leptons": torch.as_tensor(events.leptons, dtype=torch.float64),
+            "jets": torch.as_tensor(events.jets, dtype=torch.float64),
+            "n_jets": torch.as_tensor(events.n_jets, dtype=torch.long),
+            "flavour": torch.as_tensor(events.lepton_flavour, dtype=torch.long),
+        }
+        if events.partons is not None:
+            out["partons"] = massless(torch.as_tensor(events.partons, dtype=torch.float64))
+        return out
+
+    def fit(self, events) -> "Unfolder":
+        """Fit both standardisations on training events (double precision)."""
+        t = self.tensors(events)
+        self.detector.double().fit(t["leptons"], t["jets"], t["n_jets"], t["flavour"])
+        _, phi_ref = self.detector(t["leptons"], t["jets"], t["n_jets"], t["flavour"])
+        self.parton.double().fit(t["partons"], phi_ref)
+        self.detector.float()
+        self.parton.float()
+        return self
+
+    def features(self, events) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(condition features, parton features or None, reference azimuth), float32."""
+        t = self.tensors(events)
+        cond, phi_ref = _cpu64(self.detector)(t["leptons"], t["jets"], t["n_jets"], t["flavour"])
+        x = _cpu64(self.parton)(t["partons"], phi_ref).float() if "partons" in t else None
+        return cond.float(), x, phi_ref
+
+    def loss(self, batch: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """NLL per dimension (+ weight × MMD² of m_jj between samples and truth)."""
+        x, cond = batch[0], batch[1]
+        z, log_jac = self.cinn(x, cond)
+        nll = (0.5 * (z**2).sum(-1) - log_jac).mean() / self.cinn.dim
+        out = {"nll": nll}
+        loss = nll
+        if self.mmd_weight > 0:
+            zero = torch.zeros(x.shape[0], device=x.device)
+            gen, _ = self.cinn.inverse(torch.randn_like(x), cond)
+            m_gen = jet_mass(self.parton.inverse(gen, zero))
+            m_true = jet_mass(self.parton.inverse(x, zero))
+            mmd = mmd2(m_gen, m_true, self.mmd_widths)
+            out["mmd"] = mmd
+            loss = loss + self.mmd_weight * mmd
+        out["loss"] = loss
+        return out
+
+    @torch.no_grad()
+    def sample_features(self, cond: torch.Tensor, n_samples: int, batch_size: int = 100_000, generator: torch.Generator | None = None, progress=None) -> torch.Tensor:
+        """(N, n_samples, 10) parton features for N conditions, in batches of events × samples."""
+        device = next(self.parameters()).device
+        n = cond.shape[0]
+        out = torch.empty(n, n_samples, self.cinn.dim)
+        per = max(1, batch_size // n_samples)
+        for lo in range(0, n, per):
+            c = cond[lo : lo + per].to(device)
+            c_rep = c.repeat_interleave(n_samples, 0)
+            z = torch.randn(c_rep.shape[0], self.cinn.dim, device=device, generator=generator)
+            x, _ = self.cinn.inverse(z, c_rep)
+            out[lo : lo + per] = x.view(-1, n_samples, self.cinn.dim).cpu()
+            if progress is not None:
+                progress.update(len(c))
+        return out
+
+    def to_partons(self, features: torch.Tensor, phi_ref: torch.Tensor) -> torch.Tensor:
+        """(N, S, 10) features → (N, S, 4, 4) massless partons (ℓ⁻, ℓ⁺, q, q̄)."""
+        n, s, d = features.shape
+        rep = _cpu64(self.parton)
+        return rep.inverse(features.reshape(-1, d).cpu().double(), phi_ref.cpu().double().repeat_interleave(s)).view(n, s, 4, 4)
+
+    def unfold(self, events, n_samples: int = 100, batch_size: int = 100_000, seed: int | None = None, progress=None) -> torch.Tensor:
+        """Posterior samples (N, n_samples, 4, 4) of the partons of each detector event."""
+        cond, _, phi_ref = self.features(events)
+        device = next(self.parameters()).device
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int(seed if seed is not None else np.random.SeedSequence().entropy % 2**63))
+        return self.to_partons(self.sample_features(cond, n_samples, batch_size, gen, progress), phi_ref)
