@@ -208,7 +208,7 @@ class UnfoldEvaluation(Strict):
     test_events: Optional[PositiveInt] = None
     batch_size: PositiveInt = 100_000
     ibu_iterations: PositiveInt = 4
-    bins: Annotated[int, Field(ge=4, le=200)] = 30
+    bins: Annotated[int, Field(ge=4, le=100)] = 30
 
 
 class UnfoldCard(CommonCard):

@@ -128,7 +128,7 @@ def _select_leptons(data, pt_min: float, eta_max: float):
     leptons = ak.concatenate(collections, axis=1)
     leptons = leptons[(leptons.pt > pt_min) & (abs(leptons.eta) < eta_max)]
     flavour = _numpy(_leading(leptons, "pt").flavour, 0)
-    same = leptons
+    same = leptons[leptons.flavour == flavour]
     pair, found = [], []
     for sign in (-1, 1):
         best = _leading(same[same.charge * sign > 0], "pt")

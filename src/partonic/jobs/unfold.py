@@ -1,0 +1,503 @@
+"""The unfolding job: ``unfold --card cards/zw.yaml``.
+
+Simulate pp → ZW → ℓℓ jj with ISR (Pythia8 + FastJet + parametrised detector,
+cached), or read detector events (HDF5, Delphes ROOT); train the cINN; unfold the
+test events with many posterior samples each; write calibration curves, parton-level
+distributions per jet channel with ratio panels, the comparison with iterative
+Bayesian unfolding, unfolded events as LHE, the model and ``report.json``.
+
+``unfold --card … --model RUN/model.pt --input FILE`` unfolds new detector events
+with a trained model, without retraining.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from partonic.cards import card_to_dict, parse_card
+from partonic.evaluate.calibration import calibration
+from partonic.evaluate.ibu import chi2_ndf, clipped_histogram, ibu_unfold
+from partonic.evaluate.metrics import compare_histograms
+from partonic.evaluate.plots import Series, calibration_plot, ratio_plot
+from partonic.io.lhe import LHEEvents, LHEInit, LHEProcess, write_lhe
+from partonic.io.store import DatasetCache, cache_key
+from partonic.jobs.common import JobError, RunFolder, atomic_write_bytes, resolve_device
+from partonic.models.cinn import Unfolder, parton_observables
+from partonic.simulate.detector import CHANNELS, DetectorEvents, DetectorInputError, apply_detector
+from partonic.train import TrainingError, load_checkpoint, seed_everything, train
+
+__all__ = ["run", "load_events", "OBSERVABLES", "CALIBRATED", "detector_observables"]
+
+#: observable → (axis label, log y)
+OBSERVABLES = {
+    "pt_q1": (r"$p_{T,q_1}$ [GeV]", False),
+    "pt_q2": (r"$p_{T,q_2}$ [GeV]", False),
+    "eta_q1": (r"$\eta_{q_1}$", False),
+    "eta_q2": (r"$\eta_{q_2}$", False),
+    "m_jj": (r"$m_{jj}$ [GeV]", False),
+    "pt_l1": (r"$p_{T,\ell_1}$ [GeV]", False),
+    "pt_l2": (r"$p_{T,\ell_2}$ [GeV]", False),
+    "eta_l1": (r"$\eta_{\ell_1}$", False),
+    "eta_l2": (r"$\eta_{\ell_2}$", False),
+    "m_ll": (r"$m_{\ell\ell}$ [GeV]", False),
+    "pt_w": (r"$p_{T,W} = p_{T,Z}$ [GeV]", False),
+    "m_zw": (r"$m_{ZW}$ [GeV]", False),
+    "y_zw": (r"$y_{ZW}$", False),
+}
+#: the observables with a calibration target (ARCHITECTURE.md report contract)
+CALIBRATED = ("pt_q1", "pt_q2", "eta_q1", "m_jj", "pt_l1")
+#: IBU comparison: parton observable → its detector-level proxy (same name in detector_observables)
+IBU_OBSERVABLES = ("m_jj", "pt_q1")
+CHANNEL_NAMES = ("inclusive",) + CHANNELS
+#: default Pythia8 PDF (PDF:pSet = 13) is this set
+_PYTHIA_DEFAULT_PDF = ("NNPDF23_lo_as_0130_qed", 0)
+
+
+# --------------------------------------------------------------------- data
+def _pythia_events(card, progress: bool) -> tuple[DetectorEvents, dict]:
+    from partonic.physics.pdf import PDFError, find_pdf_member
+    from partonic.simulate.pythia import simulate_zw
+
+    d = card.data
+    generator = {
+        "sqrt_s": card.physics.sqrt_s, "z_decay": sorted(set(d.z_decay)), "isr": d.isr, "fsr": d.fsr,
+        "hadronisation": d.hadronisation, "mpi": d.mpi,
+    }
+    objects = {"radius": d.detector.jet_radius, "isolation_dr": d.detector.isolation_dr, "isolation_ratio": d.detector.isolation_ratio}
+    pdf = (card.physics.pdf.set, card.physics.pdf.member)
+    key = cache_key("zw_particle_level", {"generator": generator, "objects": objects, "pdf": pdf, "n_events": d.n_events}, card.seed)
+    cache = DatasetCache()
+    loaded = cache.load(key)
+    if loaded is None:
+        settings = dict(generator)
+        if pdf != _PYTHIA_DEFAULT_PDF:
+            try:
+                settings["pdf_path"] = str(find_pdf_member(*pdf))
+            except PDFError as exc:
+                raise JobError(str(exc)) from None
+        scratch = cache.root / f".{key}.chunks"
+        arrays, meta = simulate_zw(d.n_events, card.seed, settings, objects, workers=d.workers, progress=progress, scratch=scratch)
+        cache.save(key, arrays, meta)
+        shutil.rmtree(scratch, ignore_errors=True)
+        meta["cached"] = False
+    else:
+        arrays, meta = loaded
+        meta["cached"] = True
+    events = apply_detector(
+        arrays["leptons"], arrays["lepton_ids"], arrays["jets"], d.detector, np.random.default_rng([card.seed, 17]),
+        partons=arrays["partons"], parton_ids=arrays["parton_ids"],
+    )
+    meta["cache_key"] = key
+    return events, meta
+
+
+def _concatenate(parts: list[DetectorEvents]) -> DetectorEvents:
+    if len(parts) == 1:
+        return parts[0]
+    jets = max(p.max_jets for p in parts)
+    pad = lambda a: np.concatenate([a, np.zeros((len(a), jets - a.shape[1], 4))], 1)  # noqa: E731
+    truth = all(p.has_truth for p in parts)
+    return DetectorEvents(
+        leptons=np.concatenate([p.leptons for p in parts]),
+        lepton_flavour=np.concatenate([p.lepton_flavour for p in parts]),
+        jets=np.concatenate([pad(p.jets) for p in parts]),
+        n_jets=np.concatenate([p.n_jets for p in parts]),
+        partons=np.concatenate([p.partons for p in parts]) if truth else None,
+        parton_ids=np.concatenate([p.parton_ids for p in parts]) if truth else None,
+        n_generated=sum(p.n_generated or len(p) for p in parts),
+    )
+
+
+def read_detector_files(files, detector, truth: bool = True) -> DetectorEvents:
+    """Detector events from HDF5 (``DetectorEvents.to_hdf5`` layout) or Delphes ROOT files."""
+    parts = []
+    for f in files:
+        path = Path(f)
+        if path.suffix.lower() == ".root":
+            from partonic.io.delphes import read_delphes
+
+            parts.append(read_delphes(
+                path, max_jets=detector.max_jets, jet_pt_min=detector.jet_pt_min, jet_eta_max=detector.jet_eta_max,
+                lepton_pt_min=detector.lepton_pt_min, lepton_eta_max=detector.lepton_eta_max, truth=truth,
+            ))
+        elif path.suffix.lower() in (".h5", ".hdf5"):
+            parts.append(DetectorEvents.from_hdf5(path))
+        else:
+            raise DetectorInputError(f"{path}: unknown detector-event format (allowed: .h5/.hdf5 from partonic, .root from Delphes)")
+    return _concatenate(parts)
+
+
+def load_events(card, progress: bool = True) -> tuple[DetectorEvents, dict]:
+    """The card's detector events with truth, and what is known about how they were made."""
+    d = card.data
+    try:
+        if d.source == "pythia":
+            return _pythia_events(card, progress)
+        events = read_detector_files(d.files, d.detector)
+    except DetectorInputError as exc:
+        raise JobError(str(exc)) from None
+    if not events.has_truth:
+        raise JobError(f"training needs parton truth, and data.files {d.files} hold none")
+    return events, {"files": list(d.files)}
+
+
+# ------------------------------------------------------------ observables
+def detector_observables(events: DetectorEvents) -> dict[str, np.ndarray]:
+    """Detector-level counterparts of the parton observables (j₁, j₂ for q₁, q₂)."""
+    p = np.concatenate([events.leptons, events.jets[:, :2]], 1)
+    return {k: v.numpy() for k, v in parton_observables(torch.as_tensor(p)).items()}
+
+
+def _edges(values: np.ndarray, name: str, bins: int) -> np.ndarray:
+    if name == "m_jj":
+        return np.linspace(70.0, 90.0, bins + 1)
+    if name == "m_ll":
+        return np.linspace(80.0, 100.0, bins + 1)
+    if name.startswith("eta") or name == "y_zw":
+        hi = float(np.quantile(np.abs(values), 0.995))
+        return np.linspace(-hi, hi, bins + 1)
+    lo, hi = np.quantile(values, [0.002, 0.99])
+    return np.linspace(max(0.0, float(lo)), float(hi), bins + 1)
+
+
+def _fwhm(values: np.ndarray, weights: np.ndarray | None, centre: float, window: float = 10.0, bins: int = 200) -> float:
+    """Full width at half maximum of a peak, from a fine histogram with linear interpolation."""
+    edges = np.linspace(centre - window, centre + window, bins + 1)
+    h, _ = np.histogram(values, edges, weights=weights)
+    if h.max() <= 0:
+        return float("nan")
+    # light smoothing against bin-to-bin noise
+    h = np.convolve(h, np.ones(3) / 3, mode="same")
+    mids = 0.5 * (edges[1:] + edges[:-1])
+    k = int(np.argmax(h))
+    half = h[k] / 2
+    left = k
+    while left > 0 and h[left] > half:
+        left -= 1
+    right = k
+    while right < len(h) - 1 and h[right] > half:
+        right += 1
+    interp = lambda i, j: mids[i] + (half - h[i]) * (mids[j] - mids[i]) / (h[j] - h[i]) if h[j] != h[i] else mids[i]  # noqa: E731
+    return float(interp(right, right - 1) - interp(left, left + 1))
+
+
+# ------------------------------------------------------------- evaluation
+def evaluate(events: DetectorEvents, samples: torch.Tensor, card, out: Path, report: dict, train_events: DetectorEvents | None = None) -> list[str]:
+    """Calibration, ratios to truth, m_jj width, IBU comparison and plots for unfolded ``samples``."""
+    n, s = samples.shape[:2]
+    bins = card.evaluation.bins
+    gen = {k: v.view(n, s).numpy() for k, v in parton_observables(samples.reshape(-1, 4, 4)).items()}
+    truth = {k: v.numpy() for k, v in parton_observables(Unfolder.tensors(events)["partons"]).items()}
+    det = detector_observables(events)
+    title = rf"pp$\to$ZW$\to\ell\ell jj$, {card.physics.sqrt_s / 1000:g} TeV"
+    plots: list[str] = []
+    cal_report: dict = {}
+    ratio_report: dict = {}
+    for channel in CHANNEL_NAMES:
+        mask = events.channel_mask(channel)
+        if mask.sum() < 20:
+            continue
+        cal_report[channel], ratio_report[channel] = {}, {}
+        curves = {}
+        for name in OBSERVABLES:
+            cal = calibration(gen[name][mask], truth[name][mask])
+            cal_report[channel][name] = cal.as_dict()
+            if name in CALIBRATED:
+                curves[name] = (np.asarray(cal.q), np.asarray(cal.coverage))
+            edges = _edges(truth[name], name, bins)
+            cmp = compare_histograms(gen[name][mask].reshape(-1), truth[name][mask], edges, sample_weights=np.full(mask.sum() * s, 1.0 / s))
+            ratio_report[channel][name] = {
+                "max_bulk_deviation": cmp.max_bulk_deviation, "chi2_ndf": cmp.chi2_ndf,
+                # the truth histogram's own relative error in the smallest bulk bin: the
+                # floor below which max_bulk_deviation cannot be resolved with this test set
+                "statistical_floor": float(1.0 / np.sqrt(max(1.0, 0.01 * mask.sum()))),
+                "ratio": cmp.ratio, "edges": cmp.edges,
+            }
+            label, logy = OBSERVABLES[name]
+            written = ratio_plot(
+                [Series(truth[name][mask], "parton truth"), Series(gen[name][mask].reshape(-1), f"cINN unfolded ({s}/event)", np.full(mask.sum() * s, 1.0 / s)),
+                 Series(det[name][mask], "detector level")],
+                edges, label, out / "plots" / channel / name, title=f"{title}, {channel}", logy=logy,
+            )
+            plots += [str(p.relative_to(out)) for p in written]
+        written = calibration_plot(curves, out / "plots" / channel / "calibration", title=f"{title}, {channel}")
+        plots += [str(p.relative_to(out)) for p in written]
+    report["calibration"] = cal_report
+    report["ratio_to_truth"] = ratio_report
+    report["max_calibration_deviation"] = {c: max(cal_report[c][o]["max_deviation"] for o in CALIBRATED) for c in cal_report}
+
+    # m_jj peak: the W Breit–Wigner at parton level
+    width_t = _fwhm(truth["m_jj"], None, 80.4)
+    width_u = _fwhm(gen["m_jj"].reshape(-1), None, 80.4)
+    report["m_jj_peak"] = {
+        "truth_fwhm": width_t, "unfolded_fwhm": width_u, "width_ratio": width_u / width_t,
+        "truth_median": float(np.median(truth["m_jj"])), "unfolded_median": float(np.median(gen["m_jj"])),
+        "detector_fwhm": _fwhm(det["m_jj"], None, 80.4, window=60.0, bins=120),
+    }
+
+    # the binned reference: iterative Bayesian unfolding with the response of the training events
+    if train_events is not None and train_events.has_truth:
+        truth_train = {k: v.numpy() for k, v in parton_observables(Unfolder.tensors(train_events)["partons"]).items()}
+        det_train = detector_observables(train_events)
+        ibu_report = {}
+        for name in IBU_OBSERVABLES:
+            lo, hi = np.quantile(truth_train[name], [0.01, 0.99])
+            edges = np.linspace(lo, hi, bins + 1)
+            rlo, rhi = np.quantile(det_train[name], [0.01, 0.99])
+            reco_edges = np.linspace(rlo, rhi, bins + 1)
+            res = ibu_unfold(truth_train[name], det_train[name], det[name], edges, reco_edges, iterations=card.evaluation.ibu_iterations, prior="truth")
+            t_counts = clipped_histogram(truth[name], edges)
+            c_counts = clipped_histogram(gen[name].reshape(-1), edges) / s
+            d_counts = clipped_histogram(det[name], edges)
+            ibu_report[name] = {
+                "cinn_chi2_ndf": chi2_ndf(c_counts, t_counts), "ibu_chi2_ndf": chi2_ndf(res.counts, t_counts),
+                "detector_chi2_ndf": chi2_ndf(d_counts, t_counts), "bins": bins, "iterations": res.iterations,
+                "edges": edges.tolist(), "truth": t_counts.tolist(), "cinn": c_counts.tolist(), "ibu": res.counts.tolist(),
+            }
+            written = _ibu_plot(edges, t_counts, c_counts, res.counts, res.errors, OBSERVABLES[name][0], out / "plots" / f"ibu_{name}", title)
+            plots += [str(p.relative_to(out)) for p in written]
+        report["ibu_comparison"] = ibu_report
+    return plots
+
+
+def _ibu_plot(edges, truth, cinn, ibu, ibu_err, xlabel, path, title):
+    import matplotlib.pyplot as plt
+
+    from partonic.evaluate.plots import _save, _style
+
+    _style()
+    fig, (ax, rax) = plt.subplots(2, 1, figsize=(7, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1], "hspace": 0.05})
+    ax.stairs(truth, edges, color="black", label="parton truth", linewidth=1.6)
+    ax.stairs(cinn, edges, color="#3f90da", label="cINN (mean over samples)", linewidth=1.4)
+    mids = 0.5 * (edges[1:] + edges[:-1])
+    ax.errorbar(mids, ibu, ibu_err, fmt="o", color="#e42536", markersize=3, label="iterative Bayesian unfolding")
+    ax.set_ylabel("events per bin")
+    ax.legend(title=title, fontsize=10, title_fontsize=10)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rax.stairs(np.where(truth > 0, cinn / truth, np.nan), edges, color="#3f90da")
+        rax.errorbar(mids, np.where(truth > 0, ibu / truth, np.nan), np.where(truth > 0, ibu_err / truth, np.nan), fmt="o", color="#e42536", markersize=3)
+        rel = np.where(truth > 0, 1 / np.sqrt(np.maximum(truth, 1)), 0)
+    rax.stairs(1 + rel, edges, baseline=1 - rel, fill=True, alpha=0.25, color="black")
+    rax.axhline(1.0, color="black", linewidth=1)
+    rax.set_ylim(0.8, 1.2)
+    rax.set_ylabel("ratio to truth", fontsize=10)
+    rax.set_xlabel(xlabel)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------- LHE
+def lhe_events(samples: torch.Tensor, flavour: np.ndarray, sigma_pb: float) -> LHEEvents:
+    """One unfolded sample per event as u d̄ → Z W⁺ → ℓ⁻ℓ⁺ u d̄ (quark flavours are not
+    unfolded: the momenta are, the flavour assignment is a convention), incoming
+    partons along the beams so that momentum balances, XWGTUP = σ."""
+    p = samples.double()
+    n = len(p)
+    z, w = p[:, 0] + p[:, 1], p[:, 2] + p[:, 3]
+    tot = z + w
+    zero = torch.zeros(n, dtype=torch.float64)
+    ea, eb = (tot[:, 0] + tot[:, 3]) / 2, (tot[:, 0] - tot[:, 3]) / 2
+    momenta = torch.stack([torch.stack([ea, zero, zero, ea], 1), torch.stack([eb, zero, zero, -eb], 1), z, w, p[:, 0], p[:, 1], p[:, 2], p[:, 3]], 1)
+    row = lambda v: torch.tensor(v, dtype=torch.int64).expand(n, 8).clone()  # noqa: E731
+    pid = row([2, -1, 23, 24, 0, 0, 2, -1])
+    lep = torch.as_tensor(flavour, dtype=torch.int64)
+    pid[:, 4], pid[:, 5] = lep, -lep
+    mass = torch.zeros(n, 8, dtype=torch.float64)
+    mass[:, 2] = (z[:, 0] ** 2 - (z[:, 1:] ** 2).sum(-1)).clamp(min=0).sqrt()
+    mass[:, 3] = (w[:, 0] ** 2 - (w[:, 1:] ** 2).sum(-1)).clamp(min=0).sqrt()
+    return LHEEvents(
+        pid=pid, status=row([-1, -1, 2, 2, 1, 1, 1, 1]), mother1=row([0, 0, 1, 1, 3, 3, 4, 4]), mother2=row([0, 0, 2, 2, 3, 3, 4, 4]),
+        color1=row([501, 0, 0, 0, 0, 0, 502, 0]), color2=row([0, 501, 0, 0, 0, 0, 0, 502]),
+        momenta=momenta, mass=mass, weight=torch.full((n,), sigma_pb, dtype=torch.float64),
+        scale=(mass[:, 2] + mass[:, 3]) / 2, aqed=torch.tensor(1 / 128.0, dtype=torch.float64),
+        aqcd=torch.tensor(0.118, dtype=torch.float64), process_id=torch.tensor(1),
+    )
+
+
+def _write_lhe(folder: RunFolder, card, samples: torch.Tensor, flavour: np.ndarray, sigma_pb: float | None, report: dict) -> None:
+    n = min(len(samples), card.lhe.max_events or len(samples))
+    xs = sigma_pb if sigma_pb else 1.0
+    name = "unfolded.lhe.gz" if card.lhe.compress else "unfolded.lhe"
+    init = LHEInit(beams=card.physics.beams, energies=(card.physics.sqrt_s / 2,) * 2, weighting=3,
+                   processes=[LHEProcess(xs, 0.0, xs, 1)], generator_version=report["partonic_version"])
+    comment = "partonic unfold: one cINN posterior sample per detector event; quark flavours by convention (u dbar)"
+    if not sigma_pb:
+        comment += "; cross section unknown, weights set to 1"
+    write_lhe(folder.path / name, lhe_events(samples[:n, 0], flavour[:n], xs), init, comment=comment)
+    report["outputs"]["lhe"] = name
+
+
+def _save_samples(path: Path, events: DetectorEvents, samples: torch.Tensor) -> None:
+    import h5py
+
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as fh:
+        fh.attrs["partonic_kind"] = "unfolded_events"
+        fh.attrs["parton_order"] = "l-, l+, q, qbar; (E, px, py, pz) GeV; massless"
+        fh.create_dataset("samples", data=samples.float().numpy(), compression="lzf")
+        for name, value in events.arrays().items():
+            fh.create_dataset(f"detector/{name}", data=value)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _summary(report: dict, path: Path) -> str:
+    lines = [f"partonic unfold → {path}"]
+    if "selection" in report:
+        sel = report["selection"]
+        lines.append(f"  events: {sel.get('generated', '?')} generated, {sel['selected']} selected; train {report['training_events']}, unfold {report['test_events']} × {report['samples_per_event']} samples")
+    if "max_calibration_deviation" in report:
+        dev = ", ".join(f"{c} {v:.3f}" for c, v in report["max_calibration_deviation"].items())
+        lines.append(f"  calibration, max |coverage − q| over {', '.join(CALIBRATED)}: {dev}")
+    if "m_jj_peak" in report:
+        pk = report["m_jj_peak"]
+        lines.append(f"  m_jj FWHM: truth {pk['truth_fwhm']:.2f} GeV, unfolded {pk['unfolded_fwhm']:.2f} GeV, detector {pk['detector_fwhm']:.1f} GeV")
+    for name, v in report.get("ibu_comparison", {}).items():
+        lines.append(f"  {name}: χ²/ndf to truth, cINN {v['cinn_chi2_ndf']:.2f} vs IBU {v['ibu_chi2_ndf']:.2f}")
+    if "unfold_samples_per_s" in report.get("timing", {}):
+        lines.append(f"  unfolding: {report['timing']['unfold_samples_per_s']:.3g} parton-level samples/s on {report['device']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- run
+def _split(n: int, card) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    perm = np.random.default_rng([card.seed, 23]).permutation(n)
+    n_test = max(1, int(round(card.data.test_fraction * n)))
+    test, rest = perm[:n_test], perm[n_test:]
+    n_val = int(round(card.training.validation_fraction * len(rest)))
+    return rest[n_val:], rest[:n_val], test
+
+
+def run(card, args) -> int:
+    if getattr(args, "model", None) or getattr(args, "input", None):
+        return apply_model(card, args)
+    device = resolve_device(card.device)
+    folder = RunFolder.create(card, device, args.output, args.resume)
+    progress = None  # progress bars on terminals only
+    report = folder.report_base()
+    timing = report["timing"]
+
+    t0 = time.perf_counter()
+    events, meta = load_events(card, progress=progress is not False)
+    timing["simulate_s"] = time.perf_counter() - t0
+    if meta.get("cached") is False and "events_per_s_per_core" in meta:
+        timing["simulate_events_per_s"] = card.data.n_events / meta["wall_s"]
+        timing["simulate_events_per_s_per_core"] = meta["events_per_s_per_core"]
+    report["selection"] = {**events.cutflow, "selected": len(events), "channels": {c: int(events.channel_mask(c).sum()) for c in CHANNELS}}
+    if meta.get("sigma_pb"):
+        report["cross_section_pb"] = float(meta["sigma_pb"])
+        report["fiducial_cross_section_pb"] = float(meta["sigma_pb"]) * len(events) / max(1, events.n_generated or len(events))
+    report["data"] = {k: v for k, v in meta.items() if k in ("cache_key", "cached", "files", "n_failed", "errors", "workers")}
+    if len(events) < 50:
+        raise JobError(f"only {len(events)} events pass the selection; raise data.n_events")
+
+    tr, va, te = _split(len(events), card)
+    train_ev, val_ev, test_ev = events.subset(tr), events.subset(va), events.subset(te)
+    if card.evaluation.test_events:
+        test_ev = test_ev.subset(slice(0, card.evaluation.test_events))
+    report["training_events"], report["validation_events"], report["test_events"] = len(train_ev), len(val_ev), len(test_ev)
+    report["samples_per_event"] = card.evaluation.samples_per_event
+
+    seed_everything(card.seed)
+    unfolder = Unfolder(card.data.detector.max_jets, card.model).fit(train_ev)
+    cond, x, _ = unfolder.features(train_ev)
+    val = None
+    if len(val_ev):
+        vc, vx, _ = unfolder.features(val_ev)
+        val = (vx, vc)
+    try:
+        result = train(unfolder, lambda m, b: m.loss(b), (x, cond), card.training, folder.path, seed=card.seed, device=device,
+                       val_data=val, resume=args.resume, description="training cINN")
+    except TrainingError as exc:
+        raise JobError(str(exc)) from None
+    timing["train_s"] = result.train_s
+    timing["train_s_per_epoch"] = result.train_s / max(result.epochs, 1e-9)
+    report["training"] = {"steps": result.steps, "epochs": result.epochs, "final_loss": result.final_loss,
+                          "val_loss": result.val_loss, "skipped_steps": result.skipped_steps}
+    buffer = io.BytesIO()
+    torch.save({"kind": "partonic-unfold-cinn", "state_dict": unfolder.state_dict(), "card": report["card"], "version": report["partonic_version"]}, buffer)
+    atomic_write_bytes(folder.path / "model.pt", buffer.getvalue())
+    report["outputs"]["model"] = "model.pt"
+
+    unfolder.eval()
+    samples = _unfold(unfolder, test_ev, card, timing)
+    plots = evaluate(test_ev, samples, card, folder.path, report, train_events=train_ev)
+    _save_samples(folder.path / "unfolded.h5", test_ev, samples)
+    report["outputs"]["samples"] = "unfolded.h5"
+    if card.lhe.write:
+        _write_lhe(folder, card, samples, test_ev.lepton_flavour, report.get("fiducial_cross_section_pb"), report)
+    report["outputs"]["plots"] = plots
+    folder.write_report(report)
+    print(_summary(report, folder.path))
+    return 0
+
+
+def _unfold(unfolder: Unfolder, events: DetectorEvents, card, timing: dict) -> torch.Tensor:
+    s = card.evaluation.samples_per_event
+    device = next(unfolder.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    samples = unfolder.unfold(events, s, batch_size=card.evaluation.batch_size, seed=card.seed + 101)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    timing["sample_s"] = time.perf_counter() - t0
+    timing["unfold_samples_per_s"] = len(events) * s / timing["sample_s"]
+    return samples
+
+
+def load_model(path: str | Path, device: torch.device) -> tuple[Unfolder, object]:
+    """A trained :class:`Unfolder` and the card it was trained with."""
+    path = Path(path)
+    if not path.is_file():
+        raise JobError(f"--model {path}: no such file")
+    try:
+        state = load_checkpoint(path, "cpu")
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error here
+        raise JobError(f"--model {path}: not a readable model file ({exc})") from None
+    if not isinstance(state, dict) or state.get("kind") != "partonic-unfold-cinn":
+        raise JobError(f"--model {path}: not a partonic unfolding model (expected the model.pt of an unfold run)")
+    trained = parse_card(state["card"], source=f"{path} (card)")
+    unfolder = Unfolder(trained.data.detector.max_jets, trained.model)
+    unfolder.load_state_dict(state["state_dict"])
+    return unfolder.to(device).eval(), trained
+
+
+def apply_model(card, args) -> int:
+    """Unfold ``--input`` with the trained ``--model``; evaluate against truth when the input has it."""
+    if not (args.model and args.input):
+        raise JobError("unfolding new data needs both --model RUN/model.pt and --input FILE")
+    device = resolve_device(card.device)
+    unfolder, trained = load_model(args.model, device)
+    output = args.output or str(Path(card.output or Path("runs") / card.name).with_name(f"{card.name}_unfolded"))
+    folder = RunFolder.create(card, device, output, args.resume)
+    report = folder.report_base()
+    report["model"] = str(args.model)
+    report["input"] = str(args.input)
+    try:
+        events = read_detector_files([args.input], trained.data.detector)
+    except DetectorInputError as exc:
+        raise JobError(str(exc)) from None
+    if len(events) == 0:
+        raise JobError(f"--input {args.input}: no event passes the selection")
+    if events.max_jets < trained.data.detector.max_jets:
+        events = _concatenate([events, DetectorEvents(np.zeros((0, 2, 4)), np.zeros(0, np.int64), np.zeros((0, trained.data.detector.max_jets, 4)), np.zeros(0, np.int64))])
+    if card.evaluation.test_events:
+        events = events.subset(slice(0, card.evaluation.test_events))
+    report["test_events"] = len(events)
+    report["samples_per_event"] = card.evaluation.samples_per_event
+    samples = _unfold(unfolder, events, card, report["timing"])
+    plots = evaluate(events, samples, card, folder.path, report) if events.has_truth else []
+    _save_samples(folder.path / "unfolded.h5", events, samples)
+    report["outputs"]["samples"] = "unfolded.h5"
+    report["outputs"]["model"] = str(args.model)
+    if card.lhe.write:
+        _write_lhe(folder, card, samples, events.lepton_flavour, None, report)
+    report["outputs"]["plots"] = plots
+    folder.write_report(report)
+    print(_summary(report, folder.path))
+    return 0
