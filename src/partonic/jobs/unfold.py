@@ -69,9 +69,11 @@ def _pythia_events(card, progress: bool) -> tuple[DetectorEvents, dict]:
         "sqrt_s": card.physics.sqrt_s, "z_decay": sorted(set(d.z_decay)), "isr": d.isr, "fsr": d.fsr,
         "hadronisation": d.hadronisation, "mpi": d.mpi,
     }
+    # what the generator does beyond the card (changes here must change the cache key)
+    key_extra = {"w_decay": "ud,us,cd,cs"}
     objects = {"radius": d.detector.jet_radius, "isolation_dr": d.detector.isolation_dr, "isolation_ratio": d.detector.isolation_ratio}
     pdf = (card.physics.pdf.set, card.physics.pdf.member)
-    key = cache_key("zw_particle_level", {"generator": generator, "objects": objects, "pdf": pdf, "n_events": d.n_events}, card.seed)
+    key = cache_key("zw_particle_level", {"generator": generator, "objects": objects, "pdf": pdf, "n_events": d.n_events, **key_extra}, card.seed)
     cache = DatasetCache()
     loaded = cache.load(key)
     if loaded is None:

@@ -196,7 +196,7 @@ def zw_settings(
     pdf_path: str | Path | None = None,
 ) -> list[str]:
     """Pythia8 settings for pp → ZW (``WeakDoubleBoson:ffbar2ZW``), Z → e⁺e⁻/μ⁺μ⁻,
-    W → light quarks (d, u, s, c)."""
+    W → u d̄, u s̄, c d̄, c s̄ (and conjugates)."""
     on = lambda flag: "on" if flag else "off"  # noqa: E731
     settings = [
         f"Beams:eCM = {sqrt_s}",
@@ -204,7 +204,11 @@ def zw_settings(
         "23:onMode = off",
         f"23:onIfAny = {' '.join(str(abs(int(z))) for z in z_decay)}",
         "24:onMode = off",
-        "24:onIfAny = 1 2 3 4",
+        # one channel each: onIfAny would also open the CKM-suppressed c b̄ and u b̄
+        "24:onIfMatch = 1 2",
+        "24:onIfMatch = 3 2",
+        "24:onIfMatch = 1 4",
+        "24:onIfMatch = 3 4",
         f"PartonLevel:ISR = {on(isr)}",
         f"PartonLevel:FSR = {on(fsr)}",
         f"PartonLevel:MPI = {on(mpi)}",

@@ -1,0 +1,313 @@
+"""cINN unfolding: the invertible network, representations, calibration, detector response,
+Pythia8 pp → ZW, and the `unfold` job end to end."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from partonic.cards import CINNModel, DetectorSection
+from partonic.cli import main
+from partonic.evaluate.calibration import calibration, quantile_ranks
+from partonic.io.lhe import read_lhe
+from partonic.models.cinn import ConditionalINN, PartonRepresentation, Unfolder, parton_observables
+from partonic.physics import kinematics as kin
+from partonic.simulate.detector import DetectorEvents, apply_detector, jet_energy_resolution
+from partonic.simulate.pythia import simulate_zw
+
+
+# ----------------------------------------------------------------- the network
+def test_cinn_is_invertible_and_its_log_det_matches_autograd():
+    torch.manual_seed(0)
+    inn = ConditionalINN(4, 3, blocks=3, subnet_layers=2, subnet_width=16, condition_layers=1, condition_width=8, condition_dim=5).double()
+    # Away from the identity start, so the check is not trivial.
+    with torch.no_grad():
+        for p in inn.parameters():
+            if p.requires_grad:  # the fixed permutations and their inverses stay paired
+                p.add_(0.3 * torch.randn_like(p))
+    x, c = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    z, log_jac = inn(x, c)
+    back, log_jac_inv = inn.inverse(z, c)
+    assert torch.allclose(back, x, atol=1e-10)
+    assert torch.allclose(log_jac, -log_jac_inv, atol=1e-10)
+    for i in range(len(x)):
+        jac = torch.autograd.functional.jacobian(lambda v: inn(v[None], c[i : i + 1])[0][0], x[i])
+        # FrEIA draws its soft permutations in float32 and counts their log-det as 0;
+        # after .double() they are orthogonal only to ~1e-8, hence the tolerance.
+        assert float(torch.linalg.slogdet(jac.detach())[1]) == pytest.approx(float(log_jac[i].detach()), abs=1e-6)
+
+
+def _balanced_events(n, seed=0):
+    """Massless ℓ⁻ ℓ⁺ q q̄ with Σ pT = 0: a random Z system and W = −Z in the transverse
+    plane, each decayed isotropically (built independently of the representation)."""
+    g = torch.Generator().manual_seed(seed)
+    u = lambda *s: torch.rand(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    pt = 200 * u(n)
+    phi = 2 * math.pi * u(n) - math.pi
+
+    def system(m, y, sign):
+        mt = torch.sqrt(m**2 + pt**2)
+        return torch.stack([mt * torch.cosh(y), sign * pt * torch.cos(phi), sign * pt * torch.sin(phi), mt * torch.sinh(y)], -1)
+
+    def decay(p, m):
+        cos, az = 2 * u(n) - 1, 2 * math.pi * u(n)
+        sin = torch.sqrt(1 - cos**2)
+        rest = torch.stack([m / 2, m / 2 * sin * torch.cos(az), m / 2 * sin * torch.sin(az), m / 2 * cos], -1)
+        a = kin.boost(rest, p[:, 1:] / p[:, :1])
+        return a, p - a
+
+    mz, mw = 91.2 + 3 * torch.randn(n, generator=g, dtype=torch.float64), 80.4 + 3 * torch.randn(n, generator=g, dtype=torch.float64)
+    z, w = system(mz, 2 * u(n) - 1, 1.0), system(mw, 2 * u(n) - 1, -1.0)
+    return torch.stack([*decay(z, mz), *decay(w, mw)], 1)
+
+
+def test_parton_representation_round_trip_and_momentum_balance():
+    p = _balanced_events(500)
+    phi_ref = 2 * math.pi * torch.rand(500, dtype=torch.float64) - math.pi
+    rep = PartonRepresentation().double().fit(p, phi_ref)
+    f = rep(p, phi_ref)
+    assert f.shape == (500, 10)
+    assert torch.allclose(f.mean(0), torch.zeros(10, dtype=torch.float64), atol=1e-9)
+    back = rep.inverse(f, phi_ref)
+    assert torch.allclose(back, p, atol=1e-7 * p.abs().max())
+    # any feature vector maps to a physical, balanced, massless event
+    rand = rep.inverse(3 * torch.randn(500, 10, dtype=torch.float64), phi_ref)
+    assert torch.allclose(rand[:, :, 1:3].sum(1), torch.zeros(500, 2, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(kin.mass2(rand), torch.zeros(500, 4, dtype=torch.float64), atol=1e-5 * rand[..., 0].max() ** 2)
+    obs = parton_observables(back)
+    assert torch.allclose(obs["m_jj"], kin.mass(p[:, 2] + p[:, 3]), rtol=1e-9)
+
+
+# ------------------------------------------------------------------ calibration
+def test_calibration_of_exact_posteriors_and_a_too_narrow_one():
+    rng = np.random.default_rng(4)
+    n, s = 4000, 200
+    mean, sd = rng.normal(size=n), rng.uniform(0.5, 2.0, n)
+    truth = mean + sd * rng.normal(size=n)
+    exact = mean[:, None] + sd[:, None] * rng.normal(size=(n, s))
+    cal = calibration(exact, truth)
+    # binomial error of a coverage fraction (≤ 0.5/√n) at 4σ, plus the rank discreteness 0.5/(S + 1)
+    tol = 4 * 0.5 / math.sqrt(n) + 0.5 / (s + 1)
+    assert cal.max_deviation < tol
+    assert cal.coverage_68 == pytest.approx(0.68, abs=4 * math.sqrt(0.68 * 0.32 / n))
+    assert cal.coverage_95 == pytest.approx(0.95, abs=4 * math.sqrt(0.95 * 0.05 / n))
+    narrow = mean[:, None] + 0.5 * sd[:, None] * rng.normal(size=(n, s))
+    # analytically max_q |Φ(2 Φ⁻¹(q)) − q| = 0.16 for a posterior half as wide as it should be
+    assert calibration(narrow, truth).max_deviation > 3 * tol
+    ranks = quantile_ranks(np.array([[1.0, 2.0, 3.0]]), np.array([2.5]))
+    assert ranks[0] == pytest.approx((2 + 0.5) / 4)
+
+
+def test_cinn_learns_a_known_gaussian_posterior_and_is_calibrated():
+    """Detector = parton + Gaussian noise: x ~ N(0, 1), c = x + N(0, σ²) per component,
+    so the posterior is N(c/(1 + σ²), σ²/(1 + σ²)) exactly."""
+    torch.manual_seed(1)
+    n, sigma = 20000, 0.6
+    x = torch.randn(n, 2)
+    c = x + sigma * torch.randn(n, 2)
+    inn = ConditionalINN(2, 2, blocks=4, subnet_layers=2, subnet_width=32, condition_layers=2, condition_width=32, condition_dim=8)
+    opt = torch.optim.Adam(inn.parameters(), 2e-3)
+    for epoch in range(8):
+        perm = torch.randperm(n)
+        for i in range(0, n, 256):
+            idx = perm[i : i + 256]
+            z, lj = inn(x[idx], c[idx])
+            loss = (0.5 * (z**2).sum(-1) - lj).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    n_test, s = 2000, 200
+    x_t = torch.randn(n_test, 2)
+    c_t = x_t + sigma * torch.randn(n_test, 2)
+    with torch.no_grad():
+        samples, _ = inn.inverse(torch.randn(n_test * s, 2), c_t.repeat_interleave(s, 0))
+    samples = samples.view(n_test, s, 2)
+    post_mean, post_sd = c_t / (1 + sigma**2), sigma / math.sqrt(1 + sigma**2)
+    # posterior moments per event against the closed form (sampling error of a mean of
+    # 200 draws is 0.036 σ_post; the remainder is what a short training leaves)
+    assert (samples.mean(1) - post_mean).abs().mean() < 0.08
+    assert samples.std(1).mean() == pytest.approx(post_sd, rel=0.08)
+    for k in range(2):
+        cal = calibration(samples[:, :, k], x_t[:, k])
+        assert cal.max_deviation < 4 * 0.5 / math.sqrt(n_test) + 0.02
+
+
+# -------------------------------------------------------------------- detector
+def _two_jet_events(n, energy, eta, seed=0):
+    rng = np.random.default_rng(seed)
+    phi = rng.uniform(-math.pi, math.pi, n)
+    pt = np.full(n, energy / np.cosh(eta))
+
+    def vec(pt, eta, phi):
+        return np.stack([pt * np.cosh(eta), pt * np.cos(phi), pt * np.sin(phi), pt * np.sinh(eta)], -1)
+
+    leptons = np.stack([vec(np.full(n, 50.0), 0.3, phi), vec(np.full(n, 50.0), -0.3, phi + 2.0)], 1)
+    jets = np.zeros((n, 8, 4))
+    jets[:, 0] = vec(pt, eta, phi + 1.0)
+    jets[:, 1] = vec(pt, -eta, phi - 1.0)
+    ids = np.zeros((n, 4), dtype=np.int64)
+    ids[:, 0], ids[:, 1] = 13, -13
+    return np.concatenate([leptons, np.zeros((n, 2, 4))], 1), ids, jets
+
+
+@pytest.mark.parametrize("eta", [0.5, 2.0])
+def test_jet_resolution_and_lepton_efficiency_are_recovered_from_smeared_samples(eta):
+    n, energy = 40000, 150.0
+    d = DetectorSection(jet_angle_resolution=0.0)
+    leptons, ids, jets = _two_jet_events(n, energy, eta)
+    ev = apply_detector(leptons, ids, jets, d, np.random.default_rng(7))
+    expected = jet_energy_resolution(np.array(energy), np.array(eta), d.jet_resolution_central, d.jet_resolution_forward, d.jet_forward_eta) / energy
+    response = ev.jets[:, :2, 0].reshape(-1) / energy
+    # standard error of a standard deviation: σ/√(2N)
+    assert response.std() == pytest.approx(float(expected), abs=4 * float(expected) / math.sqrt(2 * response.size))
+    assert response.mean() == pytest.approx(1.0, abs=4 * float(expected) / math.sqrt(response.size))
+    eff = d.lepton_efficiency_barrel  # both leptons at |η| = 0.3
+    frac, err = len(ev) / n, math.sqrt(eff**2 * (1 - eff**2) / n)
+    assert frac == pytest.approx(eff**2, abs=4 * err)
+    assert ev.cutflow == {"generated": n, "sfos_leptons": len(ev), "two_jets": len(ev)}
+    assert np.all(ev.n_jets == 2) and np.all(ev.jets[:, 2:] == 0)
+
+
+def test_selection_needs_same_flavour_opposite_sign_leptons():
+    leptons, ids, jets = _two_jet_events(4, 150.0, 0.5)
+    ids[1] = [13, 13, 0, 0]  # same sign
+    ids[2] = [13, -11, 0, 0]  # different flavour
+    d = DetectorSection(lepton_efficiency_barrel=1.0, lepton_efficiency_endcap=1.0)
+    ev = apply_detector(leptons, ids, jets, d, np.random.default_rng(1), partons=np.arange(64.0).reshape(4, 4, 4))
+    assert len(ev) == 2 and ev.cutflow["sfos_leptons"] == 2
+    assert np.array_equal(ev.partons[:, 0, 0], [0.0, 48.0])
+    assert np.all(ev.lepton_flavour == 13)
+
+
+def test_detector_events_hdf5_round_trip_and_errors(tmp_path):
+    leptons, ids, jets = _two_jet_events(50, 150.0, 0.5)
+    ev = apply_detector(leptons, ids, jets, DetectorSection(), np.random.default_rng(1), partons=np.ones((50, 4, 4)), parton_ids=np.ones((50, 4), np.int64))
+    back = DetectorEvents.from_hdf5(ev.to_hdf5(tmp_path / "ev.h5"))
+    assert np.array_equal(back.jets, ev.jets) and np.array_equal(back.partons, ev.partons)
+    import h5py
+
+    with h5py.File(tmp_path / "bad.h5", "w") as fh:
+        fh["leptons"] = ev.leptons
+    with pytest.raises(ValueError, match="missing datasets.*jets"):
+        DetectorEvents.from_hdf5(tmp_path / "bad.h5")
+
+
+# ---------------------------------------------------------------------- Pythia8
+@pytest.fixture(scope="module")
+def zw_particle_level(tmp_path_factory):
+    scratch = tmp_path_factory.mktemp("zw")
+    arrays, summary = simulate_zw(600, 5, {"sqrt_s": 13000.0}, {"radius": 0.4}, workers=1, chunk_size=300, progress=False, scratch=scratch)
+    return arrays, summary, scratch
+
+
+def test_pythia_zw_hard_process(zw_particle_level):
+    arrays, summary, _ = zw_particle_level
+    p, ids = arrays["partons"], arrays["parton_ids"]
+    assert summary["errors"] == {} and summary["sigma_pb"] > 0
+    assert np.all(np.isin(ids[:, 0], (11, 13))) and np.all(ids[:, 1] == -ids[:, 0])
+    assert np.all((ids[:, 2] > 0) & (ids[:, 2] <= 4)) and np.all((ids[:, 3] < 0) & (ids[:, 3] >= -4))
+    # hard process before the shower: balanced in pT, resonance masses from the decays
+    assert np.abs(p[:, :, 1:3].sum(1)).max() < 1e-6
+    m = lambda v: np.sqrt(np.maximum(v[:, 0] ** 2 - (v[:, 1:] ** 2).sum(-1), 0))  # noqa: E731
+    assert np.median(m(p[:, 0] + p[:, 1])) == pytest.approx(91.19, abs=1.0)
+    assert np.median(m(p[:, 2] + p[:, 3])) == pytest.approx(80.4, abs=1.0)
+    # the Z's leptons are found as isolated leptons most of the time
+    lead = arrays["lepton_ids"][:, :2]
+    assert np.mean(np.sort(np.abs(lead), 1)[:, 0] == np.abs(ids[:, 0])) > 0.5
+
+
+def test_pythia_zw_resumes_from_finished_chunks(zw_particle_level):
+    arrays, _, scratch = zw_particle_level
+    assert len(list(scratch.glob("chunk_*.npz"))) == 2
+    again, _ = simulate_zw(600, 5, {"sqrt_s": 13000.0}, {"radius": 0.4}, workers=1, chunk_size=300, progress=False, scratch=scratch)
+    assert np.array_equal(again["partons"], arrays["partons"]) and np.array_equal(again["jets"], arrays["jets"])
+
+
+# ---------------------------------------------------------------- the job
+TINY = """
+job: unfold
+name: zw_tiny
+seed: 2
+device: cpu
+data: {{n_events: {n}, workers: 1, test_fraction: 0.3}}
+model: {{blocks: 3, subnet_width: 24, condition_width: 24, condition_dim: 8}}
+training: {{batch_size: 64, epochs: 2, checkpoint_every: 1000}}
+evaluation: {{samples_per_event: 16, bins: 8}}
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("unfold")
+    card = root / "tiny.yaml"
+    card.write_text(TINY.format(n=2400))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PARTONIC_CACHE", str(root / "cache"))
+    try:
+        assert main(["unfold", "--card", str(card), "--output", str(root / "run")]) == 0
+    finally:
+        mp.undo()
+    return root, card
+
+
+def test_unfold_job_end_to_end(tiny_run):
+    root, _ = tiny_run
+    run = root / "run"
+    report = json.loads((run / "report.json").read_text())
+    for key in ("partonic_version", "card", "device", "seed", "created", "outputs", "timing"):
+        assert key in report
+    assert report["timing"]["unfold_samples_per_s"] > 0
+    cal = report["calibration"]["inclusive"]
+    for obs in ("pt_q1", "pt_q2", "eta_q1", "m_jj", "pt_l1"):
+        entry = cal[obs]
+        assert set(entry) >= {"max_deviation", "coverage_68", "coverage_95", "q", "coverage"}
+        assert len(entry["q"]) == len(entry["coverage"])
+        assert "max_bulk_deviation" in report["ratio_to_truth"]["inclusive"][obs]
+    for obs in ("m_jj", "pt_q1"):
+        assert set(report["ibu_comparison"][obs]) >= {"cinn_chi2_ndf", "ibu_chi2_ndf"}
+    sel = report["selection"]
+    assert sel["generated"] == 2400 and sel["selected"] == report["training_events"] + report["validation_events"] + report["test_events"]
+    for path in report["outputs"]["plots"]:
+        assert (run / path).is_file()
+    assert (run / "model.pt").is_file() and (run / "unfolded.h5").is_file()
+    init, events = read_lhe(run / report["outputs"]["lhe"])
+    assert len(events.pid) == report["test_events"]
+    mom = events.momenta
+    incoming, outgoing = mom[:, :2].sum(1), mom[:, 4:].sum(1)
+    assert torch.allclose(incoming, outgoing, atol=1e-3 * float(incoming[:, 0].max()))
+    assert torch.allclose(kin.mass(mom[:, 4] + mom[:, 5]), events.mass[:, 2], atol=1e-3)
+    assert init.processes[0].cross_section == pytest.approx(report["fiducial_cross_section_pb"], rel=1e-6)
+
+
+def test_unfold_new_data_with_a_trained_model(tiny_run, tmp_path):
+    root, card = tiny_run
+    import h5py
+
+    with h5py.File(root / "run" / "unfolded.h5") as fh:
+        det = {k: fh["detector"][k][()] for k in fh["detector"].keys()}
+    DetectorEvents(**det).subset(slice(0, 40)).to_hdf5(tmp_path / "new.h5")
+    out = tmp_path / "applied"
+    assert main(["unfold", "--card", str(card), "--model", str(root / "run" / "model.pt"), "--input", str(tmp_path / "new.h5"), "--output", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["test_events"] == 40 and "calibration" in report
+    with h5py.File(out / "unfolded.h5") as fh:
+        assert fh["samples"].shape == (40, 16, 4, 4)
+
+
+def test_unfold_bad_inputs_give_clear_errors(tiny_run, tmp_path, capsys):
+    root, card = tiny_run
+    model = str(root / "run" / "model.pt")
+    (tmp_path / "x.txt").write_text("not events")
+    assert main(["unfold", "--card", str(card), "--model", model, "--input", str(tmp_path / "x.txt"), "--output", str(tmp_path / "a")]) != 0
+    assert "unknown detector-event format" in capsys.readouterr().err
+    assert main(["unfold", "--card", str(card), "--model", str(tmp_path / "none.pt"), "--input", str(tmp_path / "x.txt"), "--output", str(tmp_path / "b")]) != 0
+    assert "no such file" in capsys.readouterr().err
+    assert main(["unfold", "--card", str(card), "--input", str(tmp_path / "x.txt"), "--output", str(tmp_path / "c")]) != 0
+    assert "--model" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY.format(n=100).replace("workers: 1", "workers: 1, detector: {jet_radious: 0.4}"))
+    assert main(["unfold", "--card", str(bad), "--output", str(tmp_path / "d")]) != 0
+    err = capsys.readouterr().err
+    assert "data.detector.jet_radious" in err and "jet_radius" in err
