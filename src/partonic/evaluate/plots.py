@@ -20,7 +20,7 @@ from .metrics import weighted_histogram  # noqa: E402
 
 __all__ = ["Series", "ratio_plot", "calibration_plot"]
 
-_COLORS = ["black", "#3f90da", "#e42536", "#964a8b", "#f89c20", "#5790fc"]
+_COLORS = ["black", "#3f90da", "#e42536", "#964a8b", "#f89c20", "#2ca02c", "#7a5230"]
 
 
 @dataclass

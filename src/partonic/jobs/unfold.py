@@ -225,7 +225,7 @@ def evaluate(events: DetectorEvents, samples: torch.Tensor, card, out: Path, rep
             written = ratio_plot(
                 [Series(truth[name][mask], "parton truth"), Series(gen[name][mask].reshape(-1), f"cINN unfolded ({s}/event)", np.full(mask.sum() * s, 1.0 / s)),
                  Series(det[name][mask], "detector level")],
-                edges, label, out / "plots" / channel / name, title=f"{title}, {channel}", logy=logy,
+                edges, label, out / "plots" / channel / name, title=f"{title}, {channel}", logy=logy, ratio_range=(0.5, 1.5),
             )
             plots += [str(p.relative_to(out)) for p in written]
         written = calibration_plot(curves, out / "plots" / channel / "calibration", title=f"{title}, {channel}")

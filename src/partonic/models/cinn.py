@@ -5,7 +5,8 @@ back again", arXiv:2006.06685 (the cINN, its condition network and the ISR
 study); Ardizzone et al., arXiv:1907.02392 (conditional INNs); FrEIA 0.2
 (``SequenceINN`` of ``AllInOneBlock``).
 
-The parton level is the hard process ℓ⁻ ℓ⁺ q q̄, taken massless. Its transverse
+The parton level is the hard process ℓ⁻ ℓ⁺ q q̄, taken massless (quark and
+antiquark are not told apart: the jets cannot). Its transverse
 momenta sum to zero, so the network sees 10 numbers, not 12 (see
 :class:`PartonRepresentation`); m_jj is one of them, flattened by a Breit–Wigner
 CDF, so the narrow W peak needs no MMD term. Azimuths are measured from the
@@ -45,7 +46,7 @@ __all__ = [
 #: the seam of each wrapped variable sits where that particle is least likely.
 _PHI_CENTRES = (0.0, math.pi)
 _ETA_LIMIT = 8.0
-_COS_LIMIT = 1.0 - 1e-7
+_COS_EPS = 1e-7
 
 
 def _wrap(phi: torch.Tensor) -> torch.Tensor:
@@ -64,6 +65,16 @@ def _pt_eta_phi(p: torch.Tensor):
     return pt, eta, torch.atan2(p[..., 2], p[..., 1])
 
 
+def _boost_from_rest(p_rest: torch.Tensor, frame: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Boost from the rest frame of ``frame`` (mass ``m``) to the lab, written with
+    γ = E/m and γβ = p/m so that it stays finite when β rounds to 1."""
+    e, vec = frame[:, 0], frame[:, 1:]
+    pdot = (vec * p_rest[:, 1:]).sum(-1)
+    energy = (e * p_rest[:, 0] + pdot) / m
+    coeff = pdot / (m * (e + m)) + p_rest[:, 0] / m
+    return torch.cat([energy[:, None], p_rest[:, 1:] + coeff[:, None] * vec], -1)
+
+
 def massless(partons: torch.Tensor) -> torch.Tensor:
     """The same pT, η, φ with zero mass (the parton level is taken massless)."""
     return _massless(*_pt_eta_phi(partons))
@@ -78,14 +89,32 @@ def order_quarks(partons: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _helicity_axes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Axes of the W helicity frame, from the lab: z along the W momentum, y normal to
+    the plane of the beam and the W, x = y × z."""
+    z = w[:, 1:] / w[:, 1:].norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    beam = torch.zeros_like(z)
+    beam[:, 2] = 1.0
+    y = torch.linalg.cross(beam, z)
+    norm = y.norm(dim=-1, keepdim=True)
+    # a W along the beam has no such plane: take the lab y axis
+    fallback = torch.zeros_like(y)
+    fallback[:, 1] = 1.0
+    y = torch.where(norm > 1e-9, y / norm.clamp(min=1e-12), fallback)
+    return torch.linalg.cross(y, z), y, z
+
+
 class PartonRepresentation(nn.Module):
     """ℓ⁻ ℓ⁺ q q̄ of the hard process (Σ pT = 0, massless) ↔ 10 standardised features.
 
-    Features: log pT, η, Δφ of ℓ⁻ and ℓ⁺; the W system's mass through the
-    logit of a Breit–Wigner CDF (so the narrow peak is flat for the network) and
-    its rapidity (its pT is −pT of the ℓℓ pair: momentum balance); the quark's
-    direction in the W rest frame, atanh(cos θ*) and φ* − φ_ref. m_jj is thus a
-    coordinate, not a difference of large numbers.
+    Features: log pT, η, Δφ of ℓ⁻ and ℓ⁺; the W system's mass through the logit
+    of a Breit–Wigner CDF (so the narrow peak is flat for the network) and its
+    rapidity (its pT is −pT of the ℓℓ pair: momentum balance); the decay of the
+    W in its helicity frame, for the more energetic quark: logit(cos θ) (cos θ ≥ 0
+    is exactly the condition E_a ≥ E_b for massless quarks, so the labelling is
+    what the jets measure) and the azimuth φ about the W direction. m_jj is thus
+    a coordinate, and the energy sharing between the quarks a single number.
+    The inverse returns the quarks as (more energetic, less energetic).
 
     Arguments:
         m_w, gamma_w: Breit–Wigner used to flatten m_jj (any values near the truth work).
@@ -107,7 +136,7 @@ class PartonRepresentation(nn.Module):
     def _xi_to_mass(self, xi):
         u = torch.sigmoid(xi).clamp(1e-12, 1 - 1e-12)
         m2 = self.m_w**2 + self.m_w * self.gamma_w * torch.tan(math.pi * (u - 0.5))
-        return m2.clamp(min=1e-6).sqrt()
+        return m2.clamp(min=1e-4).sqrt()
 
     def raw(self, partons: torch.Tensor, phi_ref: torch.Tensor) -> torch.Tensor:
         pt, eta, phi = _pt_eta_phi(partons)
@@ -117,9 +146,13 @@ class PartonRepresentation(nn.Module):
         w = partons[:, 2] + partons[:, 3]
         m = (w[:, 0] ** 2 - (w[:, 1:] ** 2).sum(-1)).clamp(min=1e-12).sqrt()
         y = 0.5 * torch.log((w[:, 0] + w[:, 3]) / (w[:, 0] - w[:, 3]))
-        q = kin.boost_to_rest_frame(partons[:, 2], w)
-        cos = (q[:, 3] / q[:, 1:].norm(dim=-1)).clamp(-_COS_LIMIT, _COS_LIMIT)
-        cols += [self._mass_to_xi(m), y, torch.atanh(cos), _wrap(torch.atan2(q[:, 2], q[:, 1]) - phi_ref)]
+        harder = torch.where((partons[:, 2, 0] >= partons[:, 3, 0])[:, None], partons[:, 2], partons[:, 3])
+        n = kin.boost_to_rest_frame(harder, w)[:, 1:]
+        n = n / n.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        x_h, y_h, z_h = _helicity_axes(w)
+        cos = (n * z_h).sum(-1).clamp(_COS_EPS, 1 - _COS_EPS)
+        azimuth = torch.atan2((n * y_h).sum(-1), (n * x_h).sum(-1))
+        cols += [self._mass_to_xi(m), y, torch.log(cos) - torch.log1p(-cos), azimuth]
         return torch.stack(cols, -1)
 
     def fit(self, partons: torch.Tensor, phi_ref: torch.Tensor) -> "PartonRepresentation":
@@ -141,12 +174,13 @@ class PartonRepresentation(nn.Module):
         px, py = -(lm[:, 1] + lp[:, 1]), -(lm[:, 2] + lp[:, 2])
         mt = torch.sqrt(m**2 + px**2 + py**2)
         w = torch.stack([mt * torch.cosh(y), px, py, mt * torch.sinh(y)], -1)
-        cos = torch.tanh(raw[:, 8])
+        cos = torch.sigmoid(raw[:, 8])
         sin = torch.sqrt((1 - cos**2).clamp(min=0.0))
-        phi_star = phi_ref + raw[:, 9]
+        x_h, y_h, z_h = _helicity_axes(w)
+        azimuth = raw[:, 9]
+        n = (sin * torch.cos(azimuth))[:, None] * x_h + (sin * torch.sin(azimuth))[:, None] * y_h + cos[:, None] * z_h
         half = 0.5 * m
-        q_rest = torch.stack([half, half * sin * torch.cos(phi_star), half * sin * torch.sin(phi_star), half * cos], -1)
-        q = kin.boost(q_rest, w[:, 1:] / w[:, :1])
+        q = _boost_from_rest(torch.cat([half[:, None], half[:, None] * n], -1), w, m)
         return torch.stack([lm, lp, q, w - q], 1)
 
 
