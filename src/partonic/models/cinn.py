@@ -104,6 +104,21 @@ def _helicity_axes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return torch.linalg.cross(y, z), y, z
 
 
+def _decay_coordinates(a: torch.Tensor, b: torch.Tensor):
+    """log m, rapidity, logit(cos θ) and cos φ, sin φ of the decay of a + b in its
+    helicity frame, for the more energetic of the two (jets: masses allowed)."""
+    w = a + b
+    m = (w[:, 0] ** 2 - (w[:, 1:] ** 2).sum(-1)).clamp(min=1e-6).sqrt()
+    y = 0.5 * torch.log((w[:, 0] + w[:, 3]).clamp(min=1e-9) / (w[:, 0] - w[:, 3]).clamp(min=1e-9))
+    harder = torch.where((a[:, 0] >= b[:, 0])[:, None], a, b)
+    n = kin.boost_to_rest_frame(harder, w)[:, 1:]
+    n = n / n.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    x_h, y_h, z_h = _helicity_axes(w)
+    cos = (n * z_h).sum(-1).clamp(_COS_EPS, 1 - _COS_EPS)
+    azimuth = torch.atan2((n * y_h).sum(-1), (n * x_h).sum(-1))
+    return torch.log(m), y, torch.log(cos) - torch.log1p(-cos), torch.cos(azimuth), torch.sin(azimuth)
+
+
 class PartonRepresentation(nn.Module):
     """ℓ⁻ ℓ⁺ q q̄ of the hard process (Σ pT = 0, massless) ↔ 10 standardised features.
 
@@ -189,14 +204,17 @@ class DetectorRepresentation(nn.Module):
 
     Per lepton: log pT, η, cos Δφ, sin Δφ (Δφ to the ℓ⁻, so the ℓ⁻ has only the
     first two); per jet slot: the same and log(1 + m); absent jets are zero after
-    standardisation; then one-hot 2/3/≥4 jets and 1 for muons, 0 for electrons.
+    standardisation; the two leading jets as a W candidate in the coordinates of
+    :class:`PartonRepresentation` (log m, y, logit cos θ, cos φ, sin φ of the
+    helicity frame), so the network need not learn that change of frame; then
+    one-hot 2/3/≥4 jets and 1 for muons, 0 for electrons.
     Returns the features and the reference azimuth (the ℓ⁻'s φ).
     """
 
     def __init__(self, max_jets: int):
         super().__init__()
         self.max_jets = max_jets
-        self.n_continuous = 2 + 4 + 5 * max_jets
+        self.n_continuous = 2 + 4 + 5 * max_jets + 5
         self.dim = self.n_continuous + 3 + 1
         self.register_buffer("mean", torch.zeros(self.n_continuous))
         self.register_buffer("std", torch.ones(self.n_continuous))
@@ -214,6 +232,10 @@ class DetectorRepresentation(nn.Module):
             d = jphi[:, k] - phi_ref
             cols += [torch.log(jpt[:, k].clamp(min=1e-3)), jeta[:, k], torch.cos(d), torch.sin(d), torch.log1p(m2[:, k].sqrt())]
             masks += [present[:, k]] * 5
+        # The W candidate of the two leading jets in the parton representation's own
+        # coordinates: log m, y, and the harder jet's helicity angles (cos, sin of φ).
+        cols += list(_decay_coordinates(jets[:, 0], jets[:, 1]))
+        masks += [torch.ones_like(phi_ref)] * 5
         return torch.stack(cols, -1), torch.stack(masks, -1), phi_ref
 
     def fit(self, leptons, jets, n_jets, flavour) -> "DetectorRepresentation":
