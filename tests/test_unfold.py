@@ -111,12 +111,12 @@ def test_cinn_learns_a_known_gaussian_posterior_and_is_calibrated():
     """Detector = parton + Gaussian noise: x ~ N(0, 1), c = x + N(0, σ²) per component,
     so the posterior is N(c/(1 + σ²), σ²/(1 + σ²)) exactly."""
     torch.manual_seed(1)
-    n, sigma = 20000, 0.6
+    n, sigma = 10000, 0.6
     x = torch.randn(n, 2)
     c = x + sigma * torch.randn(n, 2)
     inn = ConditionalINN(2, 2, blocks=4, subnet_layers=2, subnet_width=32, condition_layers=2, condition_width=32, condition_dim=8)
     opt = torch.optim.Adam(inn.parameters(), 2e-3)
-    for epoch in range(8):
+    for epoch in range(6):
         perm = torch.randperm(n)
         for i in range(0, n, 256):
             idx = perm[i : i + 256]
