@@ -105,7 +105,7 @@ def _helicity_axes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 def _decay_coordinates(a: torch.Tensor, b: torch.Tensor):
-    """log m, rapidity, logit(cos θ) and cos φ, sin φ of the decay of a + b in its
+    """log m, rapidity, atanh(cos θ) and cos φ, sin φ of the decay of a + b in its
     helicity frame, for the more energetic of the two (jets: masses allowed)."""
     w = a + b
     m = (w[:, 0] ** 2 - (w[:, 1:] ** 2).sum(-1)).clamp(min=1e-6).sqrt()
@@ -116,7 +116,7 @@ def _decay_coordinates(a: torch.Tensor, b: torch.Tensor):
     x_h, y_h, z_h = _helicity_axes(w)
     cos = (n * z_h).sum(-1).clamp(_COS_EPS, 1 - _COS_EPS)
     azimuth = torch.atan2((n * y_h).sum(-1), (n * x_h).sum(-1))
-    return torch.log(m), y, torch.log(cos) - torch.log1p(-cos), torch.cos(azimuth), torch.sin(azimuth)
+    return torch.log(m), y, torch.atanh(cos), torch.cos(azimuth), torch.sin(azimuth)
 
 
 class PartonRepresentation(nn.Module):
@@ -125,9 +125,9 @@ class PartonRepresentation(nn.Module):
     Features: log pT, η, Δφ of ℓ⁻ and ℓ⁺; the W system's mass through the logit
     of a Breit–Wigner CDF (so the narrow peak is flat for the network) and its
     rapidity (its pT is −pT of the ℓℓ pair: momentum balance); the decay of the
-    W in its helicity frame, for the more energetic quark: logit(cos θ) (cos θ ≥ 0
+    W in its helicity frame, for the more energetic quark: atanh(cos θ) (cos θ ≥ 0
     is exactly the condition E_a ≥ E_b for massless quarks, so the labelling is
-    what the jets measure) and the azimuth φ about the W direction. m_jj is thus
+    what the jets measure; the inverse folds at 0, where balanced decays pile up) and the azimuth φ about the W direction. m_jj is thus
     a coordinate, and the energy sharing between the quarks a single number.
     The inverse returns the quarks as (more energetic, less energetic).
 
@@ -167,7 +167,7 @@ class PartonRepresentation(nn.Module):
         x_h, y_h, z_h = _helicity_axes(w)
         cos = (n * z_h).sum(-1).clamp(_COS_EPS, 1 - _COS_EPS)
         azimuth = torch.atan2((n * y_h).sum(-1), (n * x_h).sum(-1))
-        cols += [self._mass_to_xi(m), y, torch.log(cos) - torch.log1p(-cos), azimuth]
+        cols += [self._mass_to_xi(m), y, torch.atanh(cos), azimuth]
         return torch.stack(cols, -1)
 
     def fit(self, partons: torch.Tensor, phi_ref: torch.Tensor) -> "PartonRepresentation":
@@ -189,7 +189,8 @@ class PartonRepresentation(nn.Module):
         px, py = -(lm[:, 1] + lp[:, 1]), -(lm[:, 2] + lp[:, 2])
         mt = torch.sqrt(m**2 + px**2 + py**2)
         w = torch.stack([mt * torch.cosh(y), px, py, mt * torch.sinh(y)], -1)
-        cos = torch.sigmoid(raw[:, 8])
+        # folded: a sample that leaks below 0 is the same decay seen from the other side
+        cos = torch.tanh(raw[:, 8].abs())
         sin = torch.sqrt((1 - cos**2).clamp(min=0.0))
         x_h, y_h, z_h = _helicity_axes(w)
         azimuth = raw[:, 9]
@@ -205,7 +206,7 @@ class DetectorRepresentation(nn.Module):
     Per lepton: log pT, η, cos Δφ, sin Δφ (Δφ to the ℓ⁻, so the ℓ⁻ has only the
     first two); per jet slot: the same and log(1 + m); absent jets are zero after
     standardisation; the two leading jets as a W candidate in the coordinates of
-    :class:`PartonRepresentation` (log m, y, logit cos θ, cos φ, sin φ of the
+    :class:`PartonRepresentation` (log m, y, atanh cos θ, cos φ, sin φ of the
     helicity frame), so the network need not learn that change of frame; then
     one-hot 2/3/≥4 jets and 1 for muons, 0 for electrons.
     Returns the features and the reference azimuth (the ℓ⁻'s φ).
