@@ -39,6 +39,16 @@ def test_cinn_is_invertible_and_its_log_det_matches_autograd():
         assert float(torch.linalg.slogdet(jac.detach())[1]) == pytest.approx(float(log_jac[i].detach()), abs=1e-6)
 
 
+def test_cinn_is_fixed_by_the_torch_seed():
+    nets = []
+    for _ in range(2):
+        np.random.seed(None)  # FrEIA's permutations must not depend on NumPy's global state
+        torch.manual_seed(3)
+        nets.append(ConditionalINN(4, 3, blocks=2, subnet_width=8, condition_width=8, condition_dim=4))
+    for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def _balanced_events(n, seed=0):
     """Massless ℓ⁻ ℓ⁺ q q̄ with Σ pT = 0: a random Z system and W = −Z in the transverse
     plane, each decayed isotropically (built independently of the representation)."""
@@ -116,7 +126,9 @@ def test_cinn_learns_a_known_gaussian_posterior_and_is_calibrated():
     c = x + sigma * torch.randn(n, 2)
     inn = ConditionalINN(2, 2, blocks=4, subnet_layers=2, subnet_width=32, condition_layers=2, condition_width=32, condition_dim=8)
     opt = torch.optim.Adam(inn.parameters(), 2e-3)
-    for epoch in range(6):
+    epochs = 12
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * math.ceil(n / 256))
+    for epoch in range(epochs):
         perm = torch.randperm(n)
         for i in range(0, n, 256):
             idx = perm[i : i + 256]
@@ -125,6 +137,7 @@ def test_cinn_learns_a_known_gaussian_posterior_and_is_calibrated():
             opt.zero_grad()
             loss.backward()
             opt.step()
+            sched.step()
     n_test, s = 2000, 200
     x_t = torch.randn(n_test, 2)
     c_t = x_t + sigma * torch.randn(n_test, 2)
@@ -132,13 +145,14 @@ def test_cinn_learns_a_known_gaussian_posterior_and_is_calibrated():
         samples, _ = inn.inverse(torch.randn(n_test * s, 2), c_t.repeat_interleave(s, 0))
     samples = samples.view(n_test, s, 2)
     post_mean, post_sd = c_t / (1 + sigma**2), sigma / math.sqrt(1 + sigma**2)
-    # posterior moments per event against the closed form (sampling error of a mean of
-    # 200 draws is 0.036 σ_post; the remainder is what a short training leaves)
-    assert (samples.mean(1) - post_mean).abs().mean() < 0.08
-    assert samples.std(1).mean() == pytest.approx(post_sd, rel=0.08)
+    # posterior moments per event against the closed form: the sample mean of 200 draws
+    # alone is off by E|·| = √(2/π) σ_post/√200 = 0.029; twice that leaves room for training
+    assert (samples.mean(1) - post_mean).abs().mean() < 2 * math.sqrt(2 / math.pi) * post_sd / math.sqrt(s)
+    assert samples.std(1).mean() == pytest.approx(post_sd, rel=0.05)
     for k in range(2):
         cal = calibration(samples[:, :, k], x_t[:, k])
-        assert cal.max_deviation < 4 * 0.5 / math.sqrt(n_test) + 0.02
+        # binomial error of a coverage point at 4σ, plus the rank discreteness
+        assert cal.max_deviation < 4 * 0.5 / math.sqrt(n_test) + 0.5 / (s + 1)
 
 
 # -------------------------------------------------------------------- detector

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from partonic.cards import card_to_dict, parse_card
 from partonic.evaluate.calibration import calibration
@@ -103,12 +104,12 @@ def _concatenate(parts: list[DetectorEvents]) -> DetectorEvents:
     if len(parts) == 1:
         return parts[0]
     jets = max(p.max_jets for p in parts)
-    pad = lambda a: np.concatenate([a, np.zeros((len(a), jets - a.shape[1], 4))], 1)  # noqa: E731
+    parts = [p.with_jet_slots(jets) for p in parts]
     truth = all(p.has_truth for p in parts)
     return DetectorEvents(
         leptons=np.concatenate([p.leptons for p in parts]),
         lepton_flavour=np.concatenate([p.lepton_flavour for p in parts]),
-        jets=np.concatenate([pad(p.jets) for p in parts]),
+        jets=np.concatenate([p.jets for p in parts]),
         n_jets=np.concatenate([p.n_jets for p in parts]),
         partons=np.concatenate([p.partons for p in parts]) if truth else None,
         parton_ids=np.concatenate([p.parton_ids for p in parts]) if truth else None,
@@ -379,12 +380,11 @@ def run(card, args) -> int:
         return apply_model(card, args)
     device = resolve_device(card.device)
     folder = RunFolder.create(card, device, args.output, args.resume)
-    progress = None  # progress bars on terminals only
     report = folder.report_base()
     timing = report["timing"]
 
     t0 = time.perf_counter()
-    events, meta = load_events(card, progress=progress is not False)
+    events, meta = load_events(card)
     timing["simulate_s"] = time.perf_counter() - t0
     if meta.get("cached") is False and "events_per_s_per_core" in meta:
         timing["simulate_events_per_s"] = card.data.n_events / meta["wall_s"]
@@ -444,7 +444,8 @@ def _unfold(unfolder: Unfolder, events: DetectorEvents, card, timing: dict) -> t
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    samples = unfolder.unfold(events, s, batch_size=card.evaluation.batch_size, seed=card.seed + 101)
+    with tqdm(total=len(events), unit="ev", desc=f"unfolding ({s} samples/event)") as bar:
+        samples = unfolder.unfold(events, s, batch_size=card.evaluation.batch_size, seed=card.seed + 101, progress=bar)
     if device.type == "cuda":
         torch.cuda.synchronize()
     timing["sample_s"] = time.perf_counter() - t0
@@ -486,8 +487,7 @@ def apply_model(card, args) -> int:
         raise JobError(str(exc)) from None
     if len(events) == 0:
         raise JobError(f"--input {args.input}: no event passes the selection")
-    if events.max_jets < trained.data.detector.max_jets:
-        events = _concatenate([events, DetectorEvents(np.zeros((0, 2, 4)), np.zeros(0, np.int64), np.zeros((0, trained.data.detector.max_jets, 4)), np.zeros(0, np.int64))])
+    events = events.with_jet_slots(trained.data.detector.max_jets)
     if card.evaluation.test_events:
         events = events.subset(slice(0, card.evaluation.test_events))
     report["test_events"] = len(events)

@@ -60,9 +60,14 @@ def _massless(pt, eta, phi) -> torch.Tensor:
 
 
 def _pt_eta_phi(p: torch.Tensor):
-    pt = torch.hypot(p[..., 1], p[..., 2])
-    eta = torch.asinh(p[..., 3] / pt.clamp(min=1e-12))
-    return pt, eta, torch.atan2(p[..., 2], p[..., 1])
+    """pT, η, φ with η finite for pT = 0 (zero-padded slots, beam-collinear samples)."""
+    pt = kin.pt(p)
+    return pt, torch.asinh(p[..., 3] / pt.clamp(min=1e-12)), kin.phi(p)
+
+
+def _mass(p: torch.Tensor) -> torch.Tensor:
+    """Invariant mass, rounding below zero clipped to 0."""
+    return kin.mass2(p).clamp(min=0.0).sqrt()
 
 
 def _boost_from_rest(p_rest: torch.Tensor, frame: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -309,8 +314,15 @@ class ConditionalINN(nn.Module):
             return _mlp(n_in, n_out, subnet_width, subnet_layers, zero_last=True)
 
         self.inn = Ff.SequenceINN(dim)
-        for _ in range(blocks):
-            self.inn.append(Fm.AllInOneBlock, cond=0, cond_shape=(condition_dim,), subnet_constructor=subnet, affine_clamping=clamp, permute_soft=True)
+        # FrEIA draws its soft permutations from NumPy's global generator; seed it from
+        # torch's, so that torch.manual_seed alone fixes the whole network.
+        saved = np.random.get_state()
+        np.random.seed(int(torch.randint(0, 2**31 - 1, (1,))))
+        try:
+            for _ in range(blocks):
+                self.inn.append(Fm.AllInOneBlock, cond=0, cond_shape=(condition_dim,), subnet_constructor=subnet, affine_clamping=clamp, permute_soft=True)
+        finally:
+            np.random.set_state(saved)
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Parton features → latent z and log |det ∂z/∂x|."""
@@ -327,8 +339,7 @@ class ConditionalINN(nn.Module):
 
 def jet_mass(partons: torch.Tensor) -> torch.Tensor:
     """m_jj of the two quarks (slots 2, 3)."""
-    p = partons[:, 2] + partons[:, 3]
-    return (p[:, 0] ** 2 - (p[:, 1:] ** 2).sum(-1)).clamp(min=0.0).sqrt()
+    return _mass(partons[:, 2] + partons[:, 3])
 
 
 def parton_observables(partons: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -338,21 +349,20 @@ def parton_observables(partons: torch.Tensor) -> dict[str, torch.Tensor]:
     lead = pt[:, 0] >= pt[:, 1]
     z = p[:, 0] + p[:, 1]
     w = p[:, 2] + p[:, 3]
-    mass = lambda v: (v[:, 0] ** 2 - (v[:, 1:] ** 2).sum(-1)).clamp(min=0.0).sqrt()  # noqa: E731
     zw = z + w
     return {
         "pt_q1": pt[:, 2],
         "pt_q2": pt[:, 3],
         "eta_q1": eta[:, 2],
         "eta_q2": eta[:, 3],
-        "m_jj": mass(w),
+        "m_jj": _mass(w),
         "pt_l1": torch.where(lead, pt[:, 0], pt[:, 1]),
         "pt_l2": torch.where(lead, pt[:, 1], pt[:, 0]),
         "eta_l1": torch.where(lead, eta[:, 0], eta[:, 1]),
         "eta_l2": torch.where(lead, eta[:, 1], eta[:, 0]),
-        "m_ll": mass(z),
+        "m_ll": _mass(z),
         "pt_w": torch.hypot(w[:, 1], w[:, 2]),
-        "m_zw": mass(zw),
+        "m_zw": _mass(zw),
         "y_zw": 0.5 * torch.log((zw[:, 0] + zw[:, 3]).clamp(min=1e-9) / (zw[:, 0] - zw[:, 3]).clamp(min=1e-9)),
     }
 

@@ -113,6 +113,13 @@ class DetectorEvents:
             cutflow={},
         )
 
+    def with_jet_slots(self, k: int) -> "DetectorEvents":
+        """The same events with at least ``k`` jet slots (extra slots zero)."""
+        if self.max_jets >= k:
+            return self
+        jets = np.concatenate([self.jets, np.zeros((len(self), k - self.max_jets, 4))], 1)
+        return DetectorEvents(self.leptons, self.lepton_flavour, jets, self.n_jets, self.partons, self.parton_ids, self.n_generated, self.cutflow)
+
     def arrays(self) -> dict[str, np.ndarray]:
         out = {"leptons": self.leptons, "lepton_flavour": self.lepton_flavour, "jets": self.jets, "n_jets": self.n_jets}
         if self.partons is not None:
