@@ -270,6 +270,9 @@ class UnweightCard(CommonCard):
 
 # ------------------------------------------------------------------ generate
 class GenerateData(Strict):
+    """Training events: Pythia8 parton-level pp → tt̄ → 6 quarks, or LHE files with the
+    same final state (t → b W⁺, W → q q̄', with the resonances in the record)."""
+
     source: Literal["pythia", "lhe"] = "pythia"
     files: list[str] = []
     n_events: PositiveInt = 100_000
@@ -282,20 +285,35 @@ class GenerateData(Strict):
 
 
 class GANModel(Strict):
+    """Generator and discriminator MLPs (arXiv:1907.03764: 10 × 512) and the MMD term.
+
+    ``mmd_weight`` λ multiplies Σ MMD² over the W and top masses; the kernel widths are
+    each resonance's width times ``mmd_width_factors``; ``ablation`` also trains the
+    same GAN without MMD for comparison."""
+
     layers: Annotated[int, Field(ge=1, le=32)] = 10
     width: Annotated[int, Field(ge=4, le=4096)] = 512
     latent_dim: Annotated[int, Field(ge=1, le=512)] = 18
     representation: Literal["momenta", "ptetaphi", "logpt"] = "momenta"
     spectral_norm: bool = False
     batch_statistics: bool = False
+    discriminator_masses: bool = False
     gradient_penalty: NonNegFloat = 1.0
     mmd_weight: NonNegFloat = 1.0
     mmd_kernel: Literal["breit_wigner", "gaussian"] = "breit_wigner"
+    mmd_width_factors: Annotated[list[PositiveFloat], Field(min_length=1, max_length=8)] = [1.0]
     ablation: bool = True
 
 
 class GenerateEvaluation(SampleEvaluation):
+    """``n_generated`` events per model for the metrics and the LHE file; the classifier
+    test uses up to ``classifier_events`` of each sample; ``shower_events`` of the LHE
+    file are showered by Pythia8 as a check (0: no check)."""
+
     n_generated: PositiveInt = 100_000
+    classifier_events: Annotated[int, Field(ge=1000)] = 200_000
+    classifier_epochs: PositiveInt = 10
+    shower_events: NonNegInt = 500
 
 
 class GenerateCard(CommonCard):

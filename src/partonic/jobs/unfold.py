@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from partonic.cards import card_to_dict, parse_card
 from partonic.evaluate.calibration import calibration
 from partonic.evaluate.ibu import chi2_ndf, clipped_histogram, ibu_unfold
-from partonic.evaluate.metrics import compare_histograms
+from partonic.evaluate.metrics import compare_histograms, fwhm
 from partonic.evaluate.plots import Series, calibration_plot, ratio_plot
 from partonic.io.lhe import LHEEvents, LHEInit, LHEProcess, write_lhe
 from partonic.io.store import DatasetCache, cache_key
@@ -169,27 +169,6 @@ def _edges(values: np.ndarray, name: str, bins: int) -> np.ndarray:
     return np.linspace(max(0.0, float(lo)), float(hi), bins + 1)
 
 
-def _fwhm(values: np.ndarray, weights: np.ndarray | None, centre: float, window: float = 10.0, bins: int = 200) -> float:
-    """Full width at half maximum of a peak, from a fine histogram with linear interpolation."""
-    edges = np.linspace(centre - window, centre + window, bins + 1)
-    h, _ = np.histogram(values, edges, weights=weights)
-    if h.max() <= 0:
-        return float("nan")
-    # light smoothing against bin-to-bin noise
-    h = np.convolve(h, np.ones(3) / 3, mode="same")
-    mids = 0.5 * (edges[1:] + edges[:-1])
-    k = int(np.argmax(h))
-    half = h[k] / 2
-    left = k
-    while left > 0 and h[left] > half:
-        left -= 1
-    right = k
-    while right < len(h) - 1 and h[right] > half:
-        right += 1
-    interp = lambda i, j: mids[i] + (half - h[i]) * (mids[j] - mids[i]) / (h[j] - h[i]) if h[j] != h[i] else mids[i]  # noqa: E731
-    return float(interp(right, right - 1) - interp(left, left + 1))
-
-
 # ------------------------------------------------------------- evaluation
 def evaluate(events: DetectorEvents, samples: torch.Tensor, card, out: Path, report: dict, train_events: DetectorEvents | None = None) -> list[str]:
     """Calibration, ratios to truth, m_jj width, IBU comparison and plots for unfolded ``samples``."""
@@ -236,12 +215,12 @@ def evaluate(events: DetectorEvents, samples: torch.Tensor, card, out: Path, rep
     report["max_calibration_deviation"] = {c: max(cal_report[c][o]["max_deviation"] for o in CALIBRATED) for c in cal_report}
 
     # m_jj peak: the W Breit–Wigner at parton level
-    width_t = _fwhm(truth["m_jj"], None, 80.4)
-    width_u = _fwhm(gen["m_jj"].reshape(-1), None, 80.4)
+    width_t = fwhm(truth["m_jj"], None, 80.4)
+    width_u = fwhm(gen["m_jj"].reshape(-1), None, 80.4)
     report["m_jj_peak"] = {
         "truth_fwhm": width_t, "unfolded_fwhm": width_u, "width_ratio": width_u / width_t,
         "truth_median": float(np.median(truth["m_jj"])), "unfolded_median": float(np.median(gen["m_jj"])),
-        "detector_fwhm": _fwhm(det["m_jj"], None, 80.4, window=60.0, bins=120),
+        "detector_fwhm": fwhm(det["m_jj"], None, 80.4, window=60.0, bins=120),
     }
 
     # the binned reference: iterative Bayesian unfolding with the response of the training events

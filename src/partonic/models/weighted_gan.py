@@ -24,7 +24,7 @@ from torch.func import functional_call
 
 from .flows import mlp
 
-__all__ = ["WeightedGAN"]
+__all__ = ["WeightedGAN", "gan_losses"]
 
 
 class WeightedGAN(nn.Module):
@@ -62,20 +62,7 @@ class WeightedGAN(nn.Module):
         w = w.to(dtype)
         w = w / w.mean()
         z = torch.randn(u.shape[0], self.latent_dim, dtype=dtype, device=u.device)
-        fake = self.generator(z)
-        penalise = self.gradient_penalty > 0 and torch.is_grad_enabled()
-        if penalise:
-            u = u.requires_grad_(True)
-        logit_real = self.discriminator(u)[:, 0]
-        logit_fake = self.discriminator(fake.detach())[:, 0]
-        # −log D = softplus(−logit), −log(1 − D) = softplus(logit)
-        loss_d = (w * F.softplus(-logit_real)).mean() + F.softplus(logit_fake).mean()
-        if penalise:
-            grad = torch.autograd.grad(logit_real.sum(), u, create_graph=True)[0]
-            loss_d = loss_d + 0.5 * self.gradient_penalty * (w.abs() * (grad**2).sum(1)).mean()
-        frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
-        logit_gen = functional_call(self.discriminator, frozen, (fake,))[:, 0]
-        loss_g = F.softplus(-logit_gen).mean()
+        loss_d, loss_g = gan_losses(self.discriminator, u, self.generator(z), w, self.gradient_penalty)
         return {"loss": loss_d + loss_g, "loss_d": loss_d.detach(), "loss_g": loss_g.detach()}
 
     @torch.no_grad()
@@ -89,6 +76,31 @@ class WeightedGAN(nn.Module):
             x, _ = self.preprocessing.inverse(self.generator(z).double())
             out.append(x)
         return torch.cat(out)
+
+
+def gan_losses(discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor, weights: torch.Tensor | None = None, gradient_penalty: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_D, L_G) of a binary cross-entropy GAN, arranged for simultaneous updates.
+
+    L_D = ⟨−w log D(x)⟩_real + ⟨−log(1 − D(x))⟩_fake (+ R1 penalty ½γ⟨|w| |∇ₓ logit D|²⟩_real,
+    arXiv:1801.04406) sees the fake events detached; L_G = ⟨−log D(G(z))⟩ (non-saturating)
+    sees the discriminator's parameters detached. ``weights`` (default 1) are the
+    truth-event weights of arXiv:2012.07873, normalised to mean 1 by the caller.
+    """
+    penalise = gradient_penalty > 0 and torch.is_grad_enabled()
+    if penalise:
+        real = real.detach().requires_grad_(True)
+    logit_real = discriminator(real)[:, 0]
+    logit_fake = discriminator(fake.detach())[:, 0]
+    w = torch.ones_like(logit_real) if weights is None else weights
+    # −log D = softplus(−logit), −log(1 − D) = softplus(logit)
+    loss_d = (w * F.softplus(-logit_real)).mean() + F.softplus(logit_fake).mean()
+    if penalise:
+        grad = torch.autograd.grad(logit_real.sum(), real, create_graph=True)[0]
+        loss_d = loss_d + 0.5 * gradient_penalty * (w.abs() * (grad**2).sum(1)).mean()
+    frozen = {k: v.detach() for k, v in discriminator.named_parameters()}
+    frozen.update({k: v for k, v in discriminator.named_buffers()})
+    logit_gen = functional_call(discriminator, frozen, (fake,))[:, 0]
+    return loss_d, F.softplus(-logit_gen).mean()
 
 
 def _generator(latent: int, dim: int, width: int, layers: int) -> nn.Sequential:

@@ -7,6 +7,10 @@ Drell–Yan q q̄ → γ*/Z → ℓ⁻ ℓ⁺ with the couplings of the project'
 
 θ is the angle between the incoming quark and the outgoing ℓ⁻ in the partonic
 rest frame; |M|² (spin- and colour-averaged) = 64π² ŝ dσ̂/dΩ.
+
+Top-pair production q q̄ → t t̄ and g g → t t̄ (Combridge, Nucl. Phys. B151 (1979)
+429; Ellis–Stirling–Webber Table 10.2; PHYSICS.md "tt̄ at LO"), with
+τ1 = (m² − t)/ŝ, τ2 = (m² − u)/ŝ, ρ = 4m²/ŝ and dσ̂/dt = Σ|M|²/(16π ŝ²).
 """
 
 from __future__ import annotations
@@ -16,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .constants import ALPHA_EM_MZ, GAMMA_Z, M_Z, SIN2_THETA_W
+from .constants import ALPHA_EM_MZ, ALPHA_S_MZ, GAMMA_Z, M_TOP, M_Z, SIN2_THETA_W
 
-__all__ = ["ElectroweakParameters", "QUARK_CHARGE", "QUARK_T3", "drell_yan_coefficients", "drell_yan_dsigma_dcos", "drell_yan_me2", "drell_yan_sigma_hat"]
+__all__ = ["ElectroweakParameters", "QUARK_CHARGE", "QUARK_T3", "drell_yan_coefficients", "drell_yan_dsigma_dcos", "drell_yan_me2", "drell_yan_sigma_hat", "ttbar_me2", "ttbar_sigma_hat"]
 
 N_C = 3.0
 QUARK_CHARGE = {1: -1.0 / 3.0, 2: 2.0 / 3.0, 3: -1.0 / 3.0, 4: 2.0 / 3.0, 5: -1.0 / 3.0}
@@ -77,3 +81,35 @@ def drell_yan_sigma_hat(shat, flavour: int, ew: ElectroweakParameters = Electrow
     """Total partonic σ̂ = 4πα² A0 / (3 ŝ N_c) in GeV⁻²."""
     a0, _ = drell_yan_coefficients(shat, flavour, ew)
     return 4.0 * math.pi * ew.alpha**2 * a0 / (3.0 * shat * N_C)
+
+
+def _ttbar_check_channel(channel: str) -> None:
+    if channel not in ("qq", "gg"):
+        raise ValueError(f"tt̄ channel must be 'qq' or 'gg', got {channel!r}")
+
+
+def ttbar_me2(shat, that, channel: str, m_top: float = M_TOP, alpha_s=ALPHA_S_MZ):
+    """Spin- and colour-averaged |M|² of q q̄ → t t̄ (``channel="qq"``) or g g → t t̄
+    (``"gg"``) at ŝ and t̂ = (p_q − p_t)² (dimensionless; PHYSICS.md)."""
+    _ttbar_check_channel(channel)
+    m2 = m_top * m_top
+    uhat = 2.0 * m2 - shat - that
+    tau1, tau2, rho = (m2 - that) / shat, (m2 - uhat) / shat, 4.0 * m2 / shat
+    gs4 = (4.0 * math.pi * alpha_s) ** 2
+    if channel == "qq":
+        return gs4 * (4.0 / 9.0) * (tau1**2 + tau2**2 + rho / 2.0)
+    return gs4 * (1.0 / (6.0 * tau1 * tau2) - 3.0 / 8.0) * (tau1**2 + tau2**2 + rho - rho**2 / (4.0 * tau1 * tau2))
+
+
+def ttbar_sigma_hat(shat, channel: str, m_top: float = M_TOP, alpha_s=ALPHA_S_MZ):
+    """Total partonic σ̂ in GeV⁻² (zero below threshold), the closed forms of PHYSICS.md."""
+    _ttbar_check_channel(channel)
+    shat = torch.as_tensor(shat, dtype=torch.float64)
+    rho = torch.clamp(4.0 * m_top**2 / shat, max=1.0)
+    beta = torch.sqrt(1.0 - rho)
+    if channel == "qq":
+        out = 8.0 * math.pi * alpha_s**2 / (27.0 * shat) * beta * (1.0 + rho / 2.0)
+    else:
+        log = torch.log((1.0 + beta) / torch.clamp(1.0 - beta, min=1e-300))
+        out = math.pi * alpha_s**2 / (3.0 * shat) * ((1.0 + rho + rho**2 / 16.0) * log - beta * (7.0 / 4.0 + 31.0 * rho / 16.0))
+    return torch.where(beta > 0, out, torch.zeros_like(out))

@@ -11,7 +11,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ShowerSummary", "shower_lhe", "capture_c_stdout", "pythia_drell_yan", "zw_settings", "zw_chunk", "simulate_zw"]
+__all__ = ["ShowerSummary", "shower_lhe", "capture_c_stdout", "pythia_drell_yan", "zw_settings", "zw_chunk", "simulate_zw", "run_chunks", "TTBAR_ORDER", "ttbar_settings", "ttbar_chunk", "simulate_ttbar"]
 
 
 @contextlib.contextmanager
@@ -330,6 +330,31 @@ def simulate_zw(
     Returns the concatenated arrays (see :func:`zw_chunk`) and a summary dict
     (``sigma_pb``, ``n_failed``, ``errors``, ``events_per_s`` per core, ``workers``).
     """
+    return run_chunks(
+        zw_chunk, lambda i, n: {"n_events": n, "settings": zw_settings(_chunk_seed(seed, i), **settings), "objects": objects},
+        n_events, workers, chunk_size, progress, scratch, "Pythia8 pp→ZW", "simulate_zw",
+    )
+
+
+def run_chunks(
+    chunk_fn,
+    make_task,
+    n_events: int,
+    workers: int = 0,
+    chunk_size: int = 2000,
+    progress: bool = True,
+    scratch: str | Path | None = None,
+    description: str = "Pythia8",
+    caller: str = "the simulation",
+) -> tuple[dict, dict]:
+    """Run ``chunk_fn(make_task(i, n_i))`` for every chunk i of a run, in parallel,
+    keeping finished chunks in ``scratch`` so that an interrupted run resumes.
+
+    ``chunk_fn`` returns NumPy arrays (event index first) plus ``sigma_pb``,
+    ``n_failed``, ``errors`` and ``seconds``; they are concatenated in chunk order, so
+    the result does not depend on the number of workers. Returns the arrays and a
+    summary dict (``sigma_pb``, ``n_failed``, ``errors``, ``events_per_s_per_core``,
+    ``wall_s``, ``workers``)."""
     import concurrent.futures as cf
     import multiprocessing as mp
     import time
@@ -354,12 +379,13 @@ def simulate_zw(
     todo = [i for i in range(n_chunks) if i not in results]
     workers = workers or os.cpu_count() or 1
     workers = max(1, min(workers, len(todo) or 1))
-    tasks = {i: {"n_events": sizes[i], "settings": zw_settings(_chunk_seed(seed, i), **settings), "objects": objects} for i in todo}
+    tasks = {i: make_task(i, sizes[i]) for i in todo}
     start = time.perf_counter()
-    bar = tqdm(total=n_events, initial=sum(sizes[i] for i in results), unit="ev", desc="Pythia8 pp→ZW", disable=not progress)
+    bar = tqdm(total=n_events, initial=sum(sizes[i] for i in results), unit="ev", desc=description, disable=not progress)
+    scalars = ("sigma_pb", "n_failed", "seconds", "errors")
 
     def keep(i: int, res: dict) -> None:
-        arrays = {k: v for k, v in res.items() if isinstance(v, np.ndarray)}
+        arrays = {k: v for k, v in res.items() if isinstance(v, np.ndarray) and k not in scalars}
         arrays["sigma_pb"] = np.array(res["sigma_pb"])
         arrays["n_failed"] = np.array(res["n_failed"])
         arrays["seconds"] = np.array(res["seconds"])
@@ -374,17 +400,17 @@ def simulate_zw(
     try:
         if workers == 1:
             for i in todo:
-                keep(i, zw_chunk(tasks[i]))
+                keep(i, chunk_fn(tasks[i]))
         elif todo:
             # spawn, not fork: the parent may already hold torch's thread pools.
             with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-                futures = {pool.submit(zw_chunk, tasks[i]): i for i in todo}
+                futures = {pool.submit(chunk_fn, tasks[i]): i for i in todo}
                 try:
                     for fut in cf.as_completed(futures):
                         keep(futures[fut], fut.result())
                 except cf.process.BrokenProcessPool:
                     raise RuntimeError(
-                        "a Pythia8 worker process died; when calling simulate_zw from a script, "
+                        f"a Pythia8 worker process died; when calling {caller} from a script, "
                         "guard the script's top level with `if __name__ == '__main__':` (worker "
                         "processes are spawned and re-import it), or use workers=1"
                     ) from None
@@ -392,7 +418,8 @@ def simulate_zw(
         bar.close()
     elapsed = time.perf_counter() - start
     ordered = [results[i] for i in range(n_chunks)]
-    arrays = {k: np.concatenate([r[k] for r in ordered]) for k in ("partons", "parton_ids", "leptons", "lepton_ids", "jets")}
+    names = [k for k in ordered[0] if k not in scalars]
+    arrays = {k: np.concatenate([r[k] for r in ordered]) for k in names}
     errors: dict[str, int] = {}
     for r in ordered:
         for msg, count in json.loads(str(r["errors"])).items():
@@ -407,3 +434,124 @@ def simulate_zw(
         "workers": workers,
     }
     return arrays, summary
+
+
+# ------------------------------------------------------------- pp → tt̄ → 6 quarks
+#: Order of the six quarks of a tt̄ event: t → b (W⁺ → q q̄'), t̄ → b̄ (W⁻ → q q̄').
+#: Within each W the quark comes first: W⁺ → u-type quark and d-type antiquark,
+#: W⁻ → d-type quark and u-type antiquark.
+TTBAR_ORDER = ("b", "q(W+)", "qbar(W+)", "bbar", "q(W-)", "qbar(W-)")
+
+
+def ttbar_settings(seed: int, sqrt_s: float = 13000.0, pdf_path: str | Path | None = None) -> list[str]:
+    """Pythia8 settings for parton-level pp → tt̄ (``Top:gg2ttbar``, ``Top:qqbar2ttbar``),
+    t → W b only, both W → u d̄, u s̄, c d̄, c s̄ (no showers, no hadronisation)."""
+    settings = [
+        f"Beams:eCM = {sqrt_s}",
+        "Top:gg2ttbar = on",
+        "Top:qqbar2ttbar = on",
+        "6:onMode = off",
+        "6:onIfMatch = 24 5",
+        "24:onMode = off",
+        "24:onIfMatch = 1 2",
+        "24:onIfMatch = 3 2",
+        "24:onIfMatch = 1 4",
+        "24:onIfMatch = 3 4",
+        "PartonLevel:all = off",
+        "HadronLevel:all = off",
+        "Random:setSeed = on",
+        f"Random:seed = {seed}",
+        "Next:numberCount = 0",
+        "Next:numberShowInfo = 0",
+        "Next:numberShowProcess = 0",
+        "Next:numberShowEvent = 0",
+        "Init:showChangedSettings = off",
+        "Init:showChangedParticleData = off",
+        "Init:showProcesses = off",
+    ]
+    if pdf_path is not None:
+        settings.append(f"PDF:pSet = LHAGrid1:{pdf_path}")
+    return settings
+
+
+def _ttbar_quarks(process) -> tuple[list, list, list] | None:
+    """The six quarks (E, px, py, pz) and ids in :data:`TTBAR_ORDER`, and the ids of
+    the two incoming partons, from Pythia's hard-process record."""
+    incoming = [process[3].id(), process[4].id()]
+    slots: dict[int, tuple] = {}
+    for i in range(process.size()):
+        p = process[i]
+        if p.status() != 23:
+            continue
+        mother = process[p.mother1()].id()
+        pid = p.id()
+        four = (p.e(), p.px(), p.py(), p.pz())
+        if abs(mother) == 6 and abs(pid) == 5:
+            slots[0 if pid > 0 else 3] = (pid, four)
+        elif abs(mother) == 24:
+            base = 1 if mother > 0 else 4
+            slots[base + (0 if pid > 0 else 1)] = (pid, four)
+    if len(slots) != 6:
+        return None
+    return [slots[k][1] for k in range(6)], [slots[k][0] for k in range(6)], incoming
+
+
+def ttbar_chunk(task: dict) -> dict:
+    """Generate one chunk of parton-level pp → tt̄ → 6 quarks (one Pythia instance).
+
+    ``task`` holds ``n_events`` and ``settings`` (from :func:`ttbar_settings`).
+    Returns ``quarks`` (n, 6, 4) as Pythia made them (its quark masses), ``ids``
+    (n, 6), ``incoming`` (n, 2) parton ids, and ``sigma_pb``, ``n_failed``,
+    ``errors``, ``seconds``."""
+    import time
+
+    import numpy as np
+    import pythia8mc
+
+    n = task["n_events"]
+    out = {"quarks": np.zeros((n, 6, 4)), "ids": np.zeros((n, 6), dtype=np.int64), "incoming": np.zeros((n, 2), dtype=np.int64)}
+    start = time.perf_counter()
+    failed = 0
+    with capture_c_stdout() as text:
+        py = pythia8mc.Pythia("", False)
+        for line in task["settings"]:
+            if not py.readString(line):
+                raise RuntimeError(f"Pythia8 rejected the setting {line!r}")
+        if not py.init():
+            raise RuntimeError("Pythia8 failed to initialise pp → tt̄")
+        k = 0
+        while k < n:
+            if not py.next():
+                failed += 1
+                if failed > 100 + n // 10:
+                    raise RuntimeError(f"Pythia8 failed {failed} times in a chunk of {n} events")
+                continue
+            found = _ttbar_quarks(py.process)
+            if found is None:
+                failed += 1
+                continue
+            out["quarks"][k], out["ids"][k], out["incoming"][k] = found
+            k += 1
+        sigma_pb = py.infoPython().sigmaGen() * 1e9
+        py.stat()
+    errors = {m.group(2): int(m.group(1)) for m in _STAT_LINE.finditer(text[0]) if m.group(3) in ("Error", "Abort")}
+    out.update(sigma_pb=sigma_pb, n_failed=failed, errors=errors, seconds=time.perf_counter() - start)
+    return out
+
+
+def simulate_ttbar(
+    n_events: int,
+    seed: int,
+    sqrt_s: float = 13000.0,
+    pdf_path: str | Path | None = None,
+    workers: int = 0,
+    chunk_size: int = 20_000,
+    progress: bool = True,
+    scratch: str | Path | None = None,
+) -> tuple[dict, dict]:
+    """Parton-level pp → tt̄ → 6 quarks from Pythia8, in parallel and resumable
+    (as :func:`simulate_zw`). Returns the arrays of :func:`ttbar_chunk` and a summary."""
+    return run_chunks(
+        ttbar_chunk, lambda i, n: {"n_events": n, "settings": ttbar_settings(_chunk_seed(seed, i), sqrt_s, pdf_path)},
+        n_events, workers, chunk_size, progress, scratch, "Pythia8 pp→tt̄", "simulate_ttbar",
+    )

@@ -1,0 +1,222 @@
+"""A GAN for pp → tt̄ → 6 quarks with an MMD term on the W and top masses.
+
+References: A. Butter, T. Plehn, R. Winterhalder, "How to GAN LHC events",
+arXiv:1907.03764. The generator maps noise to the three-momenta of the six quarks
+(18 numbers; masses fixed by flavour), the discriminator tells them from truth,
+and the generator loss carries λ Σ MMD²(m_gen, m_truth) over the two W and the two
+top masses with Breit–Wigner kernels of the W and top widths (Sec. 3), which
+restores the narrow peaks a plain GAN smears out. PHYSICS.md notes that the public
+code of that paper appears to swap the widths; here W masses get Γ_W and top
+masses Γ_t.
+
+The later precision ingredients are options: the (pT, η, φ) or (log pT, η, φ)
+representation, spectral normalisation of the discriminator (arXiv:1802.05957),
+batch statistics in the discriminator (the minibatch standard deviation of
+arXiv:1710.10196), and the resonance masses as extra discriminator inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import torch
+from torch import nn
+
+from ..physics import kinematics as kin
+from ..physics.constants import GAMMA_TOP, GAMMA_W, M_B, M_TOP, M_W
+from .flows import mlp
+from .mmd import KernelName, mmd2
+from .weighted_gan import gan_losses
+
+__all__ = ["QUARK_MASSES", "TopQuarkRepresentation", "MMDGAN", "resonance_masses", "RESONANCES"]
+
+Representation = Literal["momenta", "ptetaphi", "logpt"]
+
+#: Fixed masses of the six quarks in the order of :data:`partonic.simulate.pythia.TTBAR_ORDER`
+#: (b 4.7 GeV, light quarks massless, as in arXiv:1907.03764).
+QUARK_MASSES = (M_B, 0.0, 0.0, M_B, 0.0, 0.0)
+
+#: The four resonances: name → (indices of its daughters among the six quarks, mass, width).
+RESONANCES = {
+    "W+": ((1, 2), M_W, GAMMA_W),
+    "W-": ((4, 5), M_W, GAMMA_W),
+    "t": ((0, 1, 2), M_TOP, GAMMA_TOP),
+    "tbar": ((3, 4, 5), M_TOP, GAMMA_TOP),
+}
+
+
+def resonance_masses(quarks: torch.Tensor) -> torch.Tensor:
+    """(N, 4) invariant masses of W⁺, W⁻, t, t̄ from the (N, 6, 4) quark momenta.
+
+    Sums of on-shell momenta are time-like; the clamp keeps the gradient of √m²
+    finite for exactly collinear massless pairs."""
+    m2 = torch.stack([kin.mass2(quarks[:, list(idx)].sum(1)) for idx, _, _ in RESONANCES.values()], 1)
+    return torch.sqrt(torch.clamp(m2, min=1e-6))
+
+
+class TopQuarkRepresentation(nn.Module):
+    """Invertible map between six quark momenta (N, 6, 4) and 18 standardised numbers.
+
+    ``momenta``: (px, py, pz) per quark; ``ptetaphi``: (pT, η, φ); ``logpt``:
+    (log pT, η, φ). The inverse puts every quark on its mass shell
+    (:data:`QUARK_MASSES`); a negative pT from the network is read as its modulus,
+    and φ needs no range (cos and sin take care of it).
+
+    Example:
+        >>> rep = TopQuarkRepresentation("logpt").fit(quarks)
+        >>> u = rep(quarks)                # (N, 18)
+        >>> back = rep.inverse(u)          # (N, 6, 4), equal to quarks up to the masses
+    """
+
+    def __init__(self, representation: Representation = "momenta", masses: Sequence[float] = QUARK_MASSES):
+        super().__init__()
+        if representation not in ("momenta", "ptetaphi", "logpt"):
+            raise ValueError(f"unknown representation {representation!r} (allowed: 'momenta', 'ptetaphi', 'logpt')")
+        self.representation = representation
+        self.register_buffer("masses", torch.tensor(masses, dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(18, dtype=torch.float64))
+        self.register_buffer("std", torch.ones(18, dtype=torch.float64))
+
+    def _raw(self, quarks: torch.Tensor) -> torch.Tensor:
+        if self.representation == "momenta":
+            return quarks[..., 1:].reshape(-1, 18)
+        pt = kin.pt(quarks)
+        first = torch.log(torch.clamp(pt, min=1e-6)) if self.representation == "logpt" else pt
+        return torch.stack([first, kin.eta(quarks), kin.phi(quarks)], -1).reshape(-1, 18)
+
+    def fit(self, quarks: torch.Tensor) -> "TopQuarkRepresentation":
+        raw = self._raw(quarks.to(self.mean.device, torch.float64))
+        self.mean.copy_(raw.mean(0))
+        self.std.copy_(raw.std(0).clamp(min=1e-8))
+        return self
+
+    def forward(self, quarks: torch.Tensor) -> torch.Tensor:
+        raw = self._raw(quarks)
+        return (raw - self.mean.to(raw.dtype)) / self.std.to(raw.dtype)
+
+    def inverse(self, u: torch.Tensor) -> torch.Tensor:
+        raw = (u * self.std.to(u.dtype) + self.mean.to(u.dtype)).reshape(-1, 6, 3)
+        if self.representation == "momenta":
+            p3 = raw
+        else:
+            pt = torch.exp(raw[..., 0]) if self.representation == "logpt" else raw[..., 0].abs()
+            eta, phi = raw[..., 1].clamp(-20, 20), raw[..., 2]
+            p3 = torch.stack([pt * torch.cos(phi), pt * torch.sin(phi), pt * torch.sinh(eta)], -1)
+        m = self.masses.to(u.dtype)
+        e = torch.sqrt((p3 * p3).sum(-1) + m * m)
+        return torch.cat([e[..., None], p3], -1)
+
+
+class _BatchStatistics(nn.Module):
+    """Appends the batch's standard deviation of every input (averaged over the batch,
+    the same for every event): a discriminator that sees it spots a generator whose
+    events are too alike (minibatch standard deviation, arXiv:1710.10196, Sec. 3)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        std = x.std(0, keepdim=True).expand_as(x) if x.shape[0] > 1 else torch.zeros_like(x)
+        return torch.cat([x, std], 1)
+
+
+class MMDGAN(nn.Module):
+    """Generator and discriminator for six-quark events, with an MMD term on the
+    resonance masses in the generator loss.
+
+    Arguments:
+        representation: a fitted :class:`TopQuarkRepresentation` (its space is the
+            generator's output and the discriminator's input).
+        latent_dim, width, layers: noise dimension and both MLPs (LeakyReLU).
+        gradient_penalty: R1 weight on the discriminator (arXiv:1801.04406).
+        mmd_weight: λ of the MMD term (0 switches it off: the ablation).
+        mmd_kernel: ``breit_wigner`` or ``gaussian``; widths are each resonance's
+            width times ``mmd_width_factors``.
+        spectral_norm, batch_statistics, discriminator_masses: precision options.
+
+    Example:
+        >>> gan = MMDGAN(TopQuarkRepresentation().fit(quarks), mmd_weight=1.0)
+        >>> out = gan.loss((quarks_batch,))     # inside the training loop
+        >>> events = gan.sample(100_000)        # (N, 6, 4) momenta
+    """
+
+    def __init__(
+        self,
+        representation: TopQuarkRepresentation,
+        latent_dim: int = 18,
+        width: int = 512,
+        layers: int = 10,
+        gradient_penalty: float = 1.0,
+        mmd_weight: float = 1.0,
+        mmd_kernel: KernelName = "breit_wigner",
+        mmd_width_factors: Sequence[float] = (1.0,),
+        spectral_norm: bool = False,
+        batch_statistics: bool = False,
+        discriminator_masses: bool = False,
+    ):
+        super().__init__()
+        self.representation = representation
+        self.latent_dim = latent_dim
+        self.gradient_penalty, self.mmd_weight, self.mmd_kernel = gradient_penalty, mmd_weight, mmd_kernel
+        self.mmd_width_factors = tuple(float(f) for f in mmd_width_factors)
+        self.discriminator_masses = discriminator_masses
+        self.generator = mlp(latent_dim, 18, width, layers, activation=lambda: nn.LeakyReLU(0.2))
+        nn.init.normal_(self.generator[-1].weight, std=0.1)
+        n_in = 18 + (4 if discriminator_masses else 0)
+        net = mlp(n_in * (2 if batch_statistics else 1), 1, width, layers, activation=lambda: nn.LeakyReLU(0.2))
+        nn.init.normal_(net[-1].weight, std=0.1)
+        if spectral_norm:
+            for i, mod in enumerate(net):
+                if isinstance(mod, nn.Linear):
+                    net[i] = nn.utils.parametrizations.spectral_norm(mod)
+        self.discriminator = nn.Sequential(_BatchStatistics(), net) if batch_statistics else net
+        # Resonance-mass standardisation for the discriminator: mass − M in units of 10 Γ.
+        self.register_buffer("_res_mass", torch.tensor([m for _, m, _ in RESONANCES.values()]))
+        self.register_buffer("_res_scale", torch.tensor([10.0 * g for _, _, g in RESONANCES.values()]))
+
+    def _features(self, quarks: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        if not self.discriminator_masses:
+            return u
+        m = resonance_masses(quarks)
+        return torch.cat([u, (m - self._res_mass.to(m.dtype)) / self._res_scale.to(m.dtype)], 1)
+
+    def generate(self, z: torch.Tensor) -> torch.Tensor:
+        """(N, 6, 4) quark momenta from noise ``z`` (differentiable)."""
+        return self.representation.inverse(self.generator(z))
+
+    def mmd(self, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Σ over W⁺, W⁻, t, t̄ of MMD² between generated and true masses."""
+        m_fake, m_real = resonance_masses(fake), resonance_masses(real)
+        total = m_fake.new_zeros(())
+        for k, (_, _, gamma) in enumerate(RESONANCES.values()):
+            widths = [gamma * f for f in self.mmd_width_factors]
+            total = total + mmd2(m_fake[:, k], m_real[:, k], widths, self.mmd_kernel)
+        return total
+
+    def loss(self, batch) -> dict[str, torch.Tensor]:
+        (quarks,) = batch
+        dtype = next(self.generator.parameters()).dtype
+        real = quarks.to(dtype)
+        u_real = self.representation(real)
+        z = torch.randn(real.shape[0], self.latent_dim, dtype=dtype, device=real.device)
+        fake = self.generate(z)
+        # the discriminator sees generated events in the same coordinates as the truth
+        u_fake = self.representation(fake)
+        loss_d, loss_g = gan_losses(self.discriminator, self._features(real, u_real), self._features(fake, u_fake), None, self.gradient_penalty)
+        out = {"loss_d": loss_d.detach(), "loss_g": loss_g.detach()}
+        loss = loss_d + loss_g
+        if self.mmd_weight > 0 or not torch.is_grad_enabled():
+            mmd = self.mmd(fake, real)
+            loss = loss + self.mmd_weight * mmd
+            out["mmd"] = mmd.detach()
+        out["loss"] = loss
+        return out
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None, batch_size: int = 262_144) -> torch.Tensor:
+        """``n`` events as (n, 6, 4) momenta in float64 (masses exact)."""
+        p = next(self.generator.parameters())
+        out = []
+        for start in range(0, n, batch_size):
+            k = min(batch_size, n - start)
+            z = torch.randn(k, self.latent_dim, generator=generator, dtype=p.dtype, device="cpu" if generator is not None else p.device).to(p.device)
+            out.append(self.representation.inverse(self.generator(z).double()))
+        return torch.cat(out) if out else torch.zeros(0, 6, 4, dtype=torch.float64, device=p.device)
