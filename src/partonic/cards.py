@@ -308,9 +308,11 @@ class GANModel(Strict):
 class GenerateEvaluation(SampleEvaluation):
     """``n_generated`` events per model for the metrics and the LHE file; the classifier
     test uses up to ``classifier_events`` of each sample; ``shower_events`` of the LHE
-    file are showered by Pythia8 as a check (0: no check)."""
+    file are showered by Pythia8 as a check (0: no check); ``plots: false`` leaves
+    the plots out (the report keeps every figure)."""
 
     n_generated: PositiveInt = 100_000
+    plots: bool = True
     classifier_events: Annotated[int, Field(ge=1000)] = 200_000
     classifier_epochs: PositiveInt = 10
     shower_events: NonNegInt = 500

@@ -405,11 +405,12 @@ def run(card, args) -> int:
                           "ratio": c.ratio, "ratio_error": c.ratio_error}
         entry["edges"] = list(map(float, edges))
         per_obs[name] = entry
-        series = [Series(obs_truth[name], "truth (Pythia8)" if card.data.source == "pythia" else "truth (LHE)")]
-        series += [Series(obs[key][name], label[key]) for key in samples]
-        written = ratio_plot(series, edges, xlabel, folder.path / "plots" / name, title=title, logy=logy,
-                             ratio_range=(0.0, 2.0) if name.startswith("m_") else (0.8, 1.2))
-        plots += [str(p.relative_to(folder.path)) for p in written]
+        if card.evaluation.plots:
+            series = [Series(obs_truth[name], "truth (Pythia8)" if card.data.source == "pythia" else "truth (LHE)")]
+            series += [Series(obs[key][name], label[key]) for key in samples]
+            written = ratio_plot(series, edges, xlabel, folder.path / "plots" / name, title=title, logy=logy,
+                                 ratio_range=(0.0, 2.0) if name.startswith("m_") else (0.8, 1.2))
+            plots += [str(p.relative_to(folder.path)) for p in written]
     report["observables"] = per_obs
     quark_bulk = [n for n in per_obs if (n.startswith("pt_") or n.startswith("eta_")) and n.split("_", 1)[1] in _QUARK_NAMES]
     for key in samples:

@@ -1,0 +1,270 @@
+"""pp → tt̄ → 6 quarks: LO matrix elements, Pythia8 parton level, the MMD GAN, resonance
+fits, the classifier test, LHE output with the decay chain, and the generate job."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from partonic.cli import main
+from partonic.evaluate.metrics import auc, classifier_auc, fit_breit_wigner
+from partonic.io.lhe import LHEEvents, LHEInit, LHEProcess, read_lhe, write_lhe
+from partonic.jobs.common import JobError
+from partonic.jobs.generate import incoming_probabilities, on_shell, quarks_from_lhe, ttbar_lhe_events
+from partonic.models.mmd_gan import MMDGAN, QUARK_MASSES, TopQuarkRepresentation, resonance_masses
+from partonic.physics import kinematics as kin
+from partonic.physics.constants import GEV2_TO_PB
+from partonic.physics.matrix_elements import ttbar_me2, ttbar_sigma_hat
+from partonic.physics.pdf import AlphaS, load_pdf
+from partonic.simulate.pythia import shower_lhe, ttbar_chunk, ttbar_settings
+
+
+@pytest.fixture(scope="module")
+def pythia_ttbar():
+    """2000 parton-level tt̄ events from Pythia8 (about 0.3 s)."""
+    out = ttbar_chunk({"n_events": 2000, "settings": ttbar_settings(11)})
+    out["on_shell"] = on_shell(torch.from_numpy(out["quarks"]))
+    return out
+
+
+# ------------------------------------------------------------ matrix elements
+@pytest.mark.parametrize("sqrt_shat, qq, gg", [(400, 21.75, 12.85), (500, 18.06, 17.93), (1000, 5.02, 11.37)])
+def test_ttbar_sigma_hat_matches_the_check_values(sqrt_shat, qq, gg):
+    s = torch.tensor(float(sqrt_shat) ** 2, dtype=torch.float64)
+    # check values of PHYSICS.md are quoted to 4 digits
+    assert float(ttbar_sigma_hat(s, "qq", 173.0, 0.118)) * GEV2_TO_PB == pytest.approx(qq, rel=5e-4)
+    assert float(ttbar_sigma_hat(s, "gg", 173.0, 0.118)) * GEV2_TO_PB == pytest.approx(gg, rel=5e-4)
+
+
+@pytest.mark.parametrize("channel", ["qq", "gg"])
+def test_ttbar_me2_integrates_to_sigma_hat(channel):
+    """∫ dt |M|²/(16π ŝ²) over the physical t range equals the closed-form σ̂ (a second method)."""
+    m2 = 173.0**2
+    for roots in (360.0, 700.0, 3000.0):
+        s = torch.tensor(roots**2, dtype=torch.float64)
+        beta = math.sqrt(1 - 4 * m2 / roots**2)
+        c = torch.linspace(-1, 1, 40001, dtype=torch.float64)
+        t = m2 - roots**2 / 2 * (1 - beta * c)
+        integrand = ttbar_me2(s, t, channel) / (16 * math.pi * s * s) * (roots**2 * beta / 2)
+        assert float(torch.trapezoid(integrand, c)) == pytest.approx(float(ttbar_sigma_hat(s, channel)), rel=1e-6)
+    assert float(ttbar_sigma_hat(torch.tensor(300.0**2), channel)) == 0.0  # below threshold
+    with pytest.raises(ValueError, match="'qq' or 'gg'"):
+        ttbar_sigma_hat(s, "qg")
+
+
+# ------------------------------------------------------------------ Pythia8
+def test_pythia_ttbar_gives_six_quarks_from_the_decay_chain(pythia_ttbar):
+    ids, q = pythia_ttbar["ids"], torch.from_numpy(pythia_ttbar["quarks"])
+    assert pythia_ttbar["errors"] == {} and pythia_ttbar["n_failed"] == 0
+    assert (ids[:, 0] == 5).all() and (ids[:, 3] == -5).all()
+    assert np.isin(ids[:, 1], [2, 4]).all() and np.isin(ids[:, 2], [-1, -3]).all()
+    assert np.isin(ids[:, 4], [1, 3]).all() and np.isin(ids[:, 5], [-2, -4]).all()
+    assert float(kin.pt(q.sum(1)).max()) < 1e-6  # no ISR: the six quarks balance in pT
+    m = resonance_masses(q)
+    # medians of Breit–Wigner samples sit at the pole: 2000 events give ~Γ/2·π/√(4n) ≈ 0.05 GeV
+    assert np.median(m[:, :2].numpy()) == pytest.approx(80.385, abs=0.3)
+    assert np.median(m[:, 2:].numpy()) == pytest.approx(173.0, abs=0.3)
+    assert 200 < pythia_ttbar["sigma_pb"] < 260  # PHYSICS.md: Pythia8 reports about 234 pb
+
+
+def test_incoming_flavour_shares_match_pythia(pythia_ttbar):
+    """The LO share of g g (PDF × |M|²) at each Pythia event, averaged, equals the
+    fraction of g g events Pythia generated, within its binomial error."""
+    q = torch.from_numpy(pythia_ttbar["quarks"])
+    inc = pythia_ttbar["incoming"]
+    total = q.sum(1)
+    x1, x2 = (total[:, 0] + total[:, 3]) / 13000.0, (total[:, 0] - total[:, 3]) / 13000.0
+    pa = torch.stack([x1 * 6500, 0 * x1, 0 * x1, x1 * 6500], 1)
+    top = q[:, :3].sum(1)
+    mt = torch.sqrt(kin.pt(top) ** 2 + kin.mass2(top))
+    pdf = load_pdf("NNPDF23_lo_as_0130_qed", 0)
+    probs = incoming_probabilities(x1, x2, kin.mass2(total), kin.mass2(pa - top), pdf, AlphaS(0.13, 1), mt)
+    predicted = float(probs[:, 0].mean())
+    observed = float(((inc[:, 0] == 21) & (inc[:, 1] == 21)).mean())
+    assert abs(predicted - observed) < 3 * math.sqrt(observed * (1 - observed) / len(q)), (predicted, observed)
+    # q q̄ with the quark from beam 1 and from beam 2 are equally likely in pp (symmetric)
+    assert float(probs[:, 1].mean()) == pytest.approx(float(probs[:, 2].mean()), abs=0.01)
+
+
+# ---------------------------------------------------------------------- model
+@pytest.mark.parametrize("representation", ["momenta", "ptetaphi", "logpt"])
+def test_representation_round_trip(pythia_ttbar, representation):
+    quarks = pythia_ttbar["on_shell"]
+    rep = TopQuarkRepresentation(representation).fit(quarks)
+    u = rep(quarks)
+    assert u.shape == (len(quarks), 18)
+    assert u.mean(0).abs().max() < 1e-8 and (u.std(0) - 1).abs().max() < 1e-8
+    assert torch.allclose(rep.inverse(u), quarks, rtol=1e-9, atol=1e-7)
+    # masses of the generated quarks are fixed by flavour
+    back = rep.inverse(torch.randn(50, 18, dtype=torch.float64))
+    assert torch.allclose(kin.mass(back), torch.tensor(QUARK_MASSES, dtype=torch.float64).expand(50, 6), atol=1e-4)  # √m² of E ~ 10² GeV rounds to ~1e-6
+
+
+def test_a_few_steps_on_the_mmd_term_decrease_it(pythia_ttbar):
+    torch.manual_seed(0)
+    real = pythia_ttbar["on_shell"].float()
+    gan = MMDGAN(TopQuarkRepresentation("logpt").fit(real.double()), width=32, layers=2, mmd_weight=1.0)
+    opt = torch.optim.Adam(gan.generator.parameters(), lr=3e-3)
+    z_eval = torch.randn(1000, gan.latent_dim)
+
+    def mmd_now():
+        with torch.no_grad():
+            return float(gan.mmd(gan.generate(z_eval), real[:1000]))
+
+    before = mmd_now()
+    for _ in range(60):
+        opt.zero_grad()
+        idx = torch.randint(0, len(real), (256,))
+        gan.mmd(gan.generate(torch.randn(256, gan.latent_dim)), real[idx]).backward()
+        opt.step()
+    after = mmd_now()
+    # the estimator's own noise: MMD² between two independent truth samples of 1000
+    noise = abs(float(gan.mmd(real[:1000], real[1000:2000])))
+    assert noise < 0.05 and before - after > 10 * noise + 0.3, (before, after, noise)
+
+
+@pytest.mark.parametrize("options", [{}, {"spectral_norm": True, "batch_statistics": True, "discriminator_masses": True}])
+def test_gan_loss_is_finite_with_gradients_for_both_networks(pythia_ttbar, options):
+    torch.manual_seed(1)
+    real = pythia_ttbar["on_shell"][:128]
+    gan = MMDGAN(TopQuarkRepresentation("ptetaphi").fit(real), width=16, layers=2, **options)
+    out = gan.loss((real,))
+    assert set(out) >= {"loss", "loss_d", "loss_g", "mmd"} and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    for net in (gan.generator, gan.discriminator):
+        grads = [p.grad for p in net.parameters() if p.requires_grad]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert any(float(g.abs().sum()) > 0 for g in grads)
+    assert gan.sample(10).shape == (10, 6, 4)
+
+
+# --------------------------------------------------------------------- metrics
+def test_breit_wigner_fit_recovers_position_and_width():
+    rng = np.random.default_rng(5)
+    m = 80.4 + 2.05 / 2 * rng.standard_cauchy(100_000)
+    background = rng.uniform(80.4 - 20.5, 80.4 + 20.5, 10_000)
+    fit = fit_breit_wigner(np.concatenate([m, background]), 80.4, 2.05)
+    assert abs(fit.position - 80.4) < 3 * fit.position_error
+    assert abs(fit.width - 2.05) < 3 * fit.width_error
+    assert fit.width_error < 0.02
+    # a Gaussian smear of σ = 2 GeV is a much wider peak for both measures
+    wide = fit_breit_wigner(rng.normal(80.4, 2.0, 100_000), 80.4, 2.05)
+    assert wide.width > 1.2 * fit.width and wide.fwhm > 2 * fit.fwhm
+
+
+def test_auc_and_the_classifier_test():
+    assert auc([0.0, 1.0], [2.0, 3.0]) == 1.0 and auc([2.0, 3.0], [0.0, 1.0]) == 0.0
+    assert auc([1.0, 1.0], [1.0, 1.0]) == 0.5
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(20_000, 4)), rng.normal(size=(20_000, 4))
+    same = classifier_auc(x, y, epochs=3, seed=1)
+    # AUC standard error for n = 10⁴ per class on the test half: √((2n+1)/(12 n²)) ≈ 0.004
+    assert abs(same - 0.5) < 4 * math.sqrt((2 * 10_000 + 1) / (12 * 10_000**2)) + 0.01  # + the classifier's own overfit
+    y[:, 0] *= 1.3
+    assert classifier_auc(x, y, epochs=3, seed=1) > 0.54
+
+
+# ----------------------------------------------------------------------- LHE
+def _colour_balanced(events: LHEEvents) -> bool:
+    """Every colour tag appears once as a source (outgoing colour, incoming anticolour)
+    and once as a sink (outgoing anticolour, incoming colour), resonances left out."""
+    for i in range(len(events)):
+        sources, sinks = [], []
+        for k in range(int(events.n_particles[i])):
+            st, c1, c2 = int(events.status[i, k]), int(events.color1[i, k]), int(events.color2[i, k])
+            if st == 1:
+                sources.append(c1), sinks.append(c2)
+            elif st == -1:
+                sources.append(c2), sinks.append(c1)
+        if sorted(c for c in sources if c) != sorted(c for c in sinks if c) or len(set(c for c in sources if c)) != len([c for c in sources if c]):
+            return False
+    return True
+
+
+def test_lhe_events_carry_a_balanced_decay_chain(pythia_ttbar, tmp_path):
+    quarks, ids = pythia_ttbar["on_shell"][:300], torch.from_numpy(pythia_ttbar["ids"][:300])
+    # a generated event balances pT only approximately: perturb, the writer must restore it
+    quarks = on_shell(quarks + torch.cat([torch.zeros(300, 6, 1), torch.randn(300, 6, 3, dtype=torch.float64)], 2))
+    pdf = load_pdf("NNPDF23_lo_as_0130_qed", 0)
+    events, info = ttbar_lhe_events(quarks, ids, 230.0, 13000.0, pdf, AlphaS(0.13, 1), torch.Generator().manual_seed(0))
+    assert info["events"] + info["dropped_x_above_1"] == 300 and info["mean_pt_removed_gev"] > 0.5
+    path = write_lhe(tmp_path / "tt.lhe", events, LHEInit(energies=(6500.0, 6500.0), processes=[LHEProcess(230.0, 1.0, 230.0)]))
+    _, back = read_lhe(path)
+    assert len(back) == info["events"]
+    p, st = back.momenta, back.status
+    incoming = (p * (st == -1)[..., None]).sum(1)
+    outgoing = (p * (st == 1)[..., None]).sum(1)
+    assert torch.allclose(incoming, outgoing, rtol=1e-9, atol=1e-6)
+    assert (back.pid[:, 2] == 6).all() and (back.pid[:, 4] == 24).all() and (back.pid[:, 6] == -24).all()
+    for r, daughters in {2: (4, 5), 3: (6, 7), 4: (8, 9), 6: (10, 11)}.items():
+        # each resonance is the mother of its daughters, their sum, with their mass
+        assert all(bool((back.mother1[:, d] == r + 1).all()) for d in daughters)
+        assert torch.allclose(p[:, list(daughters)].sum(1), p[:, r], rtol=1e-9, atol=1e-6)
+        assert torch.allclose(back.mass[:, r], kin.mass(p[:, r]), rtol=1e-7)
+    assert _colour_balanced(back)
+    # the record reads back into the six quarks, in order, with the resonance masses
+    q_back, id_back = quarks_from_lhe(back)
+    assert torch.equal(id_back, back.pid[:, [5, 8, 9, 7, 10, 11]])
+    assert torch.allclose(resonance_masses(q_back), back.mass[:, [4, 6, 2, 3]], rtol=1e-7)
+    shower = shower_lhe(path, max_events=30, hadronise=False)
+    assert shower.n_accepted == 30 and shower.errors == {}
+
+
+def test_lhe_without_the_decay_chain_is_refused_naming_the_event(pythia_ttbar):
+    n = 3
+    events = LHEEvents(
+        pid=torch.tensor([[21, 21, 6, -6]] * n), status=torch.tensor([[-1, -1, 1, 1]] * n), mother1=torch.tensor([[0, 0, 1, 1]] * n),
+        mother2=torch.tensor([[0, 0, 2, 2]] * n), color1=torch.zeros(n, 4, dtype=torch.long), color2=torch.zeros(n, 4, dtype=torch.long),
+        momenta=torch.zeros(n, 4, 4, dtype=torch.float64), mass=torch.zeros(n, 4, dtype=torch.float64), weight=torch.ones(n),
+        scale=torch.ones(n), aqed=torch.ones(n), aqcd=torch.ones(n), process_id=torch.ones(n, dtype=torch.long),
+    )
+    with pytest.raises(JobError, match=r"f.lhe: event 1 is not t t̄"):
+        quarks_from_lhe(events, where="f.lhe: ")
+
+
+# ----------------------------------------------------------------------- job
+def test_generate_job_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("PARTONIC_CACHE", str(tmp_path / "cache"))
+    card = tmp_path / "tt.yaml"
+    card.write_text(
+        "job: generate\nname: tt_tiny\nseed: 2\n"
+        "data: {source: pythia, n_events: 3000, workers: 1}\n"
+        "model: {layers: 2, width: 32, representation: logpt}\n"
+        "training: {batch_size: 256, epochs: 1, optimizer: {name: adam, lr: 1.0e-3, betas: [0.5, 0.9]}, schedule: {name: constant}}\n"
+        "evaluation: {n_generated: 3000, bins: 10, classifier_events: 3000, classifier_epochs: 1, shower_events: 20}\n"
+    )
+    out = tmp_path / "run"
+    assert main(["generate", "--card", str(card), "--output", str(out), "--device", "cpu"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    for name in ("W+", "W-", "t", "tbar"):
+        for key in ("truth", "generated", "generated_no_mmd"):
+            assert set(report["resonances"][name][key]) >= {"position", "width"}
+        assert report["resonances"][name]["truth"]["position"] == pytest.approx(80.4 if "W" in name else 173.0, abs=0.5)
+    assert 0.5 <= report["classifier_auc"] <= 1.0 and "classifier_auc_no_mmd" in report
+    assert math.isfinite(report["max_bulk_deviation"]) and report["timing"]["generate_events_per_s"] > 0
+    assert report["outputs"]["model"] == "model.pt" and len(report["outputs"]["plots"]) == 2 * len(report["observables"])
+    _, events = read_lhe(out / report["outputs"]["lhe"])
+    assert len(events) == report["lhe"]["events"] and report["shower_check"]["n_accepted"] == 20
+    assert report["shower_check"]["errors"] == {}
+    # the cached Pythia sample is reused by a second run
+    assert main(["generate", "--card", str(card), "--output", str(tmp_path / "run2"), "--device", "cpu", "--set", "model.ablation=false", "--set", "lhe.write=false", "--set", "evaluation.plots=false"]) == 0
+    second = json.loads((tmp_path / "run2" / "report.json").read_text())
+    assert second["pythia"]["cached"] is True and "generated_no_mmd" not in second["resonances"]["t"]
+    assert second["outputs"]["plots"] == [] and second["outputs"]["lhe"] is None
+
+
+def test_generate_card_errors_name_the_field(tmp_path, capsys):
+    card = tmp_path / "bad.yaml"
+    card.write_text("job: generate\nname: x\nmodel: {mmd_wieght: 2}\n")
+    assert main(["check-card", str(card)]) != 0
+    err = capsys.readouterr().err
+    assert "mmd_wieght" in err and "mmd_weight" in err
+    card.write_text("job: generate\nname: x\nmodel: {representation: cartesian}\n")
+    assert main(["check-card", str(card)]) != 0
+    err = capsys.readouterr().err
+    assert "representation" in err and "logpt" in err
+    card.write_text("job: generate\nname: x\ndata: {source: lhe}\n")
+    assert main(["check-card", str(card)]) != 0
+    assert "files" in capsys.readouterr().err
