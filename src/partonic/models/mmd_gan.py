@@ -98,9 +98,10 @@ class TopQuarkRepresentation(nn.Module):
     def inverse(self, u: torch.Tensor) -> torch.Tensor:
         raw = (u * self.std.to(u.dtype) + self.mean.to(u.dtype)).reshape(-1, 6, 3)
         if self.representation == "momenta":
-            p3 = raw
+            p3 = raw.clamp(-2e4, 2e4)
         else:
-            pt = torch.exp(raw[..., 0]) if self.representation == "logpt" else raw[..., 0].abs()
+            # bounded (pT ≤ 20 TeV): an unstable generator must not overflow into inf/NaN
+            pt = torch.exp(raw[..., 0].clamp(max=10.0)) if self.representation == "logpt" else raw[..., 0].abs().clamp(max=2e4)
             eta, phi = raw[..., 1].clamp(-20, 20), raw[..., 2]
             p3 = torch.stack([pt * torch.cos(phi), pt * torch.sin(phi), pt * torch.sinh(eta)], -1)
         m = self.masses.to(u.dtype)
