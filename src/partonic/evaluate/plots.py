@@ -59,7 +59,7 @@ def ratio_plot(
     ref_h, ref_e = None, None
     for i, s in enumerate(series):
         h, e = weighted_histogram(s.values, edges, s.weights)
-        norm = h.sum() * widths
+        norm = max(h.sum(), 1e-300) * widths  # a sample with nothing in range draws as zero
         dens, err = h / norm, e / norm
         color = _COLORS[i % len(_COLORS)]
         ax.stairs(dens, edges, label=s.label, color=color, linewidth=1.6)
