@@ -268,3 +268,15 @@ def test_generate_card_errors_name_the_field(tmp_path, capsys):
     card.write_text("job: generate\nname: x\ndata: {source: lhe}\n")
     assert main(["check-card", str(card)]) != 0
     assert "files" in capsys.readouterr().err
+
+
+def test_mmd_weight_warms_up_and_survives_a_checkpoint():
+    gan = MMDGAN(TopQuarkRepresentation(), width=8, layers=1, mmd_weight=2.0, mmd_start_step=2, mmd_ramp_steps=4)
+    quarks = on_shell(torch.randn(32, 6, 4, dtype=torch.float64) * 40)
+    weights = [float(gan.loss((quarks,))["mmd_weight"]) for _ in range(7)]
+    assert weights == [0.0, 0.0, 0.5, 1.0, 1.5, 2.0, 2.0]
+    restored = MMDGAN(TopQuarkRepresentation(), width=8, layers=1, mmd_weight=2.0, mmd_start_step=2, mmd_ramp_steps=4)
+    restored.load_state_dict(gan.state_dict())
+    assert int(restored.steps_seen) == 7 and restored.current_mmd_weight() == 2.0
+    with torch.no_grad():  # evaluation neither counts steps nor uses the schedule
+        assert float(restored.loss((quarks,))["mmd_weight"]) == 2.0 and int(restored.steps_seen) == 7

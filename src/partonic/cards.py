@@ -288,8 +288,9 @@ class GANModel(Strict):
     """Generator and discriminator MLPs (arXiv:1907.03764: 10 × 512) and the MMD term.
 
     ``mmd_weight`` λ multiplies Σ MMD² over the W and top masses; the kernel widths are
-    each resonance's width times ``mmd_width_factors``; ``ablation`` also trains the
-    same GAN without MMD for comparison."""
+    each resonance's width times ``mmd_width_factors``; the MMD term is off for the first
+    ``mmd_start_epoch`` epochs and reaches λ linearly over ``mmd_ramp_epochs``;
+    ``ablation`` also trains the same GAN without MMD for comparison."""
 
     layers: Annotated[int, Field(ge=1, le=32)] = 10
     width: Annotated[int, Field(ge=4, le=4096)] = 512
@@ -302,6 +303,8 @@ class GANModel(Strict):
     mmd_weight: NonNegFloat = 1.0
     mmd_kernel: Literal["breit_wigner", "gaussian"] = "breit_wigner"
     mmd_width_factors: Annotated[list[PositiveFloat], Field(min_length=1, max_length=8)] = [1.0]
+    mmd_start_epoch: NonNegFloat = 0.0
+    mmd_ramp_epochs: NonNegFloat = 0.0
     ablation: bool = True
 
 

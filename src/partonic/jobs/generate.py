@@ -282,18 +282,19 @@ def ttbar_lhe_events(quarks: torch.Tensor, ids: torch.Tensor, sigma_pb: float, s
 
 
 # ----------------------------------------------------------------------- job
-def _build(card, rep: TopQuarkRepresentation, mmd_weight: float) -> MMDGAN:
+def _build(card, rep: TopQuarkRepresentation, mmd_weight: float, steps_per_epoch: int = 1) -> MMDGAN:
     m = card.model
     return MMDGAN(
         rep, latent_dim=m.latent_dim, width=m.width, layers=m.layers, gradient_penalty=m.gradient_penalty,
         mmd_weight=mmd_weight, mmd_kernel=m.mmd_kernel, mmd_width_factors=m.mmd_width_factors,
         spectral_norm=m.spectral_norm, batch_statistics=m.batch_statistics, discriminator_masses=m.discriminator_masses,
+        mmd_start_step=round(m.mmd_start_epoch * steps_per_epoch), mmd_ramp_steps=round(m.mmd_ramp_epochs * steps_per_epoch),
     )
 
 
 def _train(card, args, rep, mmd_weight, folder: Path, x_train, x_val, device, label) -> tuple[MMDGAN, dict]:
     seed_everything(card.seed)
-    gan = _build(card, rep, mmd_weight)
+    gan = _build(card, rep, mmd_weight, steps_per_epoch=max(len(x_train) // min(card.training.batch_size, len(x_train)), 1))
     try:
         result = train(
             gan, lambda mod, batch: mod.loss(batch), (x_train,), card.training, folder, seed=card.seed, device=device,
@@ -305,7 +306,7 @@ def _train(card, args, rep, mmd_weight, folder: Path, x_train, x_val, device, la
             "skipped_steps": result.skipped_steps, "train_s": result.train_s,
             "s_per_epoch": result.train_s / max(result.steps, 1) * max(len(x_train) // min(card.training.batch_size, len(x_train)), 1)}
     last = result.history[-1] if result.history else {}
-    info.update({k: last[k] for k in ("loss_d", "loss_g", "mmd") if k in last})
+    info.update({k: last[k] for k in ("loss_d", "loss_g", "mmd", "mmd_weight") if k in last})
     gan.eval()
     return gan, info
 

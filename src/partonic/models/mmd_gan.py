@@ -132,6 +132,11 @@ class MMDGAN(nn.Module):
         mmd_kernel: ``breit_wigner`` or ``gaussian``; widths are each resonance's
             width times ``mmd_width_factors``.
         spectral_norm, batch_statistics, discriminator_masses: precision options.
+        mmd_start_step, mmd_ramp_steps: the MMD weight is 0 for the first
+            ``mmd_start_step`` training steps and then grows linearly to ``mmd_weight``
+            over ``mmd_ramp_steps``; the GAN first learns the phase space, then the
+            peaks are sharpened (an MMD at full weight from the start lets the
+            generator satisfy it by collapsing onto a few configurations).
 
     Example:
         >>> gan = MMDGAN(TopQuarkRepresentation().fit(quarks), mmd_weight=1.0)
@@ -152,6 +157,8 @@ class MMDGAN(nn.Module):
         spectral_norm: bool = False,
         batch_statistics: bool = False,
         discriminator_masses: bool = False,
+        mmd_start_step: int = 0,
+        mmd_ramp_steps: int = 0,
     ):
         super().__init__()
         self.representation = representation
@@ -159,6 +166,9 @@ class MMDGAN(nn.Module):
         self.gradient_penalty, self.mmd_weight, self.mmd_kernel = gradient_penalty, mmd_weight, mmd_kernel
         self.mmd_width_factors = tuple(float(f) for f in mmd_width_factors)
         self.discriminator_masses = discriminator_masses
+        self.mmd_start_step, self.mmd_ramp_steps = int(mmd_start_step), int(mmd_ramp_steps)
+        # training steps seen (a buffer: saved in checkpoints, so a resumed run keeps its MMD schedule)
+        self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
         self.generator = mlp(latent_dim, 18, width, layers, activation=lambda: nn.LeakyReLU(0.2))
         nn.init.normal_(self.generator[-1].weight, std=0.1)
         n_in = 18 + (4 if discriminator_masses else 0)
@@ -192,6 +202,15 @@ class MMDGAN(nn.Module):
             total = total + mmd2(m_fake[:, k], m_real[:, k], widths, self.mmd_kernel)
         return total
 
+    def current_mmd_weight(self) -> float:
+        """λ at the current training step (the warm-up schedule applied)."""
+        step = int(self.steps_seen)
+        if step < self.mmd_start_step:
+            return 0.0
+        if self.mmd_ramp_steps <= 0:
+            return self.mmd_weight
+        return self.mmd_weight * min(1.0, (step - self.mmd_start_step + 1) / self.mmd_ramp_steps)
+
     def loss(self, batch) -> dict[str, torch.Tensor]:
         (quarks,) = batch
         dtype = next(self.generator.parameters()).dtype
@@ -206,8 +225,12 @@ class MMDGAN(nn.Module):
         loss = loss_d + loss_g
         if self.mmd_weight > 0 or not torch.is_grad_enabled():
             mmd = self.mmd(fake, real)
-            loss = loss + self.mmd_weight * mmd
+            weight = self.current_mmd_weight() if torch.is_grad_enabled() else self.mmd_weight
+            loss = loss + weight * mmd
             out["mmd"] = mmd.detach()
+            out["mmd_weight"] = torch.tensor(weight)
+        if torch.is_grad_enabled() and self.training:
+            self.steps_seen += 1
         out["loss"] = loss
         return out
 
