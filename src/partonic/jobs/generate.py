@@ -317,7 +317,6 @@ def run(card, args) -> int:
     seed_everything(card.seed)
     report = folder.report_base()
     timing = report["timing"]
-    progress = None
 
     # ---- truth -------------------------------------------------------------
     t0 = time.perf_counter()

@@ -27,7 +27,7 @@ from ..physics import kinematics as kin
 from ..physics.constants import GAMMA_TOP, GAMMA_W, M_B, M_TOP, M_W
 from .flows import mlp
 from .mmd import KernelName, mmd2
-from .weighted_gan import gan_losses
+from .weighted_gan import gan_losses, latent_batches
 
 __all__ = ["QUARK_MASSES", "TopQuarkRepresentation", "MMDGAN", "resonance_masses", "RESONANCES"]
 
@@ -237,10 +237,5 @@ class MMDGAN(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, batch_size: int = 262_144) -> torch.Tensor:
         """``n`` events as (n, 6, 4) momenta in float64 (masses exact)."""
-        p = next(self.generator.parameters())
-        out = []
-        for start in range(0, n, batch_size):
-            k = min(batch_size, n - start)
-            z = torch.randn(k, self.latent_dim, generator=generator, dtype=p.dtype, device="cpu" if generator is not None else p.device).to(p.device)
-            out.append(self.representation.inverse(self.generator(z).double()))
-        return torch.cat(out) if out else torch.zeros(0, 6, 4, dtype=torch.float64, device=p.device)
+        out = [self.representation.inverse(self.generator(z).double()) for z in latent_batches(self.generator, self.latent_dim, n, generator, batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, 6, 4, dtype=torch.float64, device=next(self.parameters()).device)

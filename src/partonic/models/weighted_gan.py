@@ -24,7 +24,7 @@ from torch.func import functional_call
 
 from .flows import mlp
 
-__all__ = ["WeightedGAN", "gan_losses"]
+__all__ = ["WeightedGAN", "gan_losses", "latent_batches"]
 
 
 class WeightedGAN(nn.Module):
@@ -68,14 +68,17 @@ class WeightedGAN(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, batch_size: int = 262_144) -> torch.Tensor:
         """n events in physics variables."""
-        p = next(self.generator.parameters())
-        out = []
-        for start in range(0, n, batch_size):
-            k = min(batch_size, n - start)
-            z = torch.randn(k, self.latent_dim, generator=generator, dtype=p.dtype, device="cpu" if generator is not None else p.device).to(p.device)
-            x, _ = self.preprocessing.inverse(self.generator(z).double())
-            out.append(x)
-        return torch.cat(out)
+        return torch.cat([self.preprocessing.inverse(self.generator(z).double())[0] for z in latent_batches(self.generator, self.latent_dim, n, generator, batch_size)])
+
+
+def latent_batches(net: nn.Module, latent_dim: int, n: int, generator: torch.Generator | None, batch_size: int):
+    """Standard-normal noise for ``n`` events in batches, on ``net``'s device and dtype.
+    With a (CPU) ``generator`` the noise is drawn on the CPU, so a seed gives the same
+    events on every device."""
+    p = next(net.parameters())
+    for start in range(0, n, batch_size):
+        k = min(batch_size, n - start)
+        yield torch.randn(k, latent_dim, generator=generator, dtype=p.dtype, device="cpu" if generator is not None else p.device).to(p.device)
 
 
 def gan_losses(discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor, weights: torch.Tensor | None = None, gradient_penalty: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -246,6 +246,37 @@ def _hard_partons(process) -> tuple[list, list] | None:
     return [p for _, p in ordered], [pid for pid, _ in ordered]
 
 
+def _pythia_events(settings: list[str], n: int, process: str, record) -> dict:
+    """Run one Pythia8 instance until ``record(pythia, k)`` has accepted ``n`` events
+    (it returns False for an event it cannot use, which counts as failed). Returns
+    ``sigma_pb``, ``n_failed``, ``errors`` (Pythia's error statistics), ``seconds``."""
+    import time
+
+    import pythia8mc
+
+    start = time.perf_counter()
+    failed = 0
+    with capture_c_stdout() as text:
+        py = pythia8mc.Pythia("", False)
+        for line in settings:
+            if not py.readString(line):
+                raise RuntimeError(f"Pythia8 rejected the setting {line!r}")
+        if not py.init():
+            raise RuntimeError(f"Pythia8 failed to initialise {process}")
+        k = 0
+        while k < n:
+            if not py.next() or not record(py, k):
+                failed += 1
+                if failed > 100 + n // 10:
+                    raise RuntimeError(f"Pythia8 failed {failed} times in a chunk of {n} {process} events")
+                continue
+            k += 1
+        sigma_pb = py.infoPython().sigmaGen() * 1e9
+        py.stat()
+    errors = {m.group(2): int(m.group(1)) for m in _STAT_LINE.finditer(text[0]) if m.group(3) in ("Error", "Abort")}
+    return {"sigma_pb": sigma_pb, "n_failed": failed, "errors": errors, "seconds": time.perf_counter() - start}
+
+
 def zw_chunk(task: dict) -> dict:
     """Generate one chunk of pp → ZW events (one process, one Pythia instance).
 
@@ -255,10 +286,7 @@ def zw_chunk(task: dict) -> dict:
     ``partons`` (n, 4, 4), ``parton_ids`` (n, 4), ``leptons`` (n, L, 4),
     ``lepton_ids`` (n, L), ``jets`` (n, K, 4), and ``sigma_pb``, ``n_failed``,
     ``errors`` (Pythia's error statistics), ``seconds``."""
-    import time
-
     import numpy as np
-    import pythia8mc
 
     from partonic.simulate.detector import particle_level_objects
 
@@ -272,36 +300,19 @@ def zw_chunk(task: dict) -> dict:
         "lepton_ids": np.zeros((n, n_lep), dtype=np.int64),
         "jets": np.zeros((n, n_jet, 4)),
     }
-    start = time.perf_counter()
-    failed = 0
-    with capture_c_stdout() as text:
-        py = pythia8mc.Pythia("", False)
-        for line in task["settings"]:
-            if not py.readString(line):
-                raise RuntimeError(f"Pythia8 rejected the setting {line!r}")
-        if not py.init():
-            raise RuntimeError("Pythia8 failed to initialise pp → ZW")
-        k = 0
-        while k < n:
-            if not py.next():
-                failed += 1
-                if failed > 100 + n // 10:
-                    raise RuntimeError(f"Pythia8 failed {failed} times in a chunk of {n} events")
-                continue
-            hard = _hard_partons(py.process)
-            if hard is None:
-                failed += 1
-                continue
-            out["partons"][k], out["parton_ids"][k] = hard
-            final = [(p.e(), p.px(), p.py(), p.pz(), p.id()) for p in py.event if p.isFinal() and p.isVisible()]
-            arr = np.asarray(final, dtype=np.float64).reshape(-1, 5)
-            leptons, lepton_ids, jets = particle_level_objects(arr[:, :4], arr[:, 4].astype(np.int64), **objects)
-            out["leptons"][k], out["lepton_ids"][k], out["jets"][k] = leptons, lepton_ids, jets
-            k += 1
-        sigma_pb = py.infoPython().sigmaGen() * 1e9
-        py.stat()
-    errors = {m.group(2): int(m.group(1)) for m in _STAT_LINE.finditer(text[0]) if m.group(3) in ("Error", "Abort")}
-    out.update(sigma_pb=sigma_pb, n_failed=failed, errors=errors, seconds=time.perf_counter() - start)
+
+    def record(py, k: int) -> bool:
+        hard = _hard_partons(py.process)
+        if hard is None:
+            return False
+        out["partons"][k], out["parton_ids"][k] = hard
+        final = [(p.e(), p.px(), p.py(), p.pz(), p.id()) for p in py.event if p.isFinal() and p.isVisible()]
+        arr = np.asarray(final, dtype=np.float64).reshape(-1, 5)
+        leptons, lepton_ids, jets = particle_level_objects(arr[:, :4], arr[:, 4].astype(np.int64), **objects)
+        out["leptons"][k], out["lepton_ids"][k], out["jets"][k] = leptons, lepton_ids, jets
+        return True
+
+    out.update(_pythia_events(task["settings"], n, "pp → ZW", record))
     return out
 
 
@@ -503,39 +514,19 @@ def ttbar_chunk(task: dict) -> dict:
     Returns ``quarks`` (n, 6, 4) as Pythia made them (its quark masses), ``ids``
     (n, 6), ``incoming`` (n, 2) parton ids, and ``sigma_pb``, ``n_failed``,
     ``errors``, ``seconds``."""
-    import time
-
     import numpy as np
-    import pythia8mc
 
     n = task["n_events"]
     out = {"quarks": np.zeros((n, 6, 4)), "ids": np.zeros((n, 6), dtype=np.int64), "incoming": np.zeros((n, 2), dtype=np.int64)}
-    start = time.perf_counter()
-    failed = 0
-    with capture_c_stdout() as text:
-        py = pythia8mc.Pythia("", False)
-        for line in task["settings"]:
-            if not py.readString(line):
-                raise RuntimeError(f"Pythia8 rejected the setting {line!r}")
-        if not py.init():
-            raise RuntimeError("Pythia8 failed to initialise pp → tt̄")
-        k = 0
-        while k < n:
-            if not py.next():
-                failed += 1
-                if failed > 100 + n // 10:
-                    raise RuntimeError(f"Pythia8 failed {failed} times in a chunk of {n} events")
-                continue
-            found = _ttbar_quarks(py.process)
-            if found is None:
-                failed += 1
-                continue
-            out["quarks"][k], out["ids"][k], out["incoming"][k] = found
-            k += 1
-        sigma_pb = py.infoPython().sigmaGen() * 1e9
-        py.stat()
-    errors = {m.group(2): int(m.group(1)) for m in _STAT_LINE.finditer(text[0]) if m.group(3) in ("Error", "Abort")}
-    out.update(sigma_pb=sigma_pb, n_failed=failed, errors=errors, seconds=time.perf_counter() - start)
+
+    def record(py, k: int) -> bool:
+        found = _ttbar_quarks(py.process)
+        if found is None:
+            return False
+        out["quarks"][k], out["ids"][k], out["incoming"][k] = found
+        return True
+
+    out.update(_pythia_events(task["settings"], n, "pp → tt̄", record))
     return out
 
 
