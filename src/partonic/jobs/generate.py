@@ -179,16 +179,7 @@ def incoming_probabilities(x1: torch.Tensor, x2: torch.Tensor, shat: torch.Tenso
     shares of f_a(x1) f_b(x2) |M_ab|² at LO (t̂ of the quark from beam 1; for q̄ q the
     quark comes from beam 2, so its t̂ is û)."""
     q2 = scale * scale
-    a_s = alpha_s(q2)
-    fa, fb = _parton_densities(pdf, x1, q2), _parton_densities(pdf, x2, q2)
-    gg = fa[:, 5] * fb[:, 5] * ttbar_me2(shat, that, "gg", alpha_s=a_s)
-    uhat = 2 * float(RESONANCES["t"][1]) ** 2 - shat - that
-    lum_qqbar = sum(fa[:, 5 + q] * fb[:, 5 - q] for q in range(1, 6))
-    lum_qbarq = sum(fa[:, 5 - q] * fb[:, 5 + q] for q in range(1, 6))
-    qqbar = lum_qqbar * ttbar_me2(shat, that, "qq", alpha_s=a_s)
-    qbarq = lum_qbarq * ttbar_me2(shat, uhat, "qq", alpha_s=a_s)
-    w = torch.stack([gg, qqbar, qbarq], 1).clamp(min=0)
-    return w / w.sum(1, keepdim=True).clamp(min=1e-300)
+    return _channel_probabilities(_parton_densities(pdf, x1, q2), _parton_densities(pdf, x2, q2), shat, that, alpha_s(q2))
 
 
 def _parton_densities(pdf, x: torch.Tensor, q2: torch.Tensor) -> torch.Tensor:
@@ -196,9 +187,25 @@ def _parton_densities(pdf, x: torch.Tensor, q2: torch.Tensor) -> torch.Tensor:
     return torch.stack([pdf.xfxQ2(pid, x, q2) for pid in range(-5, 6)], 1)
 
 
-def _pick_quark(fa: torch.Tensor, fb: torch.Tensor, quark_first: bool, gen: torch.Generator) -> torch.Tensor:
+def _quark_luminosities(fa: torch.Tensor, fb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 5) f_q(x1) f_q̄(x2) and f_q̄(x1) f_q(x2) for q = d, u, s, c, b."""
+    return (torch.stack([fa[:, 5 + q] * fb[:, 5 - q] for q in range(1, 6)], 1),
+            torch.stack([fa[:, 5 - q] * fb[:, 5 + q] for q in range(1, 6)], 1))
+
+
+def _channel_probabilities(fa, fb, shat, that, a_s) -> torch.Tensor:
+    gg = fa[:, 5] * fb[:, 5] * ttbar_me2(shat, that, "gg", alpha_s=a_s)
+    uhat = 2 * float(RESONANCES["t"][1]) ** 2 - shat - that
+    lum_qqbar, lum_qbarq = _quark_luminosities(fa, fb)
+    qqbar = lum_qqbar.sum(1) * ttbar_me2(shat, that, "qq", alpha_s=a_s)
+    qbarq = lum_qbarq.sum(1) * ttbar_me2(shat, uhat, "qq", alpha_s=a_s)
+    w = torch.stack([gg, qqbar, qbarq], 1).clamp(min=0)
+    return w / w.sum(1, keepdim=True).clamp(min=1e-300)
+
+
+def _pick_quark(lum: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """The light flavour q (1-5) of a q q̄ (or q̄ q) initial state, by its luminosity share."""
-    lum = torch.stack([fa[:, 5 + q] * fb[:, 5 - q] if quark_first else fa[:, 5 - q] * fb[:, 5 + q] for q in range(1, 6)], 1).clamp(min=1e-300)
+    lum = lum.clamp(min=1e-300)
     return torch.multinomial((lum / lum.sum(1, keepdim=True)).cpu().float(), 1, generator=gen)[:, 0] + 1
 
 
@@ -237,12 +244,14 @@ def ttbar_lhe_events(quarks: torch.Tensor, ids: torch.Tensor, sigma_pb: float, s
     mt_tbar = torch.sqrt(kin.pt(tbar) ** 2 + kin.mass2(tbar).clamp(min=0))
     scale = torch.sqrt(mt_top * mt_tbar)
     dev = getattr(pdf, "device", torch.device("cpu"))
-    probs = incoming_probabilities(x1.to(dev), x2.to(dev), shat.to(dev), that.to(dev), pdf, alpha_s, scale.to(dev)).cpu()
-    channel = torch.multinomial(probs.float(), 1, generator=gen)[:, 0]
     q2 = (scale * scale).to(dev)
+    # one PDF evaluation serves the channel choice and the quark flavour
     fa, fb = _parton_densities(pdf, x1.to(dev), q2).cpu(), _parton_densities(pdf, x2.to(dev), q2).cpu()
-    flav_qq = _pick_quark(fa, fb, True, gen)
-    flav_qbarq = _pick_quark(fa, fb, False, gen)
+    probs = _channel_probabilities(fa, fb, shat, that, alpha_s(q2).cpu())
+    channel = torch.multinomial(probs.float(), 1, generator=gen)[:, 0]
+    lum_qqbar, lum_qbarq = _quark_luminosities(fa, fb)
+    flav_qq = _pick_quark(lum_qqbar, gen)
+    flav_qbarq = _pick_quark(lum_qbarq, gen)
     in1 = torch.where(channel == 0, 21, torch.where(channel == 1, flav_qq, -flav_qbarq))
     in2 = torch.where(channel == 0, 21, torch.where(channel == 1, -flav_qq, flav_qbarq))
 

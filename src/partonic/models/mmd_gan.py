@@ -223,11 +223,12 @@ class MMDGAN(nn.Module):
         loss_d, loss_g = gan_losses(self.discriminator, self._features(real, u_real), self._features(fake, u_fake), None, self.gradient_penalty)
         out = {"loss_d": loss_d.detach(), "loss_g": loss_g.detach()}
         loss = loss_d + loss_g
-        if self.mmd_weight > 0 or not torch.is_grad_enabled():
+        weight = self.current_mmd_weight() if torch.is_grad_enabled() else self.mmd_weight
+        if weight > 0:  # during the warm-up the MMD is not even computed (it costs half a step)
             mmd = self.mmd(fake, real)
-            weight = self.current_mmd_weight() if torch.is_grad_enabled() else self.mmd_weight
             loss = loss + weight * mmd
             out["mmd"] = mmd.detach()
+        if self.mmd_weight > 0:
             out["mmd_weight"] = torch.tensor(weight)
         if torch.is_grad_enabled() and self.training:
             self.steps_seen += 1
