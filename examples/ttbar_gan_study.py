@@ -39,6 +39,9 @@ def main() -> None:
     ap.add_argument("--batch-statistics", action="store_true")
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--mmd-start", type=int, default=0, help="steps without the MMD term")
+    ap.add_argument("--mmd-ramp", type=int, default=0, help="steps over which the MMD weight ramps up")
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
 
@@ -49,9 +52,9 @@ def main() -> None:
         TopQuarkRepresentation(args.representation).fit(truth), width=args.width, layers=args.layers,
         mmd_weight=args.mmd_weight, mmd_width_factors=[float(w) for w in args.widths.split(",")],
         gradient_penalty=args.gradient_penalty, discriminator_masses=args.discriminator_masses,
-        batch_statistics=args.batch_statistics,
+        batch_statistics=args.batch_statistics, mmd_start_step=args.mmd_start, mmd_ramp_steps=args.mmd_ramp,
     )
-    cfg = TrainingSection(batch_size=1024, max_steps=args.steps, optimizer={"name": "adam", "lr": 1e-3, "betas": (0.5, 0.9)},
+    cfg = TrainingSection(batch_size=1024, max_steps=args.steps, optimizer={"name": "adam", "lr": args.lr, "betas": (0.5, 0.9)},
                           schedule={"name": "constant"}, log_every=max(args.steps // 5, 1), checkpoint_every=10**9, validation_fraction=0)
     with tempfile.TemporaryDirectory() as tmp:
         result = train(gan, lambda mod, batch: mod.loss(batch), (truth,), cfg, tmp, seed=args.seed, progress=False)

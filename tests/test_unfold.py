@@ -12,6 +12,7 @@ from partonic.cards import CINNModel, DetectorSection
 from partonic.cli import main
 from partonic.evaluate.calibration import calibration, quantile_ranks
 from partonic.io.lhe import read_lhe
+from partonic.models import cinn
 from partonic.models.cinn import ConditionalINN, PartonRepresentation, Unfolder, parton_observables
 from partonic.physics import kinematics as kin
 from partonic.simulate.detector import DetectorEvents, apply_detector, jet_energy_resolution
@@ -73,9 +74,11 @@ def _balanced_events(n, seed=0):
     return torch.stack([*decay(z, mz), *decay(w, mw)], 1)
 
 
-def test_parton_representation_round_trip_and_momentum_balance():
+@pytest.mark.parametrize("references", [1, 2])
+def test_parton_representation_round_trip_and_momentum_balance(references):
+    """With one reference (the ℓ⁻ azimuth) or two (and the jets' decay azimuth)."""
     p = _balanced_events(500)
-    phi_ref = 2 * math.pi * torch.rand(500, dtype=torch.float64) - math.pi
+    phi_ref = 2 * math.pi * torch.rand(500, references, dtype=torch.float64).squeeze(1) - math.pi
     rep = PartonRepresentation().double().fit(p, phi_ref)
     f = rep(p, phi_ref)
     assert f.shape == (500, 10)
@@ -91,10 +94,24 @@ def test_parton_representation_round_trip_and_momentum_balance():
     assert torch.allclose(rand[:, :, 1:3].sum(1), torch.zeros(500, 2, dtype=torch.float64), atol=1e-6)
     assert torch.allclose(kin.mass2(rand), torch.zeros(500, 4, dtype=torch.float64), atol=1e-5 * rand[..., 0].max() ** 2)
     # network outliers far in the tails still give finite momenta
-    wild = rep.inverse(30 * torch.randn(2000, 10, dtype=torch.float64), phi_ref.repeat(4))
+    wild = rep.inverse(30 * torch.randn(2000, 10, dtype=torch.float64), phi_ref.repeat(4, *([1] * (references - 1))))
     assert torch.isfinite(wild).all()
     obs = parton_observables(back)
     assert torch.allclose(obs["m_jj"], kin.mass(p[:, 2] + p[:, 3]), rtol=1e-9)
+
+
+def test_w_candidate_is_the_present_jet_pair_closest_to_the_w_mass():
+    def jet(pt, eta, phi, m=5.0):
+        mt = math.hypot(pt, m)
+        return [mt * math.cosh(eta), pt * math.cos(phi), pt * math.sin(phi), mt * math.sinh(eta)]
+
+    # pair masses: 1+3 80.5, 2+3 77.7, 1+2 85.1 GeV, pairs with jet 0 above 119 GeV;
+    # slot 3 is empty in the second event
+    jets = [jet(120, 0.0, 0.0), jet(45, 0.3, 2.0), jet(30, -1.0, -2.0), jet(40, 0.9, -2.09)]
+    jets = torch.tensor([jets, jets[:3] + [[0.0] * 4]], dtype=torch.float64)
+    a, b = cinn._w_candidate(jets, jets[..., 0] > 0)
+    assert torch.equal(a[0], jets[0, 1]) and torch.equal(b[0], jets[0, 3])
+    assert torch.equal(a[1], jets[1, 1]) and torch.equal(b[1], jets[1, 2])
 
 
 # ------------------------------------------------------------------ calibration
@@ -215,6 +232,26 @@ def test_detector_events_hdf5_round_trip_and_errors(tmp_path):
         DetectorEvents.from_hdf5(tmp_path / "bad.h5")
 
 
+def test_rotated_events_flip_eta_and_phi_and_keep_the_rest():
+    rng = np.random.default_rng(4)
+    n = 50
+
+    def momenta(k):
+        p3 = rng.normal(0, 60, (n, k, 3))
+        return np.concatenate([np.sqrt((p3**2).sum(-1, keepdims=True) + 25.0), p3], -1)
+
+    jets = momenta(4)
+    jets[:, 3] = 0.0  # an empty slot stays empty
+    ev = DetectorEvents(momenta(2), np.full(n, 13), jets, np.full(n, 3), momenta(4), np.tile([13, -13, 2, -1], (n, 1)))
+    rot = ev.rotated()
+    for a, b in ((ev.leptons, rot.leptons), (ev.jets[:, :3], rot.jets[:, :3]), (ev.partons, rot.partons)):
+        t_a, t_b = torch.from_numpy(a), torch.from_numpy(b)
+        assert torch.allclose(kin.eta(t_b), -kin.eta(t_a)) and torch.allclose(kin.phi(t_b), -kin.phi(t_a))
+        assert torch.allclose(kin.pt(t_b), kin.pt(t_a)) and torch.allclose(kin.mass2(t_b.sum(1)), kin.mass2(t_a.sum(1)))
+    assert np.all(rot.jets[:, 3] == 0.0)
+    assert np.array_equal(rot.rotated().partons, ev.partons) and np.array_equal(rot.n_jets, ev.n_jets)
+
+
 # ---------------------------------------------------------------------- Pythia8
 @pytest.fixture(scope="module")
 def zw_particle_level(tmp_path_factory):
@@ -234,6 +271,10 @@ def test_pythia_zw_hard_process(zw_particle_level):
     m = lambda v: np.sqrt(np.maximum(v[:, 0] ** 2 - (v[:, 1:] ** 2).sum(-1), 0))  # noqa: E731
     assert np.median(m(p[:, 0] + p[:, 1])) == pytest.approx(91.19, abs=1.0)
     assert np.median(m(p[:, 2] + p[:, 3])) == pytest.approx(80.4, abs=1.0)
+    # pp is forward-backward symmetric (what data.symmetrise relies on): the mean
+    # rapidity of each hard parton is 0 within 4 standard errors
+    y = 0.5 * np.log((p[..., 0] + p[..., 3]) / (p[..., 0] - p[..., 3]))
+    assert np.all(np.abs(y.mean(0)) < 4 * y.std(0) / np.sqrt(len(y)))
     # the Z's leptons are found as isolated leptons most of the time
     lead = arrays["lepton_ids"][:, :2]
     assert np.mean(np.sort(np.abs(lead), 1)[:, 0] == np.abs(ids[:, 0])) > 0.5

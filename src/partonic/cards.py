@@ -177,6 +177,10 @@ class UnfoldData(Strict):
     hadronisation: bool = True
     mpi: bool = False
     workers: NonNegInt = 0
+    #: train also on every training event rotated by π about the x axis (η → −η,
+    #: φ → −φ for every object): an exact symmetry of pp collisions seen by a
+    #: forward-backward symmetric detector, so it doubles the training data for free
+    symmetrise: bool = True
     detector: DetectorSection = DetectorSection()
 
     @model_validator(mode="after")

@@ -381,6 +381,9 @@ def run(card, args) -> int:
     if card.evaluation.test_events:
         test_ev = test_ev.subset(slice(0, card.evaluation.test_events))
     report["training_events"], report["validation_events"], report["test_events"] = len(train_ev), len(val_ev), len(test_ev)
+    if card.data.symmetrise:
+        train_ev = _concatenate([train_ev, train_ev.rotated()])
+        report["training_events_symmetrised"] = len(train_ev)
     report["samples_per_event"] = card.evaluation.samples_per_event
 
     seed_everything(card.seed)

@@ -29,6 +29,7 @@ from torch import nn
 
 from partonic.models.mmd import mmd2
 from partonic.physics import kinematics as kin
+from partonic.physics.constants import M_W
 from partonic.models.weighted_flow import Standardise
 
 __all__ = [
@@ -52,6 +53,17 @@ _COS_EPS = 1e-7
 def _wrap(phi: torch.Tensor) -> torch.Tensor:
     """Angle in [−π, π)."""
     return torch.remainder(phi + math.pi, 2.0 * math.pi) - math.pi
+
+
+def _references(ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ℓ⁻ azimuth, decay azimuth of the jet pair closest to m_W) from the detector.
+
+    A 1-D ``ref`` is the ℓ⁻ azimuth alone; the decay azimuth is then measured
+    from the helicity frame's x axis (reference 0).
+    """
+    if ref.dim() == 1:
+        return ref, torch.zeros_like(ref)
+    return ref[:, 0], ref[:, 1]
 
 
 def _massless(pt, eta, phi) -> torch.Tensor:
@@ -124,6 +136,18 @@ def _decay_coordinates(a: torch.Tensor, b: torch.Tensor):
     return torch.log(m), y, torch.atanh(cos), torch.cos(azimuth), torch.sin(azimuth)
 
 
+def _w_candidate(jets: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pair of present jets (pT-ordered) whose mass is closest to m_W."""
+    pairs = [(i, j) for i in range(jets.shape[1]) for j in range(i + 1, jets.shape[1])]
+    dist = torch.stack([(_mass(jets[:, i] + jets[:, j]) - M_W).abs() for i, j in pairs], 1)
+    ok = torch.stack([present[:, i] & present[:, j] for i, j in pairs], 1)
+    best = torch.where(ok, dist, torch.full_like(dist, math.inf)).argmin(1)
+    first = torch.tensor([i for i, _ in pairs], device=jets.device)[best]
+    second = torch.tensor([j for _, j in pairs], device=jets.device)[best]
+    rows = torch.arange(jets.shape[0], device=jets.device)
+    return jets[rows, first], jets[rows, second]
+
+
 class PartonRepresentation(nn.Module):
     """ℓ⁻ ℓ⁺ q q̄ of the hard process (Σ pT = 0, massless) ↔ 10 standardised features.
 
@@ -132,8 +156,13 @@ class PartonRepresentation(nn.Module):
     rapidity (its pT is −pT of the ℓℓ pair: momentum balance); the decay of the
     W in its helicity frame, for the more energetic quark: atanh(cos θ) (cos θ ≥ 0
     is exactly the condition E_a ≥ E_b for massless quarks, so the labelling is
-    what the jets measure; the inverse folds at 0, where balanced decays pile up) and the azimuth φ about the W direction. m_jj is thus
-    a coordinate, and the energy sharing between the quarks a single number.
+    what the jets measure; the inverse folds at 0, where balanced decays pile up) and the azimuth φ about the W direction,
+    measured from the same azimuth of the two leading jets (the reference's
+    second column). m_jj is thus a coordinate, and the energy sharing between
+    the quarks a single number. The azimuth is periodic, and a flow sees it as
+    an interval: measured from the jets' value, a narrow posterior sits at 0,
+    not across the seam at ±π (from the helicity x axis it did, for about one
+    event in six, and the subleading quark's pT came out biased soft).
     The inverse returns the quarks as (more energetic, less energetic).
 
     Arguments:
@@ -158,7 +187,8 @@ class PartonRepresentation(nn.Module):
         m2 = self.m_w**2 + self.m_w * self.gamma_w * torch.tan(math.pi * (u - 0.5))
         return m2.clamp(min=1e-4).sqrt()
 
-    def raw(self, partons: torch.Tensor, phi_ref: torch.Tensor) -> torch.Tensor:
+    def raw(self, partons: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        phi_ref, azimuth_ref = _references(ref)
         pt, eta, phi = _pt_eta_phi(partons)
         cols = []
         for k, centre in enumerate(_PHI_CENTRES):
@@ -172,17 +202,18 @@ class PartonRepresentation(nn.Module):
         x_h, y_h, z_h = _helicity_axes(w)
         cos = (n * z_h).sum(-1).clamp(_COS_EPS, 1 - _COS_EPS)
         azimuth = torch.atan2((n * y_h).sum(-1), (n * x_h).sum(-1))
-        cols += [self._mass_to_xi(m), y, torch.atanh(cos), azimuth]
+        cols += [self._mass_to_xi(m), y, torch.atanh(cos), _wrap(azimuth - azimuth_ref)]
         return torch.stack(cols, -1)
 
-    def fit(self, partons: torch.Tensor, phi_ref: torch.Tensor) -> "PartonRepresentation":
-        self.standardise.fit(self.raw(partons, phi_ref))
+    def fit(self, partons: torch.Tensor, ref: torch.Tensor) -> "PartonRepresentation":
+        self.standardise.fit(self.raw(partons, ref))
         return self
 
-    def forward(self, partons: torch.Tensor, phi_ref: torch.Tensor) -> torch.Tensor:
-        return self.standardise(self.raw(partons, phi_ref))[0]
+    def forward(self, partons: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        return self.standardise(self.raw(partons, ref))[0]
 
-    def inverse(self, features: torch.Tensor, phi_ref: torch.Tensor) -> torch.Tensor:
+    def inverse(self, features: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        phi_ref, azimuth_ref = _references(ref)
         raw = self.standardise.inverse(features)[0]
         leptons = []
         for k, centre in enumerate(_PHI_CENTRES):
@@ -198,7 +229,7 @@ class PartonRepresentation(nn.Module):
         cos = torch.tanh(raw[:, 8].abs())
         sin = torch.sqrt((1 - cos**2).clamp(min=0.0))
         x_h, y_h, z_h = _helicity_axes(w)
-        azimuth = raw[:, 9]
+        azimuth = raw[:, 9] + azimuth_ref
         n = (sin * torch.cos(azimuth))[:, None] * x_h + (sin * torch.sin(azimuth))[:, None] * y_h + cos[:, None] * z_h
         half = 0.5 * m
         q = _boost_from_rest(torch.cat([half[:, None], half[:, None] * n], -1), w, m)
@@ -210,17 +241,19 @@ class DetectorRepresentation(nn.Module):
 
     Per lepton: log pT, η, cos Δφ, sin Δφ (Δφ to the ℓ⁻, so the ℓ⁻ has only the
     first two); per jet slot: the same and log(1 + m); absent jets are zero after
-    standardisation; the two leading jets as a W candidate in the coordinates of
-    :class:`PartonRepresentation` (log m, y, atanh cos θ, cos φ, sin φ of the
-    helicity frame), so the network need not learn that change of frame; then
-    one-hot 2/3/≥4 jets and 1 for muons, 0 for electrons.
-    Returns the features and the reference azimuth (the ℓ⁻'s φ).
+    standardisation; two W candidates, the two leading jets and the jet pair with
+    the mass closest to m_W, in the coordinates of :class:`PartonRepresentation`
+    (log m, y, atanh cos θ, cos φ, sin φ of the helicity frame), so the network
+    need not learn that change of frame; then one-hot 2/3/≥4 jets and 1 for
+    muons, 0 for electrons.
+    Returns the features and the references (N, 2): the ℓ⁻'s φ and the decay
+    azimuth of the jet pair closest to m_W.
     """
 
     def __init__(self, max_jets: int):
         super().__init__()
         self.max_jets = max_jets
-        self.n_continuous = 2 + 4 + 5 * max_jets + 5
+        self.n_continuous = 2 + 4 + 5 * max_jets + 10
         self.dim = self.n_continuous + 3 + 1
         self.register_buffer("mean", torch.zeros(self.n_continuous))
         self.register_buffer("std", torch.ones(self.n_continuous))
@@ -238,11 +271,19 @@ class DetectorRepresentation(nn.Module):
             d = jphi[:, k] - phi_ref
             cols += [torch.log(jpt[:, k].clamp(min=1e-3)), jeta[:, k], torch.cos(d), torch.sin(d), torch.log1p(m2[:, k].sqrt())]
             masks += [present[:, k]] * 5
-        # The W candidate of the two leading jets in the parton representation's own
-        # coordinates: log m, y, and the harder jet's helicity angles (cos, sin of φ).
+        # W candidates in the parton representation's own coordinates (log m, y, and
+        # the harder jet's helicity angles, cos and sin of φ): the two leading jets,
+        # and the pair of jets with the mass closest to m_W (with ISR jets it is the
+        # W more often: its decay azimuth is within π/6 of the quarks' in 45% of the
+        # 3-jet events against 30% for the leading pair); the latter's azimuth is
+        # the reference of the partons' decay azimuth.
         cols += list(_decay_coordinates(jets[:, 0], jets[:, 1]))
-        masks += [torch.ones_like(phi_ref)] * 5
-        return torch.stack(cols, -1), torch.stack(masks, -1), phi_ref
+        a, b = _w_candidate(jets, present > 0)
+        decay = _decay_coordinates(a, b)
+        cols += list(decay)
+        masks += [torch.ones_like(phi_ref)] * 10
+        ref = torch.stack([phi_ref, torch.atan2(decay[4], decay[3])], -1)
+        return torch.stack(cols, -1), torch.stack(masks, -1), ref
 
     def fit(self, leptons, jets, n_jets, flavour) -> "DetectorRepresentation":
         x, mask, _ = self.raw(leptons, jets, n_jets, flavour)
@@ -254,11 +295,11 @@ class DetectorRepresentation(nn.Module):
         return self
 
     def forward(self, leptons, jets, n_jets, flavour):
-        x, mask, phi_ref = self.raw(leptons, jets, n_jets, flavour)
+        x, mask, ref = self.raw(leptons, jets, n_jets, flavour)
         x = (x - self.mean) / self.std * mask
         channel = torch.nn.functional.one_hot((n_jets.clamp(2, 4) - 2).long(), 3).to(x.dtype)
         muon = (flavour == 13).to(x.dtype)[:, None]
-        return torch.cat([x, channel, muon], -1), phi_ref
+        return torch.cat([x, channel, muon], -1), ref
 
 
 def _mlp(n_in: int, n_out: int, width: int, layers: int, zero_last: bool = False) -> nn.Sequential:
@@ -418,18 +459,18 @@ class Unfolder(nn.Module):
         """Fit both standardisations on training events (double precision)."""
         t = self.tensors(events)
         self.detector.double().fit(t["leptons"], t["jets"], t["n_jets"], t["flavour"])
-        _, phi_ref = self.detector(t["leptons"], t["jets"], t["n_jets"], t["flavour"])
-        self.parton.double().fit(t["partons"], phi_ref)
+        _, ref = self.detector(t["leptons"], t["jets"], t["n_jets"], t["flavour"])
+        self.parton.double().fit(t["partons"], ref)
         self.detector.float()
         self.parton.float()
         return self
 
     def features(self, events) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(condition features, parton features or None, reference azimuth), float32."""
+        """(condition features, parton features or None, reference azimuths (N, 2)), float32."""
         t = self.tensors(events)
-        cond, phi_ref = _cpu64(self.detector)(t["leptons"], t["jets"], t["n_jets"], t["flavour"])
-        x = _cpu64(self.parton)(t["partons"], phi_ref).float() if "partons" in t else None
-        return cond.float(), x, phi_ref
+        cond, ref = _cpu64(self.detector)(t["leptons"], t["jets"], t["n_jets"], t["flavour"])
+        x = _cpu64(self.parton)(t["partons"], ref).float() if "partons" in t else None
+        return cond.float(), x, ref
 
     def loss(self, batch: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         """NLL per dimension (+ weight × MMD² of m_jj between samples and truth)."""
@@ -466,16 +507,16 @@ class Unfolder(nn.Module):
                 progress.update(len(c))
         return out
 
-    def to_partons(self, features: torch.Tensor, phi_ref: torch.Tensor) -> torch.Tensor:
+    def to_partons(self, features: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         """(N, S, 10) features → (N, S, 4, 4) massless partons (ℓ⁻, ℓ⁺, q, q̄)."""
         n, s, d = features.shape
         rep = _cpu64(self.parton)
-        return rep.inverse(features.reshape(-1, d).cpu().double(), phi_ref.cpu().double().repeat_interleave(s)).view(n, s, 4, 4)
+        return rep.inverse(features.reshape(-1, d).cpu().double(), ref.cpu().double().repeat_interleave(s, 0)).view(n, s, 4, 4)
 
     def unfold(self, events, n_samples: int = 100, batch_size: int = 100_000, seed: int | None = None, progress=None) -> torch.Tensor:
         """Posterior samples (N, n_samples, 4, 4) of the partons of each detector event."""
-        cond, _, phi_ref = self.features(events)
+        cond, _, ref = self.features(events)
         device = next(self.parameters()).device
         gen = torch.Generator(device=device)
         gen.manual_seed(int(seed if seed is not None else np.random.SeedSequence().entropy % 2**63))
-        return self.to_partons(self.sample_features(cond, n_samples, batch_size, gen, progress), phi_ref)
+        return self.to_partons(self.sample_features(cond, n_samples, batch_size, gen, progress), ref)

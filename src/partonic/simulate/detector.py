@@ -113,6 +113,24 @@ class DetectorEvents:
             cutflow={},
         )
 
+    def rotated(self) -> "DetectorEvents":
+        """The same events rotated by π about the x axis, (E, px, py, pz) → (E, px, −py, −pz):
+        η → −η and φ → −φ for every object. A proper rotation that swaps the two
+        (identical) proton beams, so an exact symmetry of pp collisions; with a
+        forward-backward symmetric detector the rotated events are as likely as the
+        originals."""
+        flip = np.array([1.0, 1.0, -1.0, -1.0])
+        return DetectorEvents(
+            leptons=self.leptons * flip,
+            lepton_flavour=self.lepton_flavour,
+            jets=self.jets * flip,
+            n_jets=self.n_jets,
+            partons=None if self.partons is None else self.partons * flip,
+            parton_ids=self.parton_ids,
+            n_generated=self.n_generated,
+            cutflow=dict(self.cutflow),
+        )
+
     def with_jet_slots(self, k: int) -> "DetectorEvents":
         """The same events with at least ``k`` jet slots (extra slots zero)."""
         if self.max_jets >= k:
