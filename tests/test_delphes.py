@@ -10,7 +10,7 @@ import uproot
 from partonic.io.delphes import read_delphes
 from partonic.simulate.detector import DetectorInputError
 
-ME, MMU = 0.000511, 0.10566
+ME, MMU = 0.000511, 0.105658  # PDG 2024
 
 # Delphes' leaf names and ROOT types, per collection (object tuples follow this order).
 FIELDS = {

@@ -335,12 +335,34 @@ def test_unfold_job_end_to_end(tiny_run):
         assert (run / path).is_file()
     assert (run / "model.pt").is_file() and (run / "unfolded.h5").is_file()
     init, events = read_lhe(run / report["outputs"]["lhe"])
-    assert len(events.pid) == report["test_events"]
+    assert len(events.pid) == report["lhe"]["events"] == report["test_events"] - report["lhe"]["dropped_unphysical"]
     mom = events.momenta
+    assert float(mom[:, :2, 0].max()) <= 6500.0 * (1 + 1e-12)
+    # leptons on their mass shells (the mass from E and p is only good to 10⁻² GeV after the text round trip)
+    m_lep = events.mass[:, 4:6]
+    assert torch.all(((m_lep - 0.000511).abs() < 1e-6) | ((m_lep - 0.105658).abs() < 1e-6))
+    assert torch.allclose(kin.mass(mom[:, 4:6]), m_lep, atol=1e-2)
     incoming, outgoing = mom[:, :2].sum(1), mom[:, 4:].sum(1)
     assert torch.allclose(incoming, outgoing, atol=1e-3 * float(incoming[:, 0].max()))
     assert torch.allclose(kin.mass(mom[:, 4] + mom[:, 5]), events.mass[:, 2], atol=1e-3)
     assert init.processes[0].cross_section == pytest.approx(report["fiducial_cross_section_pb"], rel=1e-6)
+
+
+def test_lhe_takes_the_first_posterior_sample_inside_the_beams():
+    from partonic.jobs.unfold import physical_samples
+
+    def event(pz):  # two back-to-back 100 GeV pT systems with the given total p_z
+        p = torch.zeros(4, 4, dtype=torch.float64)
+        p[:, 1] = torch.tensor([50.0, -50.0, 50.0, -50.0])
+        p[:, 3] = pz / 4
+        p[:, 0] = torch.sqrt(p[:, 1] ** 2 + p[:, 3] ** 2)
+        return p
+
+    far, near = event(14_000.0), event(100.0)  # x₁ > 1, and well inside
+    samples = torch.stack([torch.stack([far, near, far]), torch.stack([far, far, far]), torch.stack([near, far, far])])
+    chosen, ok = physical_samples(samples, 13_000.0)
+    assert ok.tolist() == [True, False, True]
+    assert torch.equal(chosen[0], near) and torch.equal(chosen[2], near)
 
 
 def test_unfold_new_data_with_a_trained_model(tiny_run, tmp_path):

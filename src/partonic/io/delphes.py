@@ -19,6 +19,7 @@ import awkward as ak
 import numpy as np
 import uproot
 
+from partonic.physics.constants import M_ELECTRON, M_MUON
 from partonic.simulate.detector import DetectorEvents, DetectorInputError
 
 __all__ = ["read_delphes", "DELPHES_BRANCHES", "TRUTH_BRANCHES"]
@@ -35,7 +36,7 @@ TRUTH_BRANCHES = (
     "Particle.Px", "Particle.Py", "Particle.Pz", "Particle.E",
 )
 
-_LEPTONS = (("Electron", 11, 0.000511), ("Muon", 13, 0.10566))
+_LEPTONS = (("Electron", 11, M_ELECTRON), ("Muon", 13, M_MUON))
 
 
 # ------------------------------------------------------------------ file access

@@ -30,6 +30,7 @@ from partonic.io.lhe import LHEEvents, LHEInit, LHEProcess, write_lhe
 from partonic.io.store import DatasetCache, cache_key
 from partonic.jobs.common import JobError, RunFolder, atomic_write_bytes, resolve_device
 from partonic.models.cinn import Unfolder, parton_observables
+from partonic.physics.constants import M_ELECTRON, M_MUON
 from partonic.simulate.detector import CHANNELS, DetectorEvents, DetectorInputError, apply_detector
 from partonic.train import TrainingError, load_checkpoint, seed_everything, train
 
@@ -278,8 +279,13 @@ def lhe_events(samples: torch.Tensor, flavour: np.ndarray, sigma_pb: float) -> L
     """One unfolded sample per event as u d̄ → Z W⁺ → ℓ⁻ℓ⁺ u d̄ (quark flavours are not
     unfolded: the momenta are, the flavour assignment is a convention), incoming
     partons along the beams so that momentum balances, XWGTUP = σ."""
-    p = samples.double()
+    p = samples.double().clone()
     n = len(p)
+    # the leptons on their mass shells (the network's partons are massless): Pythia
+    # gives them these masses anyway, and its reshuffling of massless leptons fails
+    # now and then ("setting mass failed")
+    m_lep = torch.where(torch.as_tensor(flavour) == 13, M_MUON, M_ELECTRON).to(p.dtype)[:, None]
+    p[:, :2, 0] = torch.sqrt((p[:, :2, 1:] ** 2).sum(-1) + m_lep**2)
     z, w = p[:, 0] + p[:, 1], p[:, 2] + p[:, 3]
     tot = z + w
     zero = torch.zeros(n, dtype=torch.float64)
@@ -290,6 +296,7 @@ def lhe_events(samples: torch.Tensor, flavour: np.ndarray, sigma_pb: float) -> L
     lep = torch.as_tensor(flavour, dtype=torch.int64)
     pid[:, 4], pid[:, 5] = lep, -lep
     mass = torch.zeros(n, 8, dtype=torch.float64)
+    mass[:, 4:6] = m_lep
     mass[:, 2] = (z[:, 0] ** 2 - (z[:, 1:] ** 2).sum(-1)).clamp(min=0).sqrt()
     mass[:, 3] = (w[:, 0] ** 2 - (w[:, 1:] ** 2).sum(-1)).clamp(min=0).sqrt()
     return LHEEvents(
@@ -310,8 +317,27 @@ def _write_lhe(folder: RunFolder, card, samples: torch.Tensor, flavour: np.ndarr
     comment = "partonic unfold: one cINN posterior sample per detector event; quark flavours by convention (u dbar)"
     if not sigma_pb:
         comment += "; cross section unknown, weights set to 1"
-    write_lhe(folder.path / name, lhe_events(samples[:n, 0], flavour[:n], xs), init, comment=comment)
+    chosen, physical = physical_samples(samples[:n], card.physics.sqrt_s)
+    write_lhe(folder.path / name, lhe_events(chosen[physical], flavour[:n][physical.numpy()], xs), init, comment=comment)
     report["outputs"]["lhe"] = name
+    report["lhe"] = {"events": int(physical.sum()), "dropped_unphysical": int(n - physical.sum()),
+                     "first_sample_unphysical": int((physical & ~_in_reach(samples[:n, 0], card.physics.sqrt_s)).sum())}
+
+
+def _in_reach(partons: torch.Tensor, sqrt_s: float) -> torch.Tensor:
+    """Whether the incoming momentum fractions x₁, x₂ = (E ± p_z)/√s of the final state are ≤ 1."""
+    tot = partons.double().sum(-2)
+    x1, x2 = (tot[..., 0] + tot[..., 3]) / sqrt_s, (tot[..., 0] - tot[..., 3]) / sqrt_s
+    return torch.isfinite(tot).all(-1) & (x1 <= 1.0) & (x2 <= 1.0)
+
+
+def physical_samples(samples: torch.Tensor, sqrt_s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each event (N, S, 4, 4), its first posterior sample that fits in the beams
+    (x₁, x₂ ≤ 1; the network's tails reach beyond), and whether it has one.
+    The true posterior is zero outside, so this only removes what the flow leaks."""
+    ok = _in_reach(samples, sqrt_s)
+    first = ok.int().argmax(1)
+    return samples[torch.arange(len(samples)), first], ok.any(1)
 
 
 def _save_samples(path: Path, events: DetectorEvents, samples: torch.Tensor) -> None:

@@ -17,6 +17,8 @@ __all__ = [
     "M_TOP",
     "GAMMA_TOP",
     "M_B",
+    "M_ELECTRON",
+    "M_MUON",
     "ALPHA_EM_MZ",
     "SIN2_THETA_W",
     "G_FERMI",
@@ -35,6 +37,9 @@ GAMMA_W = 2.0476
 M_TOP = 173.0
 GAMMA_TOP = 1.4915
 M_B = 4.7
+#: Lepton masses (PDG 2024).
+M_ELECTRON = 0.000511
+M_MUON = 0.105658
 
 #: α(M_Z) = 1/132.507 of the MG5 'sm' model.
 ALPHA_EM_MZ = 1.0 / 132.507

@@ -19,14 +19,14 @@ from dataclasses import dataclass
 import torch
 
 from ..physics import kinematics as kin
-from ..physics.constants import GEV2_TO_PB
+from ..physics.constants import GEV2_TO_PB, M_ELECTRON, M_MUON
 from ..physics.matrix_elements import ElectroweakParameters, drell_yan_me2
 from ..physics.phasespace import breit_wigner_map, rambo_diet
 
 __all__ = ["DrellYanSetup", "WeightedEvents", "DrellYanGenerator", "electroweak_from_card"]
 
 FLAVOURS = (1, 2, 3, 4, 5)
-LEPTON_MASS = {11: 0.000511, 13: 0.105658}
+LEPTON_MASS = {11: M_ELECTRON, 13: M_MUON}
 
 
 def electroweak_from_card(section) -> ElectroweakParameters:
