@@ -281,9 +281,8 @@ def lhe_events(samples: torch.Tensor, flavour: np.ndarray, sigma_pb: float) -> L
     partons along the beams so that momentum balances, XWGTUP = σ."""
     p = samples.double().clone()
     n = len(p)
-    # the leptons on their mass shells (the network's partons are massless): Pythia
-    # gives them these masses anyway, and its reshuffling of massless leptons fails
-    # now and then ("setting mass failed")
+    # the leptons on their mass shells (the network's partons are massless), as
+    # Pythia would otherwise reshuffle them to be
     m_lep = torch.where(torch.as_tensor(flavour) == 13, M_MUON, M_ELECTRON).to(p.dtype)[:, None]
     p[:, :2, 0] = torch.sqrt((p[:, :2, 1:] ** 2).sum(-1) + m_lep**2)
     z, w = p[:, 0] + p[:, 1], p[:, 2] + p[:, 3]
