@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--mmd-start", type=int, default=0, help="steps without the MMD term")
     ap.add_argument("--mmd-ramp", type=int, default=0, help="steps over which the MMD weight ramps up")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--d-lr-factor", type=float, default=1.0, help="discriminator learning rate / generator learning rate")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
 
@@ -53,14 +54,16 @@ def main() -> None:
         mmd_weight=args.mmd_weight, mmd_width_factors=[float(w) for w in args.widths.split(",")],
         gradient_penalty=args.gradient_penalty, discriminator_masses=args.discriminator_masses,
         batch_statistics=args.batch_statistics, mmd_start_step=args.mmd_start, mmd_ramp_steps=args.mmd_ramp,
+        discriminator_lr_factor=args.d_lr_factor,
     )
     cfg = TrainingSection(batch_size=1024, max_steps=args.steps, optimizer={"name": "adam", "lr": args.lr, "betas": (0.5, 0.9)},
-                          schedule={"name": "constant"}, log_every=max(args.steps // 5, 1), checkpoint_every=10**9, validation_fraction=0)
+                          schedule={"name": "constant"}, log_every=max(args.steps // 10, 1), checkpoint_every=10**9, validation_fraction=0)
     with tempfile.TemporaryDirectory() as tmp:
         result = train(gan, lambda mod, batch: mod.loss(batch), (truth,), cfg, tmp, seed=args.seed, progress=False)
     gan.eval()
     gen = gan.sample(len(truth))
-    out = {"config": vars(args), "s_per_step": result.train_s / args.steps}
+    out = {"config": vars(args), "s_per_step": result.train_s / args.steps,
+           "history": [{k: round(r[k], 4) for k in ("step", "loss_d", "loss_g", "mmd") if k in r} for r in result.history]}
     m_truth, m_gen = resonance_masses(truth).numpy(), resonance_masses(gen).numpy()
     for k, (name, (_, mass, width)) in enumerate(RESONANCES.items()):
         t, g = fit_breit_wigner(m_truth[:, k], mass, width), fit_breit_wigner(m_gen[:, k], mass, width)

@@ -309,3 +309,22 @@ def test_mmd_weight_warms_up_and_survives_a_checkpoint():
     assert int(restored.steps_seen) == 7 and restored.current_mmd_weight() == 2.0
     with torch.no_grad():  # evaluation neither counts steps nor uses the schedule
         assert float(restored.loss((quarks,))["mmd_weight"]) == 2.0 and int(restored.steps_seen) == 7
+
+
+def test_discriminator_learns_at_its_own_rate(tmp_path):
+    """Two time-scale updates: the training loop gives the discriminator's parameters
+    lr × discriminator_lr_factor and the generator's lr. With the loss Σ of all
+    parameters every gradient is 1, so one SGD step moves each by its group's rate."""
+    from partonic.cards import TrainingSection
+    from partonic.train import train
+
+    gan = MMDGAN(TopQuarkRepresentation(), width=8, layers=1, discriminator_lr_factor=4.0)
+    before = {k: v.detach().clone() for k, v in gan.named_parameters()}
+    cfg = TrainingSection(batch_size=4, max_steps=1, optimizer={"name": "sgd", "lr": 0.01}, schedule={"name": "constant"}, grad_clip=None,
+                          checkpoint_every=10**9, validation_fraction=0)
+    train(gan, lambda mod, batch: sum(p.sum() for p in mod.parameters()), (torch.zeros(4, 1),), cfg, tmp_path, seed=1, progress=False)
+    names = [name for name, _ in gan.named_parameters()]
+    assert any(n.startswith("discriminator") for n in names) and any(n.startswith("generator") for n in names)
+    for name, p in gan.named_parameters():
+        step = 0.04 if name.startswith("discriminator") else 0.01
+        assert torch.allclose(before[name] - p.detach(), torch.full_like(p, step)), name

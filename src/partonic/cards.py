@@ -294,7 +294,9 @@ class GANModel(Strict):
     ``mmd_weight`` λ multiplies Σ MMD² over the W and top masses; the kernel widths are
     each resonance's width times ``mmd_width_factors``; the MMD term is off for the first
     ``mmd_start_epoch`` epochs and reaches λ linearly over ``mmd_ramp_epochs``;
-    ``ablation`` also trains the same GAN without MMD for comparison."""
+    ``discriminator_lr_factor`` scales the discriminator's learning rate against the
+    generator's (two time-scale updates); ``ablation`` also trains the same GAN without
+    MMD for comparison."""
 
     layers: Annotated[int, Field(ge=1, le=32)] = 10
     width: Annotated[int, Field(ge=4, le=4096)] = 512
@@ -309,6 +311,7 @@ class GANModel(Strict):
     mmd_width_factors: Annotated[list[PositiveFloat], Field(min_length=1, max_length=8)] = [1.0]
     mmd_start_epoch: NonNegFloat = 0.0
     mmd_ramp_epochs: NonNegFloat = 0.0
+    discriminator_lr_factor: PositiveFloat = 1.0
     ablation: bool = True
 
 

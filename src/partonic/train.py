@@ -196,7 +196,9 @@ def train(
     """Train ``model`` by minimising ``loss_fn(model, batch)`` over ``data``.
 
     Arguments:
-        model: the network; moved to ``device``.
+        model: the network; moved to ``device``. A model with an ``optimizer_groups()``
+            method (a list of ``{"params": ..., "lr_factor": f}``) gets those groups,
+            each at f times the card's learning rate.
         loss_fn: returns a scalar loss, or a dict with ``"loss"`` and other scalars to log.
         data: tensors with the event index first (features, conditions, weights, ...).
         cfg: the card's training section.
@@ -223,7 +225,10 @@ def train(
     model.to(device)
     data = [t.to(device) for t in data]
     val = [t.to(device) for t in val_data] if val_data is not None else None
-    optimizer = make_optimizer(model.parameters(), cfg)
+    # A model may give its parameters in groups with their own learning-rate factor
+    # (a GAN's discriminator and generator: two time-scale updates, arXiv:1706.08500).
+    groups = model.optimizer_groups() if hasattr(model, "optimizer_groups") else model.parameters()
+    optimizer = make_optimizer(groups, cfg)
 
     step, epoch, lr_scale, bad_in_row, skipped = 0, 0, 1.0, 0, 0
     resumed_from = None
@@ -276,7 +281,7 @@ def train(
                 batch = [t[idx] for t in data]
                 lr = cfg.optimizer.lr * lr_factor(step, total, cfg) * lr_scale
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_factor", 1.0)
                 optimizer.zero_grad(set_to_none=True)
                 loss, extras = _as_loss(loss_fn(model, batch))
                 # A non-finite loss gives non-finite gradients, so one check of loss and

@@ -137,6 +137,9 @@ class MMDGAN(nn.Module):
             over ``mmd_ramp_steps``; the GAN first learns the phase space, then the
             peaks are sharpened (an MMD at full weight from the start lets the
             generator satisfy it by collapsing onto a few configurations).
+        discriminator_lr_factor: the discriminator's learning rate in units of the
+            generator's (two time-scale updates, arXiv:1706.08500); the training loop
+            reads it through :meth:`optimizer_groups`.
 
     Example:
         >>> gan = MMDGAN(TopQuarkRepresentation().fit(quarks), mmd_weight=1.0)
@@ -159,6 +162,7 @@ class MMDGAN(nn.Module):
         discriminator_masses: bool = False,
         mmd_start_step: int = 0,
         mmd_ramp_steps: int = 0,
+        discriminator_lr_factor: float = 1.0,
     ):
         super().__init__()
         self.representation = representation
@@ -167,6 +171,7 @@ class MMDGAN(nn.Module):
         self.mmd_width_factors = tuple(float(f) for f in mmd_width_factors)
         self.discriminator_masses = discriminator_masses
         self.mmd_start_step, self.mmd_ramp_steps = int(mmd_start_step), int(mmd_ramp_steps)
+        self.discriminator_lr_factor = float(discriminator_lr_factor)
         # training steps seen (a buffer: saved in checkpoints, so a resumed run keeps its MMD schedule)
         self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
         self.generator = mlp(latent_dim, 18, width, layers, activation=lambda: nn.LeakyReLU(0.2))
@@ -182,6 +187,12 @@ class MMDGAN(nn.Module):
         # Resonance-mass standardisation for the discriminator: mass − M in units of 10 Γ.
         self.register_buffer("_res_mass", torch.tensor([m for _, m, _ in RESONANCES.values()]))
         self.register_buffer("_res_scale", torch.tensor([10.0 * g for _, _, g in RESONANCES.values()]))
+
+    def optimizer_groups(self) -> list[dict]:
+        """Generator and discriminator parameters as optimizer groups, the latter with
+        its learning-rate factor."""
+        return [{"params": list(self.generator.parameters()), "lr_factor": 1.0},
+                {"params": list(self.discriminator.parameters()), "lr_factor": self.discriminator_lr_factor}]
 
     def _features(self, quarks: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         if not self.discriminator_masses:
