@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--mmd-start", type=int, default=0, help="steps without the MMD term")
     ap.add_argument("--mmd-ramp", type=int, default=0, help="steps over which the MMD weight ramps up")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--ema", type=float, default=0.0, help="decay of the generator's weight average (0: none)")
     ap.add_argument("--d-lr-factor", type=float, default=1.0, help="discriminator learning rate / generator learning rate")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
@@ -54,7 +55,7 @@ def main() -> None:
         mmd_weight=args.mmd_weight, mmd_width_factors=[float(w) for w in args.widths.split(",")],
         gradient_penalty=args.gradient_penalty, discriminator_masses=args.discriminator_masses,
         batch_statistics=args.batch_statistics, mmd_start_step=args.mmd_start, mmd_ramp_steps=args.mmd_ramp,
-        discriminator_lr_factor=args.d_lr_factor,
+        discriminator_lr_factor=args.d_lr_factor, ema_decay=args.ema,
     )
     cfg = TrainingSection(batch_size=1024, max_steps=args.steps, optimizer={"name": "adam", "lr": args.lr, "betas": (0.5, 0.9)},
                           schedule={"name": "constant"}, log_every=max(args.steps // 10, 1), checkpoint_every=10**9, validation_fraction=0)

@@ -328,3 +328,28 @@ def test_discriminator_learns_at_its_own_rate(tmp_path):
     for name, p in gan.named_parameters():
         step = 0.04 if name.startswith("discriminator") else 0.01
         assert torch.allclose(before[name] - p.detach(), torch.full_like(p, step)), name
+
+
+def test_generator_weight_average_is_kept_and_sampled():
+    """With ema_decay the model keeps ā ← d ā + (1 − d) a of the generator's weights at
+    every training step and samples from the average; evaluation does not update it."""
+    gan = MMDGAN(TopQuarkRepresentation(), width=8, layers=1, mmd_weight=0.0, ema_decay=0.9)
+    quarks = on_shell(torch.randn(32, 6, 4, dtype=torch.float64) * 40)
+    opt = torch.optim.SGD(gan.optimizer_groups(), lr=0.1)
+    expected = [p.detach().clone() for p in gan.generator.parameters()]
+    for _ in range(3):
+        expected = [0.9 * e + 0.1 * p.detach() for e, p in zip(expected, gan.generator.parameters())]
+        out = gan.loss((quarks,))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    for e, avg, live in zip(expected, gan.generator_ema.parameters(), gan.generator.parameters()):
+        torch.testing.assert_close(avg, e)
+        assert not avg.requires_grad and not torch.equal(avg, live)
+    assert all(not any(p is q for q in gan.generator_ema.parameters()) for g in gan.optimizer_groups() for p in g["params"])
+    with torch.no_grad():
+        gan.loss((quarks,))
+    for e, avg in zip(expected, gan.generator_ema.parameters()):
+        torch.testing.assert_close(avg, e)
+    z = torch.randn(5, 18, generator=torch.Generator().manual_seed(3), dtype=torch.float32)
+    torch.testing.assert_close(gan.sample(5, generator=torch.Generator().manual_seed(3)), gan.representation.inverse(gan.generator_ema(z).double()))

@@ -295,8 +295,9 @@ class GANModel(Strict):
     each resonance's width times ``mmd_width_factors``; the MMD term is off for the first
     ``mmd_start_epoch`` epochs and reaches λ linearly over ``mmd_ramp_epochs``;
     ``discriminator_lr_factor`` scales the discriminator's learning rate against the
-    generator's (two time-scale updates); ``ablation`` also trains the same GAN without
-    MMD for comparison."""
+    generator's (two time-scale updates); ``ema_decay`` > 0 samples from a moving average
+    of the generator's weights; ``ablation`` also trains the same GAN without MMD for
+    comparison."""
 
     layers: Annotated[int, Field(ge=1, le=32)] = 10
     width: Annotated[int, Field(ge=4, le=4096)] = 512
@@ -312,6 +313,7 @@ class GANModel(Strict):
     mmd_start_epoch: NonNegFloat = 0.0
     mmd_ramp_epochs: NonNegFloat = 0.0
     discriminator_lr_factor: PositiveFloat = 1.0
+    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     ablation: bool = True
 
 

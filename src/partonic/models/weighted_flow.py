@@ -56,12 +56,21 @@ class Standardise(nn.Module):
         return u * self.std + self.mean, torch.log(self.std).sum().expand(u.shape[0])
 
 
+def _log_normal_pdf(u: torch.Tensor) -> torch.Tensor:
+    return -0.5 * u * u - 0.5 * math.log(2 * math.pi)
+
+
 class DrellYanPreprocessing(nn.Module):
     """(m_ℓℓ, y_ℓℓ, cos θ*) ↔ ℝ³, invertible, with its log-Jacobian.
 
     m goes through the CDF F of an analytic model of dσ/dm (a Z Breit–Wigner in ŝ
-    plus a power law m^(−k), mixture weight a) and a logit, so the flow sees a
-    nearly flat peak; cos θ* through atanh; then all three are standardised.
+    plus a power law m^(−k), mixture weight a) and the inverse normal CDF Φ⁻¹, so
+    the flow sees a nearly standard normal coordinate: its Gaussian base density
+    then has the right tails. (With a logit instead, u would have logistic tails:
+    the m_ℓℓ ∈ [500, 1000] GeV events sat at 4.6–5.8 standard deviations, where a
+    Gaussian holds 30 times too little probability, and the flow reproduced only
+    0.10 of that tail.) cos θ* goes through Φ⁻¹((1 + cos θ*)/2); then all three are
+    standardised.
     """
 
     def __init__(self, m_min: float, m_max: float, m_z: float, gamma_z: float, sqrt_s: float = 13000.0, bw_fraction: float = 0.7, power: float = 3.0):
@@ -132,11 +141,10 @@ class DrellYanPreprocessing(nn.Module):
 
     def _raw(self, x):
         m, y, c = x[:, 0], x[:, 1], x[:, 2]
-        f = self.m_cdf(m).clamp(1e-12, 1 - 1e-12)
-        u1 = torch.log(f) - torch.log1p(-f)
-        c = c.clamp(-1 + 1e-12, 1 - 1e-12)
-        u3 = torch.atanh(c)
-        logdet = torch.log(self.m_pdf(m)) - torch.log(f) - torch.log1p(-f) - torch.log1p(-c * c)
+        u1 = torch.special.ndtri(self.m_cdf(m).clamp(1e-15, 1 - 1e-15))
+        u3 = torch.special.ndtri(((1 + c) / 2).clamp(1e-15, 1 - 1e-15))
+        # dΦ⁻¹(F)/dm = F'(m)/φ(u) with φ the standard normal density
+        logdet = torch.log(self.m_pdf(m)) - _log_normal_pdf(u1) - math.log(2.0) - _log_normal_pdf(u3)
         return torch.stack([u1, y, u3], 1), logdet
 
     def forward(self, x):
@@ -148,9 +156,9 @@ class DrellYanPreprocessing(nn.Module):
     def inverse(self, v):
         """u → x, log|dx/du|."""
         u, ld2 = self.standardise.inverse(v.double())
-        f = torch.sigmoid(u[:, 0]).clamp(1e-15, 1 - 1e-15)
+        f = torch.special.ndtr(u[:, 0]).clamp(1e-15, 1 - 1e-15)
         m = self.m_inverse_cdf(f)
-        c = torch.tanh(u[:, 2])
+        c = 2 * torch.special.ndtr(u[:, 2]) - 1
         x = torch.stack([m, u[:, 1], c], 1)
         _, ld = self._raw(x)
         return x, ld2 - ld
