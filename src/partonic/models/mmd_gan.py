@@ -142,9 +142,11 @@ class MMDGAN(nn.Module):
             generator's (two time-scale updates, arXiv:1706.08500); the training loop
             reads it through :meth:`optimizer_groups`.
         ema_decay: when > 0, an exponential moving average of the generator's weights
-            (decay per step) is kept and :meth:`sample` uses it: simultaneous GAN
-            updates circle around the equilibrium, and the average sits closer to it
-            than any single iterate (arXiv:1806.04498).
+            (decay per step) is kept and :meth:`sample` uses it. Simultaneous GAN
+            updates circle around the equilibrium, and over long training the average
+            can sit closer to it than any single iterate (arXiv:1806.04498); measured
+            here after 3000 CPU steps with decay 0.999 it was worse (docs/results.md),
+            so it is off by default.
 
     Example:
         >>> gan = MMDGAN(TopQuarkRepresentation().fit(quarks), mmd_weight=1.0)
