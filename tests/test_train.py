@@ -125,3 +125,30 @@ def test_resume_with_a_different_model_is_a_clear_error(tmp_path):
     train(torch.nn.Linear(2, 1), lambda m, b: m(b[0]).pow(2).mean(), (x,), cfg, tmp_path, seed=1, progress=False)
     with pytest.raises(TrainingError, match="does not fit this model"):
         train(torch.nn.Linear(2, 3), lambda m, b: m(b[0]).pow(2).mean(), (x,), cfg, tmp_path, seed=1, resume=True, progress=False)
+
+
+def test_sample_weights_draw_events_in_proportion(tmp_path):
+    # events 0..999: the first half with weight 3, the second with weight 1, one event
+    # with weight 0; the loss records which events each batch holds
+    n = 1000
+    index = torch.arange(n, dtype=torch.float32)[:, None]
+    weights = torch.cat([torch.full((500,), 3.0), torch.ones(500)])
+    weights[7] = 0.0
+    seen: list[torch.Tensor] = []
+    model = torch.nn.Linear(1, 1)
+
+    def loss_fn(m, batch):
+        seen.append(batch[0][:, 0].long())
+        return (m(batch[0]) ** 2).mean() * 0.0 + m.bias.sum() * 0.0
+
+    cfg = TrainingSection(batch_size=100, epochs=20, log_every=50)
+    train(model, loss_fn, (index,), cfg, tmp_path, seed=3, progress=False, sample_weights=weights)
+    drawn = torch.cat(seen)
+    assert drawn.numel() == 20 * n
+    assert not (drawn == 7).any()
+    # binomial: P(first half) = 1500 / 1999 · ... ≈ 0.75; 20 000 draws give σ ≈ 0.003
+    p = 3 * 499 / (3 * 499 + 500)
+    share = (drawn < 500).double().mean().item()
+    assert abs(share - p) < 4 * (p * (1 - p) / drawn.numel()) ** 0.5
+    with pytest.raises(TrainingError, match="sample_weights"):
+        train(model, loss_fn, (index,), cfg, tmp_path / "bad", seed=3, progress=False, sample_weights=-weights)

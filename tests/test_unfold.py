@@ -293,7 +293,7 @@ job: unfold
 name: zw_tiny
 seed: 2
 device: cpu
-data: {{n_events: {n}, workers: 1, test_fraction: 0.3}}
+data: {{n_events: {n}, workers: 1, test_fraction: 0.3, channel_balance: 1.0}}
 model: {{blocks: 3, subnet_width: 24, condition_width: 24, condition_dim: 8}}
 training: {{batch_size: 64, epochs: 2, checkpoint_every: 1000}}
 evaluation: {{samples_per_event: 16, bins: 8}}
@@ -329,6 +329,8 @@ def test_unfold_job_end_to_end(tiny_run):
         assert "max_bulk_deviation" in report["ratio_to_truth"]["inclusive"][obs]
     for obs in ("m_jj", "pt_q1"):
         assert set(report["ibu_comparison"][obs]) >= {"cinn_chi2_ndf", "ibu_chi2_ndf"}
+    # channel_balance 1: each jet channel drawn equally often in training
+    assert report["training_channel_share"] == pytest.approx({"2j": 1 / 3, "3j": 1 / 3, "4j": 1 / 3}, abs=1e-12)
     sel = report["selection"]
     assert sel["generated"] == 2400 and sel["selected"] == report["training_events"] + report["validation_events"] + report["test_events"]
     for path in report["outputs"]["plots"]:
@@ -346,6 +348,18 @@ def test_unfold_job_end_to_end(tiny_run):
     assert torch.allclose(incoming, outgoing, atol=1e-3 * float(incoming[:, 0].max()))
     assert torch.allclose(kin.mass(mom[:, 4] + mom[:, 5]), events.mass[:, 2], atol=1e-3)
     assert init.processes[0].cross_section == pytest.approx(report["fiducial_cross_section_pb"], rel=1e-6)
+
+
+def test_channel_weights_follow_the_channel_fractions():
+    from partonic.jobs.unfold import channel_weights
+
+    n_jets = np.array([2] * 60 + [3] * 30 + [4] * 8 + [5] * 2)  # 60%, 30%, 10% (≥ 4 jets)
+    assert channel_weights(n_jets, 0.0) is None
+    w = channel_weights(n_jets, 0.5).numpy()
+    np.testing.assert_allclose(w[[0, 60, 90, 98]], [0.6**-0.5, 0.3**-0.5, 0.1**-0.5, 0.1**-0.5])
+    share = {c: w[np.clip(n_jets, 2, 4) == c].sum() / w.sum() for c in (2, 3, 4)}
+    total = 0.6**0.5 + 0.3**0.5 + 0.1**0.5  # shares ∝ f^(1 − 0.5)
+    assert share == pytest.approx({2: 0.6**0.5 / total, 3: 0.3**0.5 / total, 4: 0.1**0.5 / total})
 
 
 def test_lhe_takes_the_first_posterior_sample_inside_the_beams():

@@ -181,6 +181,12 @@ class UnfoldData(Strict):
     #: φ → −φ for every object): an exact symmetry of pp collisions seen by a
     #: forward-backward symmetric detector, so it doubles the training data for free
     symmetrise: bool = True
+    #: oversample the rarer jet channels in training: an event of a channel holding
+    #: the fraction f of the training events is drawn with weight f^(−channel_balance)
+    #: (0: as generated; 1: every channel equally often). The jet count is part of the
+    #: condition, so this leaves the posterior p(parton | detector) unchanged; it only
+    #: moves training effort to the 3- and ≥ 4-jet events
+    channel_balance: Annotated[float, Field(ge=0, le=1)] = 0.0
     detector: DetectorSection = DetectorSection()
 
     @model_validator(mode="after")

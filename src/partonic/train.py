@@ -141,10 +141,14 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
         raise TrainingError(f"checkpoint {path} cannot be read ({exc}); start a fresh run without --resume") from None
 
 
-def _batch_order(n: int, batch_size: int, seed: int, epoch: int) -> torch.Tensor:
-    """Permutation for an epoch, a pure function of (seed, epoch): resumable."""
+def _batch_order(n: int, batch_size: int, seed: int, epoch: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Event order for an epoch, a pure function of (seed, epoch): resumable.
+    A permutation, or with ``weights`` n indices drawn with replacement in
+    proportion to them."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=gen)
+    if weights is None:
+        return torch.randperm(n, generator=gen)
+    return torch.multinomial(weights, n, replacement=True, generator=gen)
 
 
 def _as_loss(out: LossOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -192,6 +196,7 @@ def train(
     resume: bool = False,
     progress: bool | None = None,
     description: str = "training",
+    sample_weights: torch.Tensor | None = None,
 ) -> TrainResult:
     """Train ``model`` by minimising ``loss_fn(model, batch)`` over ``data``.
 
@@ -207,6 +212,9 @@ def train(
         val_data: optional validation tensors, evaluated after every epoch.
         resume: continue from ``run_dir/checkpoint.pt`` when it exists.
         progress: show a progress bar (None: only on a terminal).
+        sample_weights: optional non-negative weight per event: an epoch then draws its
+            n events with replacement in proportion to them (oversampling rare classes);
+            the loss itself is not weighted.
 
     Returns:
         a :class:`TrainResult`; the model holds the final parameters.
@@ -219,6 +227,10 @@ def train(
         raise TrainingError("no training events")
     if any(int(t.shape[0]) != n for t in data):
         raise TrainingError(f"training tensors disagree on the number of events: {[int(t.shape[0]) for t in data]}")
+    if sample_weights is not None:
+        sample_weights = torch.as_tensor(sample_weights, dtype=torch.float64).cpu()
+        if sample_weights.shape != (n,) or not bool(torch.isfinite(sample_weights).all()) or bool((sample_weights < 0).any()) or float(sample_weights.sum()) <= 0:
+            raise TrainingError(f"sample_weights must be {n} finite non-negative numbers with a positive sum")
     batch_size = min(cfg.batch_size, n)
     per_epoch = n // batch_size  # drop the ragged last batch: every step sees a full batch
     total = cfg.max_steps or cfg.epochs * per_epoch
@@ -272,7 +284,7 @@ def train(
     try:
         model.train()
         while step < total:
-            order = _batch_order(n, batch_size, seed, epoch).to(device)  # one copy per epoch
+            order = _batch_order(n, batch_size, seed, epoch, sample_weights).to(device)  # one copy per epoch
             first_batch = step - epoch * per_epoch
             for b in range(first_batch, per_epoch):
                 if step >= total:

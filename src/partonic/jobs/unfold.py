@@ -371,6 +371,27 @@ def _summary(report: dict, path: Path) -> str:
 
 
 # ---------------------------------------------------------------------- run
+def channel_weights(n_jets: np.ndarray, balance: float) -> torch.Tensor | None:
+    """Per-event sampling weight f_c^(−balance) of the jet channel c (2, 3, ≥ 4 jets)
+    holding the fraction f_c of the events; None for balance 0 (no oversampling)."""
+    if balance == 0:
+        return None
+    channel = np.clip(np.asarray(n_jets), 2, 4)
+    weights = np.zeros(len(channel))
+    for c in (2, 3, 4):
+        mask = channel == c
+        if mask.any():
+            weights[mask] = (mask.mean()) ** (-balance)
+    return torch.as_tensor(weights)
+
+
+def _channel_share(n_jets: np.ndarray, weights: torch.Tensor) -> dict[str, float]:
+    """Expected share of each channel among the training draws."""
+    channel = np.clip(np.asarray(n_jets), 2, 4)
+    w = weights.numpy()
+    return {f"{c}j": float(w[channel == c].sum() / w.sum()) for c in (2, 3, 4)}
+
+
 def _split(n: int, card) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     perm = np.random.default_rng([card.seed, 23]).permutation(n)
     n_test = max(1, int(round(card.data.test_fraction * n)))
@@ -418,9 +439,12 @@ def run(card, args) -> int:
     if len(val_ev):
         vc, vx, _ = unfolder.features(val_ev)
         val = (vx, vc)
+    weights = channel_weights(train_ev.n_jets, card.data.channel_balance)
+    if weights is not None:
+        report["training_channel_share"] = _channel_share(train_ev.n_jets, weights)
     try:
         result = train(unfolder, lambda m, b: m.loss(b), (x, cond), card.training, folder.path, seed=card.seed, device=device,
-                       val_data=val, resume=args.resume, description="training cINN")
+                       val_data=val, resume=args.resume, description="training cINN", sample_weights=weights)
     except TrainingError as exc:
         raise JobError(str(exc)) from None
     timing["train_s"] = result.train_s
