@@ -42,6 +42,10 @@ def test_wrong_type_and_range_name_field_value_and_rule():
     assert 'model.subnet_width = "big": Input should be a valid integer' in text
     assert "data.detector.jet_radius = 2.0: Input should be less than or equal to 1.5" in text
     assert "device = \"gpu\": Input should be 'auto', 'cpu' or 'cuda'" in text
+    with pytest.raises(CardError, match="data.channel_balance = 1.5: Input should be less than or equal to 1"):
+        load_card("cards/zw.yaml", ["data.channel_balance=1.5"])
+    with pytest.raises(CardError, match="model.gradient_penalty = -1: Input should be greater than or equal to 0"):
+        load_card("cards/drell_yan.yaml", ["model.gradient_penalty=-1"])
 
 
 def test_job_and_cross_field_checks():

@@ -257,6 +257,8 @@ class UnweightModel(Strict):
     blocks: Annotated[int, Field(ge=1, le=32)] = 6
     bins: Annotated[int, Field(ge=2, le=128)] = 16
     latent_dim: Annotated[int, Field(ge=1, le=256)] = 8
+    #: weight γ of the GAN discriminator's R1 gradient penalty ½γ⟨|∇ₓ logit D|²⟩ (method gan)
+    gradient_penalty: NonNegFloat = 1.0
 
 
 class SampleEvaluation(Strict):
