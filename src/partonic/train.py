@@ -148,7 +148,11 @@ def _batch_order(n: int, batch_size: int, seed: int, epoch: int, weights: torch.
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     if weights is None:
         return torch.randperm(n, generator=gen)
-    return torch.multinomial(weights, n, replacement=True, generator=gen)
+    # inverse-CDF draws (torch.multinomial stops at 2²⁴ events); right=True never
+    # lands on a zero-weight event
+    cdf = torch.cumsum(weights, 0)
+    u = torch.rand(n, generator=gen, dtype=cdf.dtype) * cdf[-1]
+    return torch.searchsorted(cdf, u, right=True).clamp(max=n - 1)
 
 
 def _as_loss(out: LossOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
