@@ -127,8 +127,10 @@ def test_representation_round_trip(pythia_ttbar, representation):
     assert u.mean(0).abs().max() < 1e-8 and (u.std(0) - 1).abs().max() < 1e-8
     assert torch.allclose(rep.inverse(u), quarks, rtol=1e-9, atol=1e-7)
     # masses of the generated quarks are fixed by flavour
-    back = rep.inverse(torch.randn(50, 18, dtype=torch.float64))
-    assert torch.allclose(kin.mass(back), torch.tensor(QUARK_MASSES, dtype=torch.float64).expand(50, 6), atol=1e-4)  # √m² of E ~ 10² GeV rounds to ~1e-6
+    back = rep.inverse(torch.randn(50, 18, dtype=torch.float64, generator=torch.Generator().manual_seed(4)))
+    # √(E² − p²) of a massless quark rounds to ~√ε·E ≈ 1.5e-8 E (log pT draws reach E ≫ 10³ GeV)
+    deviation = (kin.mass(back) - torch.tensor(QUARK_MASSES, dtype=torch.float64)).abs()
+    assert bool((deviation <= 1e-4 + 1e-6 * back[..., 0]).all())
 
 
 def test_a_few_steps_on_the_mmd_term_decrease_it(pythia_ttbar):
