@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from partonic.cli import main
 from partonic.evaluate.metrics import auc, classifier_auc, fit_breit_wigner
@@ -14,6 +15,7 @@ from partonic.io.lhe import LHEEvents, LHEInit, LHEProcess, read_lhe, write_lhe
 from partonic.jobs.common import JobError
 from partonic.jobs.generate import incoming_probabilities, on_shell, quarks_from_lhe, ttbar_cross_section, ttbar_lhe_events
 from partonic.models.mmd_gan import MMDGAN, QUARK_MASSES, TopQuarkRepresentation, resonance_masses
+from partonic.models.weighted_gan import WeightedGAN
 from partonic.physics import kinematics as kin
 from partonic.physics.constants import GEV2_TO_PB
 from partonic.physics.matrix_elements import ttbar_me2, ttbar_sigma_hat
@@ -313,14 +315,18 @@ def test_mmd_weight_warms_up_and_survives_a_checkpoint():
         assert float(restored.loss((quarks,))["mmd_weight"]) == 2.0 and int(restored.steps_seen) == 7
 
 
-def test_discriminator_learns_at_its_own_rate(tmp_path):
+@pytest.mark.parametrize("make_gan", [
+    lambda **kw: MMDGAN(TopQuarkRepresentation(), width=8, layers=1, **kw),
+    lambda **kw: WeightedGAN(nn.Identity(), dim=3, latent_dim=2, width=8, layers=1, **kw),
+], ids=["mmd_gan", "weighted_gan"])
+def test_discriminator_learns_at_its_own_rate(tmp_path, make_gan):
     """Two time-scale updates: the training loop gives the discriminator's parameters
     lr × discriminator_lr_factor and the generator's lr. With the loss Σ of all
     parameters every gradient is 1, so one SGD step moves each by its group's rate."""
     from partonic.cards import TrainingSection
     from partonic.train import train
 
-    gan = MMDGAN(TopQuarkRepresentation(), width=8, layers=1, discriminator_lr_factor=4.0)
+    gan = make_gan(discriminator_lr_factor=4.0)
     before = {k: v.detach().clone() for k, v in gan.named_parameters()}
     cfg = TrainingSection(batch_size=4, max_steps=1, optimizer={"name": "sgd", "lr": 0.01}, schedule={"name": "constant"}, grad_clip=None,
                           checkpoint_every=10**9, validation_fraction=0)

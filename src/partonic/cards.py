@@ -259,6 +259,8 @@ class UnweightModel(Strict):
     latent_dim: Annotated[int, Field(ge=1, le=256)] = 8
     #: weight γ of the GAN discriminator's R1 gradient penalty ½γ⟨|∇ₓ logit D|²⟩ (method gan)
     gradient_penalty: NonNegFloat = 1.0
+    #: the GAN discriminator's learning rate in units of the generator's (method gan)
+    discriminator_lr_factor: PositiveFloat = 1.0
 
 
 class SampleEvaluation(Strict):

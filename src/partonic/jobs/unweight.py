@@ -272,7 +272,8 @@ def run(card, args) -> int:
     pre = DrellYanPreprocessing(setup.m_min, generator.m_max, ew.m_z, ew.gamma_z, sqrt_s=setup.sqrt_s).fit(x_train.cpu(), w_train.cpu()).to(device)
     m = card.model
     if method == "gan":
-        model = WeightedGAN(pre, dim=3, latent_dim=m.latent_dim, width=m.width, layers=m.layers, gradient_penalty=m.gradient_penalty)
+        model = WeightedGAN(pre, dim=3, latent_dim=m.latent_dim, width=m.width, layers=m.layers, gradient_penalty=m.gradient_penalty,
+                            discriminator_lr_factor=m.discriminator_lr_factor)
     else:
         model = WeightedFlow(pre, dim=3, blocks=m.blocks, bins=m.bins, width=m.width, layers=m.layers)
     perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(card.seed + 2)).to(device)

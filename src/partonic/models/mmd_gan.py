@@ -28,7 +28,7 @@ from ..physics import kinematics as kin
 from ..physics.constants import GAMMA_TOP, GAMMA_W, M_B, M_TOP, M_W
 from .flows import mlp
 from .mmd import KernelName, mmd2
-from .weighted_gan import gan_losses, latent_batches
+from .weighted_gan import gan_losses, gan_optimizer_groups, latent_batches
 
 __all__ = ["QUARK_MASSES", "TopQuarkRepresentation", "MMDGAN", "resonance_masses", "RESONANCES"]
 
@@ -204,8 +204,7 @@ class MMDGAN(nn.Module):
     def optimizer_groups(self) -> list[dict]:
         """Generator and discriminator parameters as optimizer groups, the latter with
         its learning-rate factor."""
-        return [{"params": list(self.generator.parameters()), "lr_factor": 1.0},
-                {"params": list(self.discriminator.parameters()), "lr_factor": self.discriminator_lr_factor}]
+        return gan_optimizer_groups(self.generator, self.discriminator, self.discriminator_lr_factor)
 
     def _features(self, quarks: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         if not self.discriminator_masses:

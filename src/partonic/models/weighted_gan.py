@@ -24,7 +24,7 @@ from torch.func import functional_call
 
 from .flows import mlp
 
-__all__ = ["WeightedGAN", "gan_losses", "latent_batches"]
+__all__ = ["WeightedGAN", "gan_losses", "gan_optimizer_groups", "latent_batches"]
 
 
 class WeightedGAN(nn.Module):
@@ -36,6 +36,8 @@ class WeightedGAN(nn.Module):
         width, layers: both MLPs.
         gradient_penalty: weight of a zero-centred gradient penalty on D at the
             truth points (R1, arXiv:1801.04406), which stabilises training.
+        discriminator_lr_factor: D's learning rate in units of G's (two time-scale
+            updates, arXiv:1706.08500), through :meth:`optimizer_groups`.
 
     Example:
         >>> gan = WeightedGAN(pre, dim=3)
@@ -43,13 +45,18 @@ class WeightedGAN(nn.Module):
         >>> events = gan.sample(100_000)     # physics variables
     """
 
-    def __init__(self, preprocessing: nn.Module, dim: int, latent_dim: int = 8, width: int = 128, layers: int = 4, gradient_penalty: float = 0.0):
+    def __init__(self, preprocessing: nn.Module, dim: int, latent_dim: int = 8, width: int = 128, layers: int = 4, gradient_penalty: float = 0.0,
+                 discriminator_lr_factor: float = 1.0):
         super().__init__()
         self.preprocessing = preprocessing
         self.dim, self.latent_dim = dim, latent_dim
         self.generator = _generator(latent_dim, dim, width, layers)
         self.discriminator = _discriminator(dim, width, layers)
         self.gradient_penalty = gradient_penalty
+        self.discriminator_lr_factor = float(discriminator_lr_factor)
+
+    def optimizer_groups(self) -> list[dict]:
+        return gan_optimizer_groups(self.generator, self.discriminator, self.discriminator_lr_factor)
 
     def generate_latent(self, z: torch.Tensor) -> torch.Tensor:
         return self.generator(z)
@@ -79,6 +86,13 @@ def latent_batches(net: nn.Module, latent_dim: int, n: int, generator: torch.Gen
     for start in range(0, n, batch_size):
         k = min(batch_size, n - start)
         yield torch.randn(k, latent_dim, generator=generator, dtype=p.dtype, device="cpu" if generator is not None else p.device).to(p.device)
+
+
+def gan_optimizer_groups(generator: nn.Module, discriminator: nn.Module, discriminator_lr_factor: float) -> list[dict]:
+    """Generator and discriminator parameters as optimizer groups for the training
+    loop, the discriminator's with its learning-rate factor."""
+    return [{"params": list(generator.parameters()), "lr_factor": 1.0},
+            {"params": list(discriminator.parameters()), "lr_factor": float(discriminator_lr_factor)}]
 
 
 def gan_losses(discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor, weights: torch.Tensor | None = None, gradient_penalty: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
