@@ -2,47 +2,15 @@
 
 import math
 
-import awkward as ak
 import numpy as np
 import pytest
 import uproot
+from delphes_files import write_delphes
 
 from partonic.io.delphes import read_delphes
 from partonic.simulate.detector import DetectorInputError
 
 ME, MMU = 0.000511, 0.105658  # PDG 2024
-
-# Delphes' leaf names and ROOT types, per collection (object tuples follow this order).
-FIELDS = {
-    "Jet": (("PT", "f4"), ("Eta", "f4"), ("Phi", "f4"), ("Mass", "f4")),
-    "Electron": (("PT", "f4"), ("Eta", "f4"), ("Phi", "f4"), ("Charge", "i4")),
-    "Muon": (("PT", "f4"), ("Eta", "f4"), ("Phi", "f4"), ("Charge", "i4")),
-    "Particle": (("PID", "i4"), ("Status", "i4"), ("M1", "i4"), ("Px", "f4"), ("Py", "f4"), ("Pz", "f4"), ("E", "f4")),
-}
-
-
-def write_delphes(path, events, drop=(), collections=tuple(FIELDS), nested=False):
-    """Write events (dicts of object-tuple lists) as a Delphes-like tree: "Jet.PT", ..., counters "Jet_size".
-
-    ``nested`` names the branches "Jet/Jet.PT", as uproot lists real Delphes files."""
-    arrays = {}
-    for coll in collections:
-        counts = np.array([len(ev[coll]) for ev in events], dtype=np.int64)
-        columns = {}
-        for k, (name, dtype) in enumerate(FIELDS[coll]):
-            if f"{coll}.{name}" not in drop:
-                flat = np.array([obj[k] for ev in events for obj in ev[coll]], dtype=dtype)
-                columns[name] = ak.unflatten(flat, counts)
-        arrays[coll] = ak.zip(columns)
-    with uproot.recreate(path) as fh:
-        tree = fh.mktree(
-            "Delphes",
-            {coll: array.type for coll, array in arrays.items()},
-            field_name=lambda outer, inner: f"{outer}/{outer}.{inner}" if nested else f"{outer}.{inner}",
-            counter_name=lambda counted: f"{counted}_size",
-        )
-        tree.extend(arrays)
-    return path
 
 
 def four_vector(pt, eta, phi, m):
@@ -235,6 +203,27 @@ def test_truth_false_reads_files_without_particles(tmp_path):
     assert not got.has_truth and got.parton_ids is None
     assert got.cutflow == {"read": 6, "sfos_leptons": 4, "two_jets": 3}
     np.testing.assert_array_equal(got.n_jets, [5, 2, 3])
+
+
+def test_truth_none_reads_the_truth_only_where_every_selected_event_has_it(tmp_path):
+    """New data to unfold: no event is lost for want of a generator record."""
+    rng = np.random.default_rng(4)
+    events = hand_events(rng)
+    full = read_delphes(write_delphes(tmp_path / "full.root", events), truth=None)
+    assert full.has_truth and len(full) == 3
+    np.testing.assert_array_equal(full.partons, read_delphes(tmp_path / "full.root").partons)
+    reco = read_delphes(write_delphes(tmp_path / "reco.root", events, collections=("Jet", "Electron", "Muon")), truth=None)
+    assert not reco.has_truth and len(reco) == 3 and "parton_truth" not in reco.cutflow
+    # The first selected event loses its W: read without truth, all three kept, with a warning.
+    partial = hand_events(np.random.default_rng(4))
+    partial[0] = event(np.random.default_rng(5), partial[0]["Electron"], partial[0]["Muon"], partial[0]["Jet"], complete=False)
+    with pytest.warns(UserWarning, match="1 of 3 selected events have no parton truth"):
+        got = read_delphes(write_delphes(tmp_path / "partial.root", partial), truth=None)
+    assert not got.has_truth and len(got) == 3
+    np.testing.assert_array_equal(got.jets, reco.jets)
+    # Detector branches stay compulsory.
+    with pytest.raises(DetectorInputError, match="Jet.Mass"):
+        read_delphes(write_delphes(tmp_path / "broken.root", events, drop=("Jet.Mass",)), truth=None)
 
 
 # ------------------------------------------------------------ loop cross-check

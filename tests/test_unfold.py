@@ -380,18 +380,44 @@ def test_lhe_takes_the_first_posterior_sample_inside_the_beams():
 
 
 def test_unfold_new_data_with_a_trained_model(tiny_run, tmp_path):
-    root, card = tiny_run
+    """--input as partonic HDF5 and as Delphes ROOT (with and without the generator record):
+    the same events give the same posterior samples, whichever file they come in."""
     import h5py
+    from delphes_files import delphes_records, write_delphes
 
+    root, card = tiny_run
+    model = str(root / "run" / "model.pt")
     with h5py.File(root / "run" / "unfolded.h5") as fh:
         det = {k: fh["detector"][k][()] for k in fh["detector"].keys()}
-    DetectorEvents(**det).subset(slice(0, 40)).to_hdf5(tmp_path / "new.h5")
-    out = tmp_path / "applied"
-    assert main(["unfold", "--card", str(card), "--model", str(root / "run" / "model.pt"), "--input", str(tmp_path / "new.h5"), "--output", str(out)]) == 0
-    report = json.loads((out / "report.json").read_text())
-    assert report["test_events"] == 40 and "calibration" in report
-    with h5py.File(out / "unfolded.h5") as fh:
-        assert fh["samples"].shape == (40, 16, 4, 4)
+    events = DetectorEvents(**det).subset(slice(0, 40))
+    events.to_hdf5(tmp_path / "new.h5")
+    write_delphes(tmp_path / "delphes.root", delphes_records(events))
+    write_delphes(tmp_path / "data.root", delphes_records(events, truth=False), collections=("Jet", "Electron", "Muon"))
+
+    outputs = {}
+    for name in ("new.h5", "delphes.root", "data.root"):
+        out = tmp_path / f"applied_{name.replace('.', '_')}"
+        assert main(["unfold", "--card", str(card), "--model", model, "--input", str(tmp_path / name), "--output", str(out)]) == 0
+        report = json.loads((out / "report.json").read_text())
+        with h5py.File(out / "unfolded.h5") as fh:
+            outputs[name] = report, fh["samples"][()], {k: fh["detector"][k][()] for k in fh["detector"].keys()}
+        assert report["test_events"] == 40 and outputs[name][1].shape == (40, 16, 4, 4)
+        assert report["input_has_truth"] == (name != "data.root")
+        assert ("calibration" in report) == (name != "data.root")
+        assert (out / report["outputs"]["lhe"]).is_file()
+
+    reference = outputs["new.h5"]
+    for name in ("delphes.root", "data.root"):
+        _, samples, detector = outputs[name]
+        # Delphes stores float32 (pT, η, φ, m): detector objects agree to float32 precision...
+        for key in ("leptons", "jets"):
+            np.testing.assert_allclose(detector[key], reference[2][key], rtol=1e-5, atol=1e-3)
+        np.testing.assert_array_equal(detector["lepton_flavour"], reference[2]["lepton_flavour"])
+        np.testing.assert_array_equal(detector["n_jets"], np.minimum(reference[2]["n_jets"], 4))
+        # ...and the seeded posterior samples follow them (a 10 GeV-wide posterior; a wrong
+        # lepton charge, flavour or jet order would move the samples by that much).
+        np.testing.assert_allclose(samples, reference[1], rtol=1e-3, atol=0.05)
+    np.testing.assert_allclose(outputs["delphes.root"][2]["partons"], reference[2]["partons"], rtol=1e-5, atol=1e-3)
 
 
 def test_unfold_bad_inputs_give_clear_errors(tiny_run, tmp_path, capsys):

@@ -80,6 +80,16 @@ def _open_tree(path: Path, tree: str, names: tuple[str, ...], truth: bool):
     return fh, ttree, found
 
 
+def _has_branches(path: Path, tree: str, names: tuple[str, ...]) -> bool:
+    """Whether the (already checked) tree in ``path`` has every branch of ``names``."""
+    try:
+        fh, _, _ = _open_tree(path, tree, names, False)
+    except DetectorInputError:
+        return False
+    fh.close()
+    return True
+
+
 # ------------------------------------------------------------------ kinematics
 def _four_vectors(pt, eta, phi, mass) -> np.ndarray:
     """(E, px, py, pz) from float64 numpy (pt, eta, phi, m); pt = 0 rows come out as zeros."""
@@ -179,7 +189,7 @@ def read_delphes(
     lepton_pt_min: float = 20.0,
     lepton_eta_max: float = 2.5,
     max_events: Optional[int] = None,
-    truth: bool = True,
+    truth: Optional[bool] = True,
 ) -> DetectorEvents:
     """Read Delphes ROOT files and select ZW → ℓℓ jj events.
 
@@ -188,7 +198,10 @@ def read_delphes(
     muons need pT > ``lepton_pt_min`` and |η| < ``lepton_eta_max``; the pair is the
     leading ℓ⁻ and ℓ⁺ of the leading lepton's flavour. Events need that pair and
     ≥ 2 jets. With ``truth`` the parton truth is read from the Particle branch;
-    selected events without it are dropped with a warning.
+    selected events without it are dropped with a warning. With ``truth=None`` (new
+    data to unfold) the truth is kept where every file has the Particle branches and
+    every selected event its partons; otherwise all selected events are kept without
+    truth (with a warning when a generator record is there but incomplete).
 
     Arguments:
         paths: a file or several; ``max_events`` counts events across them in order.
@@ -205,6 +218,12 @@ def read_delphes(
         raise ValueError(f"read_delphes: max_jets must be ≥ 1, got {max_jets}")
     if max_events is not None and max_events < 0:
         raise ValueError(f"read_delphes: max_events must be ≥ 0, got {max_events}")
+    auto = truth is None
+    if auto:
+        # Detector objects must be there; the generator record may be.
+        for path in paths:
+            _open_tree(path, tree, DELPHES_BRANCHES, False)[0].close()
+        truth = all(_has_branches(path, tree, TRUTH_BRANCHES) for path in paths)
     names = DELPHES_BRANCHES + (TRUTH_BRANCHES if truth else ())
 
     # Check every file first: a bad last file should fail before the others are read.
@@ -232,6 +251,13 @@ def read_delphes(
     two_jets = merged["pair"] & (merged["n_jets"] >= 2)
     cutflow = {"read": n_read, "sfos_leptons": int(merged["pair"].sum()), "two_jets": int(two_jets.sum())}
     keep = two_jets
+    if auto and truth and not merged["truth"][two_jets].all():
+        missing = int((two_jets & ~merged["truth"]).sum())
+        warnings.warn(
+            f"read_delphes: {missing} of {cutflow['two_jets']} selected events have no parton truth (status-23"
+            " ℓ⁻ℓ⁺ from a Z and q q̄ from a W), so the events are read without truth", stacklevel=2,
+        )
+        truth = False
     if truth:
         if n_read and not merged["truth"].any():
             raise DetectorInputError(

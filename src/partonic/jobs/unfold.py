@@ -118,8 +118,11 @@ def _concatenate(parts: list[DetectorEvents]) -> DetectorEvents:
     )
 
 
-def read_detector_files(files, detector, truth: bool = True) -> DetectorEvents:
-    """Detector events from HDF5 (``DetectorEvents.to_hdf5`` layout) or Delphes ROOT files."""
+def read_detector_files(files, detector, truth: bool | None = True) -> DetectorEvents:
+    """Detector events from HDF5 (``DetectorEvents.to_hdf5`` layout) or Delphes ROOT files.
+
+    ``truth`` applies to Delphes files: True needs the parton truth, None reads it when
+    the files have it (see :func:`partonic.io.delphes.read_delphes`)."""
     parts = []
     for f in files:
         path = Path(f)
@@ -513,7 +516,7 @@ def apply_model(card, args) -> int:
     report["model"] = str(args.model)
     report["input"] = str(args.input)
     try:
-        events = read_detector_files([args.input], trained.data.detector)
+        events = read_detector_files([args.input], trained.data.detector, truth=None)
     except DetectorInputError as exc:
         raise JobError(str(exc)) from None
     if len(events) == 0:
@@ -522,6 +525,7 @@ def apply_model(card, args) -> int:
     if card.evaluation.test_events:
         events = events.subset(slice(0, card.evaluation.test_events))
     report["test_events"] = len(events)
+    report["input_has_truth"] = events.has_truth
     report["samples_per_event"] = card.evaluation.samples_per_event
     samples = _unfold(unfolder, events, card, report["timing"])
     plots = evaluate(events, samples, card, folder.path, report) if events.has_truth else []
