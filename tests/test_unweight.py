@@ -118,12 +118,15 @@ def test_lepton_kinematics_round_trip():
 
 
 
-def test_drell_yan_preprocessing_inverts_with_its_jacobian_and_gaussian_tails():
+@pytest.mark.parametrize("rapidity", ["y", "bounded"])
+def test_drell_yan_preprocessing_inverts_with_its_jacobian_and_gaussian_tails(rapidity):
     """(m, y, cos θ*) → u: the inverse returns x, the log-determinant equals the
     autograd Jacobian's, and events from the analytic m model with flat cos θ* map to
     standard normal u1, u3 before standardisation, tails included (the flow's base
-    density then has the right tails: the m_ℓℓ > 500 GeV fraction lies in |u| < 5)."""
-    pre = DrellYanPreprocessing(50.0, 13000.0, 91.1876, 2.4952)
+    density then has the right tails: the m_ℓℓ > 500 GeV fraction lies in |u| < 5).
+    With the bounded rapidity, y flat in its kinematic range maps to a standard normal
+    u2 too, and any u2 maps back inside the beams."""
+    pre = DrellYanPreprocessing(50.0, 13000.0, 91.1876, 2.4952, rapidity=rapidity)
     gen = torch.Generator().manual_seed(8)
     x = pre.reference_sample(20_000, generator=gen)
     pre.fit(x)
@@ -137,12 +140,17 @@ def test_drell_yan_preprocessing_inverts_with_its_jacobian_and_gaussian_tails():
         assert float(torch.linalg.slogdet(jac).logabsdet) == pytest.approx(float(logdet[i]), abs=1e-6)
     raw = u * pre.standardise.std + pre.standardise.mean
     n = len(raw)
-    for k in (0, 2):  # mean 0 and variance 1 within 3 standard errors; the 99.9% quantile of N(0, 1)
+    for k in (0, 1, 2) if rapidity == "bounded" else (0, 2):  # mean 0, variance 1 within 3 standard errors; the 99.9% quantile of N(0, 1)
         assert abs(float(raw[:, k].mean())) < 3 / math.sqrt(n)
         assert abs(float(raw[:, k].var()) - 1) < 3 * math.sqrt(2 / n)
         tail = float((raw[:, k] > 3.0902).double().mean())
         assert abs(tail - 1e-3) < 3 * math.sqrt(1e-3 / n), tail
     assert float(u[x[:, 0] > 500, 0].max()) < 5.0
+    if rapidity == "bounded":
+        far, _ = pre.inverse(torch.randn(2000, 3, generator=gen, dtype=torch.float64) * 4)
+        assert bool((far[:, 1].abs() <= torch.log(13000.0 / far[:, 0]) + 1e-12).all())  # to rounding
+    with pytest.raises(ValueError, match="rapidity must be one of"):
+        DrellYanPreprocessing(50.0, 13000.0, 91.1876, 2.4952, rapidity="eta")
 
 
 TINY = ["data.n_events=40000", "data.n_truth_events=100000", "data.mapping=breit_wigner", "training.epochs=2",

@@ -261,6 +261,9 @@ class UnweightModel(Strict):
     gradient_penalty: NonNegFloat = 1.0
     #: the GAN discriminator's learning rate in units of the generator's (method gan)
     discriminator_lr_factor: PositiveFloat = 1.0
+    #: the network's rapidity coordinate: y_ℓℓ itself, or "bounded", Φ⁻¹((1 + y/y_max)/2)
+    #: with y_max = ln(√s/m_ℓℓ), whose every value is inside the beams
+    rapidity: Literal["y", "bounded"] = "y"
 
 
 class SampleEvaluation(Strict):

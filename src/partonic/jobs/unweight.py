@@ -269,8 +269,9 @@ def run(card, args) -> int:
 
     # ---- model and training ---------------------------------------------------
     ew = setup.ew
-    pre = DrellYanPreprocessing(setup.m_min, generator.m_max, ew.m_z, ew.gamma_z, sqrt_s=setup.sqrt_s).fit(x_train.cpu(), w_train.cpu()).to(device)
     m = card.model
+    pre = DrellYanPreprocessing(setup.m_min, generator.m_max, ew.m_z, ew.gamma_z, sqrt_s=setup.sqrt_s, rapidity=m.rapidity)
+    pre = pre.fit(x_train.cpu(), w_train.cpu()).to(device)
     if method == "gan":
         model = WeightedGAN(pre, dim=3, latent_dim=m.latent_dim, width=m.width, layers=m.layers, gradient_penalty=m.gradient_penalty,
                             discriminator_lr_factor=m.discriminator_lr_factor)

@@ -71,10 +71,20 @@ class DrellYanPreprocessing(nn.Module):
     Gaussian holds 30 times too little probability, and the flow reproduced only
     0.10 of that tail.) cos θ* goes through Φ⁻¹((1 + cos θ*)/2); then all three are
     standardised.
+
+    ``rapidity`` = "y" passes y_ℓℓ on as it is; "bounded" maps it through its kinematic
+    range, Φ⁻¹((1 + y/y_max)/2) with y_max = ln(√s/m), so that every point of ℝ³ is a
+    physical event (a GAN cannot put events beyond the beams).
     """
 
-    def __init__(self, m_min: float, m_max: float, m_z: float, gamma_z: float, sqrt_s: float = 13000.0, bw_fraction: float = 0.7, power: float = 3.0):
+    RAPIDITY = ("y", "bounded")
+
+    def __init__(self, m_min: float, m_max: float, m_z: float, gamma_z: float, sqrt_s: float = 13000.0, bw_fraction: float = 0.7, power: float = 3.0,
+                 rapidity: str = "y"):
         super().__init__()
+        if rapidity not in self.RAPIDITY:
+            raise ValueError(f"DrellYanPreprocessing: rapidity must be one of {self.RAPIDITY}, got {rapidity!r}")
+        self.rapidity = rapidity
         for name, value in dict(m_min=m_min, m_max=m_max, m_z=m_z, gamma_z=gamma_z, sqrt_s=sqrt_s, bw_fraction=bw_fraction, power=power).items():
             self.register_buffer(name, torch.tensor(float(value), dtype=torch.float64))
         self.standardise = Standardise(3)
@@ -145,6 +155,12 @@ class DrellYanPreprocessing(nn.Module):
         u3 = torch.special.ndtri(((1 + c) / 2).clamp(1e-15, 1 - 1e-15))
         # dΦ⁻¹(F)/dm = F'(m)/φ(u) with φ the standard normal density
         logdet = torch.log(self.m_pdf(m)) - _log_normal_pdf(u1) - math.log(2.0) - _log_normal_pdf(u3)
+        if self.rapidity == "bounded":
+            # u2 depends on (m, y) and u1 on m alone: the Jacobian is triangular, ∂u2/∂y on its diagonal
+            y_max = torch.log(self.sqrt_s / m)
+            u2 = torch.special.ndtri(((1 + y / y_max) / 2).clamp(1e-15, 1 - 1e-15))
+            logdet = logdet - torch.log(2 * y_max) - _log_normal_pdf(u2)
+            return torch.stack([u1, u2, u3], 1), logdet
         return torch.stack([u1, y, u3], 1), logdet
 
     def forward(self, x):
@@ -159,7 +175,8 @@ class DrellYanPreprocessing(nn.Module):
         f = torch.special.ndtr(u[:, 0]).clamp(1e-15, 1 - 1e-15)
         m = self.m_inverse_cdf(f)
         c = 2 * torch.special.ndtr(u[:, 2]) - 1
-        x = torch.stack([m, u[:, 1], c], 1)
+        y = (2 * torch.special.ndtr(u[:, 1]) - 1) * torch.log(self.sqrt_s / m) if self.rapidity == "bounded" else u[:, 1]
+        x = torch.stack([m, y, c], 1)
         _, ld = self._raw(x)
         return x, ld2 - ld
 
