@@ -185,6 +185,15 @@ def test_breit_wigner_fit_recovers_position_and_width():
     # a Gaussian smear of σ = 2 GeV is a much wider peak for both measures
     wide = fit_breit_wigner(rng.normal(80.4, 2.0, 100_000), 80.4, 2.05)
     assert wide.width > 1.2 * fit.width and wide.fwhm > 2 * fit.fwhm
+    # no peak at all (a GAN without MMD): a density falling linearly by 60% over
+    # [150, 200] GeV. The position stays in the window (an unbounded fit put it at
+    # 50 GeV with Γ = 10⁻⁶ GeV, the far tail of a Cauchy mimicking the slope).
+    x = rng.uniform(size=40_000)
+    falling = 150.0 + 50.0 * (1 - np.sqrt(1 - 0.6 * 1.4 * x)) / 0.6
+    for masses in (falling, rng.uniform(0.0, 400.0, 20_000)):
+        fit = fit_breit_wigner(masses, 172.96, 1.36)
+        assert fit.window[0] <= fit.position <= fit.window[1]
+        assert fit.background > 0.9 or fit.width > 10 * 1.36
 
 
 def test_auc_and_the_classifier_test():

@@ -207,7 +207,9 @@ class ResonanceFit:
     fitted by unbinned maximum likelihood in ``window`` around the nominal mass, on a
     flat background of fraction ``background``; their standard errors ``position_error``
     and ``width_error`` (inverse Hessian); ``fwhm`` of the histogram (no line-shape
-    assumption); ``events`` in the window.
+    assumption); ``events`` in the window. The position is bounded by the window; where
+    there is no peak, the fit says so with a background fraction near 1 and a
+    position or width at the window's edge, not with a number outside it.
     """
 
     position: float
@@ -249,8 +251,14 @@ def fit_breit_wigner(masses, mass: float, width: float, window_widths: float = 1
         peak = 0.5 * g / math.pi / ((m - pos) ** 2 + 0.25 * g * g) / norm
         return -np.log((1 - b) * peak + b / (hi - lo)).sum()
 
-    start = np.array([float(np.median(m)), math.log(width), -3.0])
-    res = minimize(nll, start, method="Nelder-Mead", options={"xatol": 1e-6, "fatol": 1e-6, "maxiter": 4000})
+    # The position is kept inside the window, M = lo + (hi − lo)·σ(s): without a peak the
+    # likelihood is flat in M, and an unbounded fit wandered off to M = −812 GeV.
+    to_pos = lambda s: lo + (hi - lo) / (1.0 + math.exp(-s))  # noqa: E731
+    inside = min(max((float(np.median(m)) - lo) / (hi - lo), 1e-3), 1 - 1e-3)
+    start = np.array([math.log(inside / (1 - inside)), math.log(width), -3.0])
+    res = minimize(lambda q: nll((to_pos(q[0]), q[1], q[2])), start, method="Nelder-Mead",
+                   options={"xatol": 1e-6, "fatol": 1e-6, "maxiter": 4000})
+    res.x = np.array([to_pos(res.x[0]), res.x[1], res.x[2]])
     pos, log_g, logit_b = res.x
     g = math.exp(log_g)
     # standard errors of (M, log Γ) from a finite-difference Hessian of the NLL at the
