@@ -46,6 +46,8 @@ def test_wrong_type_and_range_name_field_value_and_rule():
         load_card("cards/zw.yaml", ["data.channel_balance=1.5"])
     with pytest.raises(CardError, match="model.gradient_penalty = -1: Input should be greater than or equal to 0"):
         load_card("cards/drell_yan.yaml", ["model.gradient_penalty=-1"])
+    with pytest.raises(CardError, match="data.resmear = 2 re-simulates the detector, so it needs data.source = pythia"):
+        load_card("cards/zw.yaml", ["data.resmear=2", "data.source=hdf5", "data.files=[a.h5]"])
     with pytest.raises(CardError, match="model.rapidity = \"eta\": Input should be 'y' or 'bounded'"):
         load_card("cards/drell_yan.yaml", ["model.rapidity=eta"])
 

@@ -219,6 +219,33 @@ def test_selection_needs_same_flavour_opposite_sign_leptons():
     assert np.all(ev.lepton_flavour == 13)
 
 
+def test_resmeared_events_redraw_the_detector_and_leave_out_the_held_out_rows():
+    from partonic.jobs.unfold import resmeared_events
+
+    n = 2000
+    leptons, ids, jets = _two_jet_events(n, 150.0, 0.5)  # jets far above the pT cut
+    partons = np.zeros((n, 4, 4))
+    partons[:, 0, 0] = np.arange(n)  # each event carries its own row number
+    arrays = {"leptons": leptons, "lepton_ids": ids, "jets": jets, "partons": partons, "parton_ids": np.ones((n, 4), np.int64)}
+    d = DetectorSection()
+    first, rows0 = apply_detector(leptons, ids, jets, d, np.random.default_rng([5, 17]), partons=partons, return_rows=True)
+    assert np.array_equal(first.partons[:, 0, 0], rows0)
+    held_out = rows0[:300]
+    extra, rows = resmeared_events(arrays, d, 5, 3, exclude=held_out)
+    assert np.array_equal(extra.partons[:, 0, 0], rows)  # truth travels with its detector events
+    assert not np.isin(rows, held_out).any()
+    # three realisations of the 1700 remaining events, each selected with efficiency ε²
+    eff = d.lepton_efficiency_barrel**2  # both leptons at |η| = 0.3
+    expected = 3 * (n - 300) * eff
+    assert len(extra) == pytest.approx(expected, abs=4 * math.sqrt(expected * (1 - eff)))
+    # new detector noise: the same particle-level event gives different jets each time
+    again, _ = resmeared_events(arrays, d, 5, 3, exclude=held_out)
+    assert np.array_equal(again.jets, extra.jets)  # reproducible from the seed
+    both, i_first, i_extra = np.intersect1d(rows0, rows, return_indices=True)  # first occurrences
+    assert len(both) > 1000
+    assert np.all(first.jets[i_first, :, 0].sum(1) != extra.jets[i_extra, :, 0].sum(1))
+
+
 def test_detector_events_hdf5_round_trip_and_errors(tmp_path):
     leptons, ids, jets = _two_jet_events(50, 150.0, 0.5)
     ev = apply_detector(leptons, ids, jets, DetectorSection(), np.random.default_rng(1), partons=np.ones((50, 4, 4)), parton_ids=np.ones((50, 4), np.int64))
@@ -293,7 +320,7 @@ job: unfold
 name: zw_tiny
 seed: 2
 device: cpu
-data: {{n_events: {n}, workers: 1, test_fraction: 0.3, channel_balance: 1.0}}
+data: {{n_events: {n}, workers: 1, test_fraction: 0.3, channel_balance: 1.0, resmear: 1}}
 model: {{blocks: 3, subnet_width: 24, condition_width: 24, condition_dim: 8}}
 training: {{batch_size: 64, epochs: 2, checkpoint_every: 1000}}
 evaluation: {{samples_per_event: 16, bins: 8}}
@@ -331,6 +358,8 @@ def test_unfold_job_end_to_end(tiny_run):
         assert set(report["ibu_comparison"][obs]) >= {"cinn_chi2_ndf", "ibu_chi2_ndf"}
     # channel_balance 1: each jet channel drawn equally often in training
     assert report["training_channel_share"] == pytest.approx({"2j": 1 / 3, "3j": 1 / 3, "4j": 1 / 3}, abs=1e-12)
+    # one more detector realisation of the events outside the validation and test sets
+    assert 0.5 * report["training_events"] < report["training_events_resmeared"] < 2.0 * report["training_events"]
     sel = report["selection"]
     assert sel["generated"] == 2400 and sel["selected"] == report["training_events"] + report["validation_events"] + report["test_events"]
     for path in report["outputs"]["plots"]:

@@ -187,6 +187,10 @@ class UnfoldData(Strict):
     #: condition, so this leaves the posterior p(parton | detector) unchanged; it only
     #: moves training effort to the 3- and ≥ 4-jet events
     channel_balance: Annotated[float, Field(ge=0, le=1)] = 0.0
+    #: train also on this many more detector realisations of the simulated events
+    #: (smearing, efficiencies and selection drawn anew; parton and particle level
+    #: fixed); the events behind the validation and test sets are left out (source pythia)
+    resmear: Annotated[int, Field(ge=0, le=16)] = 0
     detector: DetectorSection = DetectorSection()
 
     @model_validator(mode="after")
@@ -194,6 +198,8 @@ class UnfoldData(Strict):
         _require_files(self, "pythia")
         if not self.z_decay:
             raise ValueError("data.z_decay needs at least one lepton flavour (11 or 13)")
+        if self.resmear and self.source != "pythia":
+            raise ValueError(f"data.resmear = {self.resmear} re-simulates the detector, so it needs data.source = pythia (got {self.source})")
         return self
 
 

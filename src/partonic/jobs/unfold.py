@@ -93,12 +93,33 @@ def _pythia_events(card, progress: bool) -> tuple[DetectorEvents, dict]:
     else:
         arrays, meta = loaded
         meta["cached"] = True
-    events = apply_detector(
+    events, rows = apply_detector(
         arrays["leptons"], arrays["lepton_ids"], arrays["jets"], d.detector, np.random.default_rng([card.seed, 17]),
-        partons=arrays["partons"], parton_ids=arrays["parton_ids"],
+        partons=arrays["partons"], parton_ids=arrays["parton_ids"], return_rows=True,
     )
     meta["cache_key"] = key
+    meta["particle_level"] = {"arrays": arrays, "rows": rows}  # for data.resmear; not reported
     return events, meta
+
+
+def resmeared_events(arrays: dict, detector, seed: int, realisations: int, exclude: np.ndarray) -> tuple[DetectorEvents, np.ndarray]:
+    """More detector realisations of the particle-level events: the detector response
+    (jet and lepton smearing, lepton efficiencies, hence the selection) drawn anew,
+    ``realisations`` times, for every particle-level event not in ``exclude`` (the rows
+    behind the validation and test events, which must stay unseen). Realisation k uses
+    the generator [seed, 17, k]; k = 0 is the card's own detector sample.
+
+    Returns the selected events and the particle-level row of each."""
+    pool = np.setdiff1d(np.arange(len(arrays["leptons"])), exclude)
+    parts, rows = [], []
+    for k in range(1, realisations + 1):
+        ev, r = apply_detector(
+            arrays["leptons"][pool], arrays["lepton_ids"][pool], arrays["jets"][pool], detector, np.random.default_rng([seed, 17, k]),
+            partons=arrays["partons"][pool], parton_ids=arrays["parton_ids"][pool], return_rows=True,
+        )
+        parts.append(ev)
+        rows.append(pool[r])
+    return _concatenate(parts), np.concatenate(rows)
 
 
 def _concatenate(parts: list[DetectorEvents]) -> DetectorEvents:
@@ -422,6 +443,7 @@ def run(card, args) -> int:
         report["cross_section_pb"] = float(meta["sigma_pb"])
         report["fiducial_cross_section_pb"] = float(meta["sigma_pb"]) * len(events) / max(1, events.n_generated or len(events))
     report["data"] = {k: v for k, v in meta.items() if k in ("cache_key", "cached", "files", "n_failed", "errors", "workers")}
+    particle = meta.pop("particle_level", None)
     if len(events) < 50:
         raise JobError(f"only {len(events)} events pass the selection; raise data.n_events")
 
@@ -430,6 +452,11 @@ def run(card, args) -> int:
     if card.evaluation.test_events:
         test_ev = test_ev.subset(slice(0, card.evaluation.test_events))
     report["training_events"], report["validation_events"], report["test_events"] = len(train_ev), len(val_ev), len(test_ev)
+    if card.data.resmear:
+        extra, _ = resmeared_events(particle["arrays"], card.data.detector, card.seed, card.data.resmear, exclude=particle["rows"][np.concatenate([va, te])])
+        train_ev = _concatenate([train_ev, extra])
+        report["training_events_resmeared"] = len(extra)
+    del particle
     if card.data.symmetrise:
         train_ev = _concatenate([train_ev, train_ev.rotated()])
         report["training_events_symmetrised"] = len(train_ev)

@@ -287,8 +287,12 @@ def apply_detector(
     rng: np.random.Generator,
     partons: Optional[np.ndarray] = None,
     parton_ids: Optional[np.ndarray] = None,
-) -> DetectorEvents:
+    return_rows: bool = False,
+):
     """Smear particle-level objects, apply efficiencies and the ZW selection.
+
+    Returns the selected :class:`DetectorEvents`; with ``return_rows`` also the
+    particle-level row of each selected event.
 
     Arguments:
         leptons, lepton_ids: (N, L, 4) and (N, L) isolated e/μ candidates (zero padded).
@@ -344,7 +348,7 @@ def apply_detector(
 
     rows = np.flatnonzero(two_jets)
     sel_leptons = np.stack([sm_leptons[rows, i_minus[rows]], sm_leptons[rows, i_plus[rows]]], axis=1)
-    return DetectorEvents(
+    events = DetectorEvents(
         leptons=sel_leptons,
         lepton_flavour=flavour[rows].astype(np.int64),
         jets=selected_jets[rows],
@@ -354,3 +358,4 @@ def apply_detector(
         n_generated=int(n_events),
         cutflow=cutflow,
     )
+    return (events, rows) if return_rows else events
