@@ -238,9 +238,9 @@ def test_resmeared_events_redraw_the_detector_and_leave_out_the_held_out_rows():
     eff = d.lepton_efficiency_barrel**2  # both leptons at |η| = 0.3
     expected = 3 * (n - 300) * eff
     assert len(extra) == pytest.approx(expected, abs=4 * math.sqrt(expected * (1 - eff)))
-    # new detector noise: the same particle-level event gives different jets each time
     again, _ = resmeared_events(arrays, d, 5, 3, exclude=held_out)
     assert np.array_equal(again.jets, extra.jets)  # reproducible from the seed
+    # new detector noise: the same particle-level event gives different jets each time
     both, i_first, i_extra = np.intersect1d(rows0, rows, return_indices=True)  # first occurrences
     assert len(both) > 1000
     assert np.all(first.jets[i_first, :, 0].sum(1) != extra.jets[i_extra, :, 0].sum(1))

@@ -81,7 +81,7 @@ def _open_tree(path: Path, tree: str, names: tuple[str, ...], truth: bool):
 
 
 def _has_branches(path: Path, tree: str, names: tuple[str, ...]) -> bool:
-    """Whether the (already checked) tree in ``path`` has every branch of ``names``."""
+    """Whether the tree in ``path`` has every branch of ``names`` (False for any unreadable file)."""
     try:
         fh, _, _ = _open_tree(path, tree, names, False)
     except DetectorInputError:
@@ -219,10 +219,7 @@ def read_delphes(
     if max_events is not None and max_events < 0:
         raise ValueError(f"read_delphes: max_events must be ≥ 0, got {max_events}")
     auto = truth is None
-    if auto:
-        # Detector objects must be there; the generator record may be.
-        for path in paths:
-            _open_tree(path, tree, DELPHES_BRANCHES, False)[0].close()
+    if auto:  # the generator record may be there; the detector branches are checked below
         truth = all(_has_branches(path, tree, TRUTH_BRANCHES) for path in paths)
     names = DELPHES_BRANCHES + (TRUTH_BRANCHES if truth else ())
 

@@ -111,11 +111,12 @@ def resmeared_events(arrays: dict, detector, seed: int, realisations: int, exclu
 
     Returns the selected events and the particle-level row of each."""
     pool = np.setdiff1d(np.arange(len(arrays["leptons"])), exclude)
+    a = {name: arrays[name][pool] for name in ("leptons", "lepton_ids", "jets", "partons", "parton_ids")}
     parts, rows = [], []
     for k in range(1, realisations + 1):
         ev, r = apply_detector(
-            arrays["leptons"][pool], arrays["lepton_ids"][pool], arrays["jets"][pool], detector, np.random.default_rng([seed, 17, k]),
-            partons=arrays["partons"][pool], parton_ids=arrays["parton_ids"][pool], return_rows=True,
+            a["leptons"], a["lepton_ids"], a["jets"], detector, np.random.default_rng([seed, 17, k]),
+            partons=a["partons"], parton_ids=a["parton_ids"], return_rows=True,
         )
         parts.append(ev)
         rows.append(pool[r])
