@@ -10,6 +10,7 @@ from scipy import stats
 
 from partonic.cards import TrainingSection
 from partonic.cli import main
+from partonic.evaluate.metrics import compare_histograms
 from partonic.io.lhe import LHEInit, LHEProcess, read_lhe, write_lhe
 from partonic.jobs.unweight import kinematics_from_leptons, leptons_from_kinematics, unweight_with_copies
 from partonic.models.weighted_flow import DrellYanPreprocessing, Standardise, WeightedFlow
@@ -107,6 +108,20 @@ def test_copy_unweighting_is_unbiased_below_the_maximum():
     assert len(torch.unique(idx)) < len(idx)  # some events were copied
 
 
+def test_bulk_deviation_carries_its_statistical_error():
+    """One bin 20% high: its ratio 1.2·(4000/4200) and error from both samples' counts."""
+    edges = np.arange(5.0)
+    reference = np.repeat([0.5, 1.5, 2.5, 3.5], 1000)
+    sample = np.repeat([0.5, 1.5, 2.5, 3.5], [1000, 1000, 1000, 1200])
+    c = compare_histograms(sample, reference, edges)
+    r = 1200 / 4200 / 0.25
+    assert c.max_bulk_deviation == pytest.approx(r - 1)
+    assert c.max_bulk_deviation_error == pytest.approx(r * math.sqrt(1 / 1200 + 1 / 1000))
+    # a weighted reference: the error follows √(Σw²)
+    c2 = compare_histograms(sample, reference, edges, reference_weights=np.full(4000, 2.0))
+    assert c2.max_bulk_deviation_error == pytest.approx(c.max_bulk_deviation_error)
+
+
 def test_lepton_kinematics_round_trip():
     gen = torch.Generator().manual_seed(6)
     n = 1000
@@ -197,6 +212,9 @@ def test_unweight_job_from_weighted_lhe_with_negative_weights(tmp_path, monkeypa
     assert report["training_negative_weight_fraction"] == pytest.approx(500 / 3000, abs=1e-9)
     assert report["cross_section_pb"] == pytest.approx(1000.0)
     assert "flow" in report["methods"]
+    big = report["methods"]["flow"]["large_sample"]
+    assert big["events"] == 20000 and set(big["observables"]) == set(report["methods"]["flow"]["observables"])
+    assert 0 <= big["max_bulk_deviation"] < 10 and big["max_bulk_deviation_error"] > 0
 
 
 def test_unweight_job_bad_inputs(tmp_path, monkeypatch, capsys):

@@ -108,7 +108,9 @@ class HistogramComparison:
     Fields: ``edges``; ``ratio`` sample/reference and ``ratio_error`` (both samples'
     statistics); ``pull`` (difference / combined error); ``chi2`` and ``ndf`` over
     bins where both are filled; ``max_bulk_deviation`` max |ratio − 1| over bins
-    holding ≥ ``bulk_fraction`` of the reference; ``max_bulk_pull`` likewise for |pull|.
+    holding ≥ ``bulk_fraction`` of the reference, ``max_bulk_deviation_error`` the
+    statistical error of the ratio in that bin; ``max_bulk_pull`` max |pull| over the
+    same bins.
     """
 
     edges: list
@@ -119,6 +121,7 @@ class HistogramComparison:
     ndf: int
     max_bulk_deviation: float
     max_bulk_pull: float
+    max_bulk_deviation_error: float = float("nan")
 
     @property
     def chi2_ndf(self) -> float:
@@ -142,11 +145,13 @@ def compare_histograms(sample, reference, edges, sample_weights=None, reference_
         pull = np.where(sigma > 0, (ps - pr) / sigma, 0.0)
     chi2 = float((pull[filled] ** 2).sum())
     bulk = filled & (pr >= bulk_fraction)
+    worst = int(np.flatnonzero(bulk)[np.argmax(np.abs(ratio[bulk] - 1))]) if bulk.any() else -1
     return HistogramComparison(
         edges=list(map(float, edges)), ratio=[float(r) for r in ratio], ratio_error=[float(r) for r in ratio_err],
         pull=[float(p) for p in pull], chi2=chi2, ndf=int(filled.sum()),
         max_bulk_deviation=float(np.nanmax(np.abs(ratio[bulk] - 1))) if bulk.any() else float("nan"),
         max_bulk_pull=float(np.abs(pull[bulk]).max()) if bulk.any() else float("nan"),
+        max_bulk_deviation_error=float(ratio_err[worst]) if worst >= 0 else float("nan"),
     )
 
 
