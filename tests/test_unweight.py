@@ -188,6 +188,9 @@ def test_unweight_job_exact_mode_end_to_end(tmp_path, monkeypatch):
                 "cross_section_error_pb", "naive_unweighting_efficiency", "methods"):
         assert key in report
     m = report["methods"]["flow-exact"]
+    # the weighted training input itself against truth: 40 000 events, deviations of a few percent
+    inp = report["training_input_vs_truth"]
+    assert 0 < inp["max_bulk_deviation"] < 6 * inp["max_bulk_deviation_error"], inp["max_bulk_deviation"]
     assert m["unweighting_efficiency"] > 0.05  # a barely trained flow; the CPU card reaches more
     # the exact mode's σ is an independent estimate: it agrees with the quadrature
     assert abs(m["sigma_pb"] - report["cross_section_quadrature_pb"]) < 4 * m["sigma_error_pb"]
