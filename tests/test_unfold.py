@@ -246,6 +246,36 @@ def test_resmeared_events_redraw_the_detector_and_leave_out_the_held_out_rows():
     assert np.all(first.jets[i_first, :, 0].sum(1) != extra.jets[i_extra, :, 0].sum(1))
 
 
+def test_pair_features_hold_every_jet_pair_and_zero_for_absent_jets():
+    """With model.pair_features the condition gains 5 decay coordinates for each of the
+    6 pairs of 4 jet slots; the pair (0, 1) repeats the leading-pair columns, absent jets
+    give zeros (not NaN), and the rest of the condition is unchanged."""
+    p = _balanced_events(200, seed=3)
+    g = torch.Generator().manual_seed(4)
+    extra = p[:, 2:] * (0.3 + 0.4 * torch.rand(200, 2, 1, generator=g, dtype=torch.float64))  # two softer massive jets
+    extra[:, :, 0] += 5.0
+    jets = torch.cat([p[:, 2:], extra], 1).numpy()
+    n_jets = np.where(np.arange(200) % 3 == 0, 2, np.where(np.arange(200) % 3 == 1, 3, 4))
+    jets[n_jets < 4, 3] = 0.0
+    jets[n_jets < 3, 2] = 0.0
+    ev = DetectorEvents(p[:, :2].numpy(), np.full(200, 11), jets, n_jets, partons=p.numpy())
+    plain = Unfolder(4, CINNModel(blocks=2, subnet_width=8, condition_width=8, condition_dim=4)).fit(ev)
+    pairs = Unfolder(4, CINNModel(blocks=2, subnet_width=8, condition_width=8, condition_dim=4, pair_features=True)).fit(ev)
+    c0, _, ref0 = plain.features(ev)
+    c1, _, ref1 = pairs.features(ev)
+    n = plain.detector.n_continuous
+    assert c1.shape[1] == c0.shape[1] + 30 and torch.isfinite(c1).all()
+    assert torch.equal(c1[:, :n], c0[:, :n]) and torch.equal(c1[:, -4:], c0[:, -4:]) and torch.equal(ref0, ref1)
+    t = pairs.tensors(ev)
+    raw, mask, _ = pairs.detector.double().raw(t["leptons"], t["jets"], t["n_jets"], t["flavour"])
+    lead = slice(6 + 20, 6 + 25)  # the leading pair's decay coordinates
+    assert torch.allclose(raw[:, n : n + 5], raw[:, lead])
+    # pair (2, 3) exists only with 4 jets; (0, 2) with 3 or more
+    block = {pr: slice(n + 5 * k, n + 5 * k + 5) for k, pr in enumerate(pairs.detector.pairs)}
+    assert bool((c1[n_jets < 4][:, block[(2, 3)]] == 0).all()) and bool((c1[n_jets == 4][:, block[(2, 3)]] != 0).any(1).all())
+    assert bool((c1[n_jets < 3][:, block[(0, 2)]] == 0).all()) and bool((mask[n_jets >= 3][:, block[(0, 2)]] == 1).all())
+
+
 def test_detector_events_hdf5_round_trip_and_errors(tmp_path):
     leptons, ids, jets = _two_jet_events(50, 150.0, 0.5)
     ev = apply_detector(leptons, ids, jets, DetectorSection(), np.random.default_rng(1), partons=np.ones((50, 4, 4)), parton_ids=np.ones((50, 4), np.int64))

@@ -216,6 +216,9 @@ class CINNModel(Strict):
     condition_width: Annotated[int, Field(ge=4, le=4096)] = 256
     condition_dim: Annotated[int, Field(ge=1, le=1024)] = 64
     clamp: PositiveFloat = 2.0
+    #: decay coordinates of every jet pair in the condition, not only of the leading
+    #: pair and the pair closest to m_W (with ISR jets the W is any of them)
+    pair_features: bool = False
     mmd: MMDSection = MMDSection()
 
 

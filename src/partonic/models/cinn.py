@@ -249,12 +249,18 @@ class DetectorRepresentation(nn.Module):
     muons, 0 for electrons.
     Returns the features and the references (N, 2): the ℓ⁻'s φ and the decay
     azimuth of the jet pair closest to m_W.
+
+    With ``pair_features`` the same five decay coordinates follow for every pair of
+    jet slots (zero where a jet is absent): with ISR jets the W is any pair, and the
+    condition then holds every hypothesis instead of two.
     """
 
-    def __init__(self, max_jets: int):
+    def __init__(self, max_jets: int, pair_features: bool = False):
         super().__init__()
         self.max_jets = max_jets
-        self.n_continuous = 2 + 4 + 5 * max_jets + 10
+        self.pair_features = bool(pair_features)
+        self.pairs = [(i, j) for i in range(max_jets) for j in range(i + 1, max_jets)] if pair_features else []
+        self.n_continuous = 2 + 4 + 5 * max_jets + 10 + 5 * len(self.pairs)
         self.dim = self.n_continuous + 3 + 1
         self.register_buffer("mean", torch.zeros(self.n_continuous))
         self.register_buffer("std", torch.ones(self.n_continuous))
@@ -283,6 +289,11 @@ class DetectorRepresentation(nn.Module):
         decay = _decay_coordinates(a, b)
         cols += list(decay)
         masks += [torch.ones_like(phi_ref)] * 10
+        for i, j in self.pairs:
+            both = present[:, i] * present[:, j]
+            # an absent jet is a zero vector, whose rest frame does not exist: zero, not NaN
+            cols += [torch.where(both > 0, c, 0.0) for c in _decay_coordinates(jets[:, i], jets[:, j])]
+            masks += [both] * 5
         ref = torch.stack([phi_ref, torch.atan2(decay[4], decay[3])], -1)
         return torch.stack(cols, -1), torch.stack(masks, -1), ref
 
@@ -429,7 +440,7 @@ class Unfolder(nn.Module):
     def __init__(self, max_jets: int, model):
         super().__init__()
         self.parton = PartonRepresentation()
-        self.detector = DetectorRepresentation(max_jets)
+        self.detector = DetectorRepresentation(max_jets, pair_features=getattr(model, "pair_features", False))
         self.cinn = ConditionalINN(
             PartonRepresentation.dim,
             self.detector.dim,
