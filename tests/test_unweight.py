@@ -117,7 +117,7 @@ def test_bulk_deviation_carries_its_statistical_error():
     r = 1200 / 4200 / 0.25
     assert c.max_bulk_deviation == pytest.approx(r - 1)
     assert c.max_bulk_deviation_error == pytest.approx(r * math.sqrt(1 / 1200 + 1 / 1000))
-    # a weighted reference: the error follows √(Σw²)
+    # a reference of weight-2 events: √(Σw²)/Σw is the same relative error
     c2 = compare_histograms(sample, reference, edges, reference_weights=np.full(4000, 2.0))
     assert c2.max_bulk_deviation_error == pytest.approx(c.max_bulk_deviation_error)
 

@@ -149,7 +149,7 @@ def compare_histograms(sample, reference, edges, sample_weights=None, reference_
     return HistogramComparison(
         edges=list(map(float, edges)), ratio=[float(r) for r in ratio], ratio_error=[float(r) for r in ratio_err],
         pull=[float(p) for p in pull], chi2=chi2, ndf=int(filled.sum()),
-        max_bulk_deviation=float(np.nanmax(np.abs(ratio[bulk] - 1))) if bulk.any() else float("nan"),
+        max_bulk_deviation=float(abs(ratio[worst] - 1)) if worst >= 0 else float("nan"),
         max_bulk_pull=float(np.abs(pull[bulk]).max()) if bulk.any() else float("nan"),
         max_bulk_deviation_error=float(ratio_err[worst]) if worst >= 0 else float("nan"),
     )
