@@ -1,6 +1,7 @@
 """cINN unfolding: the invertible network, representations, calibration, detector response,
 Pythia8 pp → ZW, and the `unfold` job end to end."""
 
+import copy
 import json
 import math
 
@@ -74,15 +75,23 @@ def _balanced_events(n, seed=0):
     return torch.stack([*decay(z, mz), *decay(w, mw)], 1)
 
 
+@pytest.mark.parametrize("azimuth", ["interval", "plane"])
 @pytest.mark.parametrize("references", [1, 2])
-def test_parton_representation_round_trip_and_momentum_balance(references):
-    """With one reference (the ℓ⁻ azimuth) or two (and the jets' decay azimuth)."""
+def test_parton_representation_round_trip_and_momentum_balance(references, azimuth):
+    """With one reference (the ℓ⁻ azimuth) or two (and the jets' decay azimuth);
+    the decay azimuth as an interval or as a unit vector on the plane."""
     p = _balanced_events(500)
     phi_ref = 2 * math.pi * torch.rand(500, references, dtype=torch.float64).squeeze(1) - math.pi
-    rep = PartonRepresentation().double().fit(p, phi_ref)
+    rep = PartonRepresentation(azimuth=azimuth).double().fit(p, phi_ref)
     f = rep(p, phi_ref)
-    assert f.shape == (500, 10)
-    assert torch.allclose(f.mean(0), torch.zeros(10, dtype=torch.float64), atol=1e-9)
+    dim = 11 if azimuth == "plane" else 10
+    assert f.shape == (500, dim)
+    assert torch.allclose(f[:, :9].mean(0), torch.zeros(9, dtype=torch.float64), atol=1e-9)
+    if azimuth == "plane":
+        # the unit vector is left unstandardised, and its length does not matter
+        assert torch.allclose(f[:, 9:].norm(dim=-1), torch.ones(500, dtype=torch.float64))
+        scaled = torch.cat([f[:, :9], 0.3 * f[:, 9:]], -1)
+        assert torch.allclose(rep.inverse(scaled, phi_ref), rep.inverse(f, phi_ref))
     back = rep.inverse(f, phi_ref)
     # the quarks come back ordered by energy
     swap = p[:, 3, 0] > p[:, 2, 0]
@@ -90,11 +99,11 @@ def test_parton_representation_round_trip_and_momentum_balance(references):
     p[swap, 2], p[swap, 3] = p[swap, 3].clone(), p[swap, 2].clone()
     assert torch.allclose(back, p, atol=1e-7 * p.abs().max())
     # any feature vector maps to a physical, balanced, massless event
-    rand = rep.inverse(3 * torch.randn(500, 10, dtype=torch.float64), phi_ref)
+    rand = rep.inverse(3 * torch.randn(500, dim, dtype=torch.float64), phi_ref)
     assert torch.allclose(rand[:, :, 1:3].sum(1), torch.zeros(500, 2, dtype=torch.float64), atol=1e-6)
     assert torch.allclose(kin.mass2(rand), torch.zeros(500, 4, dtype=torch.float64), atol=1e-5 * rand[..., 0].max() ** 2)
     # network outliers far in the tails still give finite momenta
-    wild = rep.inverse(30 * torch.randn(2000, 10, dtype=torch.float64), phi_ref.repeat(4, *([1] * (references - 1))))
+    wild = rep.inverse(30 * torch.randn(2000, dim, dtype=torch.float64), phi_ref.repeat(4, *([1] * (references - 1))))
     assert torch.isfinite(wild).all()
     obs = parton_observables(back)
     assert torch.allclose(obs["m_jj"], kin.mass(p[:, 2] + p[:, 3]), rtol=1e-9)
@@ -521,3 +530,34 @@ def test_mmd_against_closed_forms_and_the_unfolder_mmd_term():
     out = unfolder.loss((x_f, cond))
     out["loss"].backward()
     assert torch.isfinite(out["mmd"]) and all(torch.isfinite(q.grad).all() for q in unfolder.cinn.parameters() if q.grad is not None)
+
+
+def test_plane_azimuth_loss_is_the_nll_of_the_physical_coordinates():
+    """The azimuth on the plane is scaled by a random Rayleigh radius r; the loss takes
+    r²/2 off, so that it is the NLL of the ten physical coordinates. A network at
+    its start is a rotation (log-det 0), under which the plane's part of the NLL,
+    r²/2, cancels exactly: whatever r is drawn, the loss is that of the other nine."""
+    torch.manual_seed(3)
+    model = CINNModel(blocks=3, subnet_width=16, condition_width=16, condition_dim=4, azimuth="plane")
+    unfolder = Unfolder(4, model)
+    assert unfolder.parton.dim == 11 and unfolder.cinn.dim == 11
+    x = torch.randn(256, 11)
+    x[:, 9:] /= x[:, 9:].norm(dim=-1, keepdim=True)
+    cond = torch.randn(256, unfolder.detector.dim)
+    expected = 0.5 * (x[:, :9] ** 2).sum(-1).mean() / 10
+    losses = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        losses.append(unfolder.loss((x, cond))["nll"].item())
+    assert losses[0] == pytest.approx(float(expected), rel=1e-5)
+    assert losses[1] == pytest.approx(float(expected), rel=1e-5)
+    # without the correction the loss would carry E[r²/2]/10 = 0.1 more, and scatter with r
+    trained = copy.deepcopy(unfolder)
+    with torch.no_grad():
+        for prm in trained.cinn.parameters():
+            prm.add_(0.05 * torch.randn_like(prm))
+    torch.manual_seed(0)
+    a = trained.loss((x, cond))["nll"].item()
+    torch.manual_seed(1)
+    b = trained.loss((x, cond))["nll"].item()
+    assert a != b  # the radius is drawn afresh: a trained flow sees it

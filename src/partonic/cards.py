@@ -219,6 +219,9 @@ class CINNModel(Strict):
     #: decay coordinates of every jet pair in the condition, not only of the leading
     #: pair and the pair closest to m_W (with ISR jets the W is any of them)
     pair_features: bool = False
+    #: the W decay azimuth as an interval [−π, π) or as a point on the plane
+    #: (cos φ, sin φ), which has no seam for posteriors with modes at 0 and π
+    azimuth: Literal["interval", "plane"] = "interval"
     mmd: MMDSection = MMDSection()
 
 

@@ -166,14 +166,32 @@ class PartonRepresentation(nn.Module):
     calibration 0.12 instead of 0.08 on the CPU card).
     The inverse returns the quarks as (more energetic, less energetic).
 
+    With ``azimuth="plane"`` the decay azimuth is not an interval but a point on
+    the plane, (cos φ, sin φ) — 11 features. The network then sees the circle
+    without a seam: a posterior with modes at 0 and π (the jets' energy sharing
+    cannot tell which quark is harder, or the W candidate is the wrong pair; 20–45%
+    of the CPU card's posteriors) is two lobes, not three pieces at 0 and both ends of
+    [−π, π). The training loss scales the unit vector by a Rayleigh radius r drawn
+    afresh for every batch (:meth:`Unfolder.loss`), so a uniform azimuth is the
+    standard normal of the plane; sampling reads φ = atan2 and forgets r. The
+    density of the ten physical coordinates is then
+    p(…, φ) = p(…, u, v) · exp(r²/2) (with du dv = r dr dφ and the Rayleigh
+    density r e^(−r²/2)), which is what the loss reports.
+
     Arguments:
         m_w, gamma_w: Breit–Wigner used to flatten m_jj (any values near the truth work).
+        azimuth: ``"interval"`` (10 features) or ``"plane"`` (11).
     """
 
-    dim = 10
+    #: coordinates of the parton level (4 massless momenta, Σ pT = 0, the W's pT known)
+    physical_dim = 10
 
-    def __init__(self, m_w: float = 80.419, gamma_w: float = 2.0476):
+    def __init__(self, m_w: float = 80.419, gamma_w: float = 2.0476, azimuth: str = "interval"):
         super().__init__()
+        if azimuth not in ("interval", "plane"):
+            raise ValueError(f"azimuth must be 'interval' or 'plane', not {azimuth!r}")
+        self.plane = azimuth == "plane"
+        self.dim = 11 if self.plane else 10
         self.register_buffer("m_w", torch.tensor(float(m_w)))
         self.register_buffer("gamma_w", torch.tensor(float(gamma_w)))
         self.standardise = Standardise(self.dim)
@@ -203,11 +221,20 @@ class PartonRepresentation(nn.Module):
         x_h, y_h, z_h = _helicity_axes(w)
         cos = (n * z_h).sum(-1).clamp(_COS_EPS, 1 - _COS_EPS)
         azimuth = torch.atan2((n * y_h).sum(-1), (n * x_h).sum(-1))
-        cols += [self._mass_to_xi(m), y, torch.atanh(cos), _wrap(azimuth - azimuth_ref)]
+        cols += [self._mass_to_xi(m), y, torch.atanh(cos)]
+        if self.plane:
+            cols += [torch.cos(azimuth - azimuth_ref), torch.sin(azimuth - azimuth_ref)]
+        else:
+            cols += [_wrap(azimuth - azimuth_ref)]
         return torch.stack(cols, -1)
 
     def fit(self, partons: torch.Tensor, ref: torch.Tensor) -> "PartonRepresentation":
         self.standardise.fit(self.raw(partons, ref))
+        if self.plane:
+            # the unit vector stays as it is: scaled by a Rayleigh radius it is the plane's
+            # standard normal when the azimuth is uniform
+            self.standardise.mean[9:].zero_()
+            self.standardise.std[9:].fill_(1.0)
         return self
 
     def forward(self, partons: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -230,7 +257,7 @@ class PartonRepresentation(nn.Module):
         cos = torch.tanh(raw[:, 8].abs())
         sin = torch.sqrt((1 - cos**2).clamp(min=0.0))
         x_h, y_h, z_h = _helicity_axes(w)
-        azimuth = raw[:, 9] + azimuth_ref
+        azimuth = (torch.atan2(raw[:, 10], raw[:, 9]) if self.plane else raw[:, 9]) + azimuth_ref
         n = (sin * torch.cos(azimuth))[:, None] * x_h + (sin * torch.sin(azimuth))[:, None] * y_h + cos[:, None] * z_h
         half = 0.5 * m
         q = _boost_from_rest(torch.cat([half[:, None], half[:, None] * n], -1), w, m)
@@ -439,10 +466,10 @@ class Unfolder(nn.Module):
 
     def __init__(self, max_jets: int, model):
         super().__init__()
-        self.parton = PartonRepresentation()
+        self.parton = PartonRepresentation(azimuth=getattr(model, "azimuth", "interval"))
         self.detector = DetectorRepresentation(max_jets, pair_features=getattr(model, "pair_features", False))
         self.cinn = ConditionalINN(
-            PartonRepresentation.dim,
+            self.parton.dim,
             self.detector.dim,
             blocks=model.blocks,
             subnet_layers=model.subnet_layers,
@@ -485,10 +512,22 @@ class Unfolder(nn.Module):
         return cond.float(), x, ref
 
     def loss(self, batch: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """NLL per dimension (+ weight × MMD² of m_jj between samples and truth)."""
+        """NLL per physical dimension (+ weight × MMD² of m_jj between samples and truth).
+
+        With the azimuth on the plane, the unit vector is scaled by a fresh Rayleigh
+        radius r, and r²/2 is taken off the NLL: that is the NLL of the ten physical
+        coordinates (see :class:`PartonRepresentation`), comparable between both
+        representations up to the interval's standardisation of φ (log σ_φ).
+        """
         x, cond = batch[0], batch[1]
+        if self.parton.plane:
+            r2 = -2.0 * torch.log1p(-torch.rand(x.shape[0], device=x.device, dtype=x.dtype))
+            x = torch.cat([x[:, :9], x[:, 9:] * r2.sqrt()[:, None]], -1)
         z, log_jac = self.cinn(x, cond)
-        nll = (0.5 * (z**2).sum(-1) - log_jac).mean() / self.cinn.dim
+        nll = 0.5 * (z**2).sum(-1) - log_jac
+        if self.parton.plane:
+            nll = nll - 0.5 * r2
+        nll = nll.mean() / self.parton.physical_dim
         out = {"nll": nll}
         loss = nll
         if self.mmd_weight > 0:
@@ -504,7 +543,7 @@ class Unfolder(nn.Module):
 
     @torch.no_grad()
     def sample_features(self, cond: torch.Tensor, n_samples: int, batch_size: int = 100_000, generator: torch.Generator | None = None, progress=None) -> torch.Tensor:
-        """(N, n_samples, 10) parton features for N conditions, in batches of events × samples."""
+        """(N, n_samples, dim) parton features for N conditions, in batches of events × samples."""
         device = next(self.parameters()).device
         n = cond.shape[0]
         out = torch.empty(n, n_samples, self.cinn.dim)
@@ -520,7 +559,7 @@ class Unfolder(nn.Module):
         return out
 
     def to_partons(self, features: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        """(N, S, 10) features → (N, S, 4, 4) massless partons (ℓ⁻, ℓ⁺, q, q̄)."""
+        """(N, S, dim) features → (N, S, 4, 4) massless partons (ℓ⁻, ℓ⁺, q, q̄)."""
         n, s, d = features.shape
         rep = _cpu64(self.parton)
         return rep.inverse(features.reshape(-1, d).cpu().double(), ref.cpu().double().repeat_interleave(s, 0)).view(n, s, 4, 4)
