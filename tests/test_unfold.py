@@ -75,14 +75,17 @@ def _balanced_events(n, seed=0):
     return torch.stack([*decay(z, mz), *decay(w, mw)], 1)
 
 
-@pytest.mark.parametrize("azimuth", ["interval", "plane"])
-@pytest.mark.parametrize("references", [1, 2])
-def test_parton_representation_round_trip_and_momentum_balance(references, azimuth):
-    """With one reference (the ℓ⁻ azimuth) or two (and the jets' decay azimuth);
-    the decay azimuth as an interval or as a unit vector on the plane."""
+@pytest.mark.parametrize("azimuth,quark_label", [("interval", "energy"), ("plane", "energy"), ("plane", "jet")])
+@pytest.mark.parametrize("references", [1, 2, 3])
+def test_parton_representation_round_trip_and_momentum_balance(references, azimuth, quark_label):
+    """With one reference (the ℓ⁻ azimuth), two (and the jets' decay azimuth) or three
+    (and the jets' cos θ); the decay azimuth as an interval or as a unit vector on
+    the plane; the decay axis from the harder quark or from the jets."""
     p = _balanced_events(500)
     phi_ref = 2 * math.pi * torch.rand(500, references, dtype=torch.float64).squeeze(1) - math.pi
-    rep = PartonRepresentation(azimuth=azimuth).double().fit(p, phi_ref)
+    if references == 3:
+        phi_ref[:, 2] = torch.rand(500, dtype=torch.float64)
+    rep = PartonRepresentation(azimuth=azimuth, quark_label=quark_label).double().fit(p, phi_ref)
     f = rep(p, phi_ref)
     dim = 11 if azimuth == "plane" else 10
     assert f.shape == (500, dim)
@@ -93,20 +96,41 @@ def test_parton_representation_round_trip_and_momentum_balance(references, azimu
         scaled = torch.cat([f[:, :9], 0.3 * f[:, 9:]], -1)
         assert torch.allclose(rep.inverse(scaled, phi_ref), rep.inverse(f, phi_ref))
     back = rep.inverse(f, phi_ref)
-    # the quarks come back ordered by energy
-    swap = p[:, 3, 0] > p[:, 2, 0]
+    # the quarks come back ordered by energy (with the energy label; put in that order otherwise)
     p = p.clone()
-    p[swap, 2], p[swap, 3] = p[swap, 3].clone(), p[swap, 2].clone()
+    for q in (p, back) if quark_label == "jet" else (p,):
+        swap = q[:, 3, 0] > q[:, 2, 0]
+        q[swap, 2], q[swap, 3] = q[swap, 3].clone(), q[swap, 2].clone()
     assert torch.allclose(back, p, atol=1e-7 * p.abs().max())
     # any feature vector maps to a physical, balanced, massless event
     rand = rep.inverse(3 * torch.randn(500, dim, dtype=torch.float64), phi_ref)
     assert torch.allclose(rand[:, :, 1:3].sum(1), torch.zeros(500, 2, dtype=torch.float64), atol=1e-6)
     assert torch.allclose(kin.mass2(rand), torch.zeros(500, 4, dtype=torch.float64), atol=1e-5 * rand[..., 0].max() ** 2)
     # network outliers far in the tails still give finite momenta
-    wild = rep.inverse(30 * torch.randn(2000, dim, dtype=torch.float64), phi_ref.repeat(4, *([1] * (references - 1))))
+    wild = rep.inverse(30 * torch.randn(2000, dim, dtype=torch.float64), phi_ref.repeat(4, *([1] * (phi_ref.dim() - 1))))
     assert torch.isfinite(wild).all()
     obs = parton_observables(back)
     assert torch.allclose(obs["m_jj"], kin.mass(p[:, 2] + p[:, 3]), rtol=1e-9)
+
+
+def test_jet_label_takes_the_quark_nearer_the_jets_decay_axis():
+    """With the jets' axis along the harder quark the jet label is the energy label;
+    with the axis reversed it takes the other quark: cos θ changes sign and the
+    azimuth, measured from the reversed axis, stays 0 instead of jumping to π."""
+    p = _balanced_events(400)
+    phi = 2 * math.pi * torch.rand(400, dtype=torch.float64) - math.pi
+    zero = torch.zeros_like(phi)
+    energy = PartonRepresentation().double().raw(p, torch.stack([phi, zero], -1))
+    cos, az = torch.tanh(energy[:, 8]), energy[:, 9]
+    jet = PartonRepresentation(quark_label="jet").double()
+    same = jet.raw(p, torch.stack([phi, az, cos], -1))
+    assert torch.allclose(same[:, 8], energy[:, 8], atol=1e-9)
+    assert torch.allclose(same[:, 9], zero, atol=1e-9)
+    reversed_axis = jet.raw(p, torch.stack([phi, az + math.pi, -cos], -1))
+    assert torch.allclose(reversed_axis[:, 8], -energy[:, 8], atol=1e-9)
+    assert torch.allclose(torch.cos(reversed_axis[:, 9]), torch.ones_like(phi), atol=1e-9)
+    # a quarter turn from the axis is where the label changes: the feature stays continuous in cos θ
+    assert torch.allclose(jet.raw(p, torch.stack([phi, az, zero], -1))[:, :8], energy[:, :8])
 
 
 def test_w_candidate_is_the_present_jet_pair_closest_to_the_w_mass():

@@ -222,6 +222,9 @@ class CINNModel(Strict):
     #: the W decay azimuth as an interval [−π, π) or as a point on the plane
     #: (cos φ, sin φ), which has no seam for posteriors with modes at 0 and π
     azimuth: Literal["interval", "plane"] = "interval"
+    #: the W decay axis: the more energetic quark's direction (cos θ ≥ 0, folded at
+    #: balanced decays) or that of the quark nearer the jets' decay axis (no fold)
+    quark_label: Literal["energy", "jet"] = "energy"
     mmd: MMDSection = MMDSection()
 
 

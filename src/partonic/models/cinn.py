@@ -55,15 +55,17 @@ def _wrap(phi: torch.Tensor) -> torch.Tensor:
     return torch.remainder(phi + math.pi, 2.0 * math.pi) - math.pi
 
 
-def _references(ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ℓ⁻ azimuth, decay azimuth of the jet pair closest to m_W) from the detector.
+def _references(ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ℓ⁻ azimuth, decay azimuth and cos θ of the jet pair closest to m_W) from the detector.
 
     A 1-D ``ref`` is the ℓ⁻ azimuth alone; the decay azimuth is then measured
-    from the helicity frame's x axis (reference 0).
+    from the helicity frame's x axis (reference 0). Without a third column the
+    jets' decay axis is taken on the equator (cos θ = 0).
     """
     if ref.dim() == 1:
-        return ref, torch.zeros_like(ref)
-    return ref[:, 0], ref[:, 1]
+        return ref, torch.zeros_like(ref), torch.zeros_like(ref)
+    cos = ref[:, 2] if ref.shape[1] > 2 else torch.zeros_like(ref[:, 0])
+    return ref[:, 0], ref[:, 1], cos
 
 
 def _massless(pt, eta, phi) -> torch.Tensor:
@@ -178,19 +180,32 @@ class PartonRepresentation(nn.Module):
     p(…, φ) = p(…, u, v) · exp(r²/2) (with du dv = r dr dφ and the Rayleigh
     density r e^(−r²/2)), which is what the loss reports.
 
+    With ``quark_label="jet"`` the decay axis is not the more energetic quark's
+    direction but that of the quark in the hemisphere of the W candidate's harder
+    jet (the decay axis measured by the jets, the reference's third column): the
+    angle θ then runs over [0, π] without a fold, balanced decays sit in the middle
+    of atanh cos θ instead of at an edge, and a quark pair whose energy order the
+    jets get wrong keeps its azimuth near 0 instead of jumping to π.
+    The inverse returns the quarks in that order.
+
     Arguments:
         m_w, gamma_w: Breit–Wigner used to flatten m_jj (any values near the truth work).
         azimuth: ``"interval"`` (10 features) or ``"plane"`` (11).
+        quark_label: ``"energy"`` (axis of the more energetic quark, cos θ ≥ 0) or
+            ``"jet"`` (axis of the quark nearer the jets' decay axis).
     """
 
     #: coordinates of the parton level (4 massless momenta, Σ pT = 0, the W's pT known)
     physical_dim = 10
 
-    def __init__(self, m_w: float = 80.419, gamma_w: float = 2.0476, azimuth: str = "interval"):
+    def __init__(self, m_w: float = 80.419, gamma_w: float = 2.0476, azimuth: str = "interval", quark_label: str = "energy"):
         super().__init__()
         if azimuth not in ("interval", "plane"):
             raise ValueError(f"azimuth must be 'interval' or 'plane', not {azimuth!r}")
+        if quark_label not in ("energy", "jet"):
+            raise ValueError(f"quark_label must be 'energy' or 'jet', not {quark_label!r}")
         self.plane = azimuth == "plane"
+        self.jet_label = quark_label == "jet"
         self.dim = 11 if self.plane else 10
         self.register_buffer("m_w", torch.tensor(float(m_w)))
         self.register_buffer("gamma_w", torch.tensor(float(gamma_w)))
@@ -207,7 +222,7 @@ class PartonRepresentation(nn.Module):
         return m2.clamp(min=1e-4).sqrt()
 
     def raw(self, partons: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        phi_ref, azimuth_ref = _references(ref)
+        phi_ref, azimuth_ref, cos_ref = _references(ref)
         pt, eta, phi = _pt_eta_phi(partons)
         cols = []
         for k, centre in enumerate(_PHI_CENTRES):
@@ -219,8 +234,16 @@ class PartonRepresentation(nn.Module):
         n = kin.boost_to_rest_frame(harder, w)[:, 1:]
         n = n / n.norm(dim=-1, keepdim=True).clamp(min=1e-12)
         x_h, y_h, z_h = _helicity_axes(w)
-        cos = (n * z_h).sum(-1).clamp(_COS_EPS, 1 - _COS_EPS)
+        cos = (n * z_h).sum(-1)
         azimuth = torch.atan2((n * y_h).sum(-1), (n * x_h).sum(-1))
+        if self.jet_label:
+            # the other quark (−n) when n points away from the jets' decay axis
+            sin, sin_ref = (1 - cos**2).clamp(min=0.0).sqrt(), (1 - cos_ref**2).clamp(min=0.0).sqrt()
+            flip = sin * sin_ref * torch.cos(azimuth - azimuth_ref) + cos * cos_ref < 0
+            cos = torch.where(flip, -cos, cos).clamp(-1 + _COS_EPS, 1 - _COS_EPS)
+            azimuth = torch.where(flip, azimuth + math.pi, azimuth)
+        else:
+            cos = cos.clamp(_COS_EPS, 1 - _COS_EPS)
         cols += [self._mass_to_xi(m), y, torch.atanh(cos)]
         if self.plane:
             cols += [torch.cos(azimuth - azimuth_ref), torch.sin(azimuth - azimuth_ref)]
@@ -241,7 +264,7 @@ class PartonRepresentation(nn.Module):
         return self.standardise(self.raw(partons, ref))[0]
 
     def inverse(self, features: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        phi_ref, azimuth_ref = _references(ref)
+        phi_ref, azimuth_ref, _ = _references(ref)
         raw = self.standardise.inverse(features)[0]
         leptons = []
         for k, centre in enumerate(_PHI_CENTRES):
@@ -254,7 +277,7 @@ class PartonRepresentation(nn.Module):
         mt = torch.sqrt(m**2 + px**2 + py**2)
         w = torch.stack([mt * torch.cosh(y), px, py, mt * torch.sinh(y)], -1)
         # folded: a sample that leaks below 0 is the same decay seen from the other side
-        cos = torch.tanh(raw[:, 8].abs())
+        cos = torch.tanh(raw[:, 8] if self.jet_label else raw[:, 8].abs())
         sin = torch.sqrt((1 - cos**2).clamp(min=0.0))
         x_h, y_h, z_h = _helicity_axes(w)
         azimuth = (torch.atan2(raw[:, 10], raw[:, 9]) if self.plane else raw[:, 9]) + azimuth_ref
@@ -274,8 +297,8 @@ class DetectorRepresentation(nn.Module):
     (log m, y, atanh cos θ, cos φ, sin φ of the helicity frame), so the network
     need not learn that change of frame; then one-hot 2/3/≥4 jets and 1 for
     muons, 0 for electrons.
-    Returns the features and the references (N, 2): the ℓ⁻'s φ and the decay
-    azimuth of the jet pair closest to m_W.
+    Returns the features and the references (N, 3): the ℓ⁻'s φ, and the decay
+    azimuth and cos θ (of the harder jet) of the jet pair closest to m_W.
 
     With ``pair_features`` the same five decay coordinates follow for every pair of
     jet slots (zero where a jet is absent): with ISR jets the W is any pair, and the
@@ -321,7 +344,7 @@ class DetectorRepresentation(nn.Module):
             # an absent jet is a zero vector, whose rest frame does not exist: zero, not NaN
             cols += [torch.where(both > 0, c, 0.0) for c in _decay_coordinates(jets[:, i], jets[:, j])]
             masks += [both] * 5
-        ref = torch.stack([phi_ref, torch.atan2(decay[4], decay[3])], -1)
+        ref = torch.stack([phi_ref, torch.atan2(decay[4], decay[3]), torch.tanh(decay[2])], -1)
         return torch.stack(cols, -1), torch.stack(masks, -1), ref
 
     def fit(self, leptons, jets, n_jets, flavour) -> "DetectorRepresentation":
@@ -466,7 +489,7 @@ class Unfolder(nn.Module):
 
     def __init__(self, max_jets: int, model):
         super().__init__()
-        self.parton = PartonRepresentation(azimuth=getattr(model, "azimuth", "interval"))
+        self.parton = PartonRepresentation(azimuth=getattr(model, "azimuth", "interval"), quark_label=getattr(model, "quark_label", "energy"))
         self.detector = DetectorRepresentation(max_jets, pair_features=getattr(model, "pair_features", False))
         self.cinn = ConditionalINN(
             self.parton.dim,
