@@ -75,17 +75,19 @@ def _balanced_events(n, seed=0):
     return torch.stack([*decay(z, mz), *decay(w, mw)], 1)
 
 
-@pytest.mark.parametrize("azimuth,quark_label", [("interval", "energy"), ("plane", "energy"), ("plane", "jet")])
-@pytest.mark.parametrize("references", [1, 2, 3])
-def test_parton_representation_round_trip_and_momentum_balance(references, azimuth, quark_label):
-    """With one reference (the ℓ⁻ azimuth), two (and the jets' decay azimuth) or three
-    (and the jets' cos θ); the decay azimuth as an interval or as a unit vector on
-    the plane; the decay axis from the harder quark or from the jets."""
+@pytest.mark.parametrize("azimuth,quark_label,leptons", [("interval", "energy", "momenta"), ("plane", "energy", "momenta"),
+                                                           ("plane", "jet", "momenta"), ("plane", "jet", "system")])
+@pytest.mark.parametrize("references", [1, 2, 5])
+def test_parton_representation_round_trip_and_momentum_balance(references, azimuth, quark_label, leptons):
+    """With one reference (the ℓ⁻ azimuth), two (and the jets' decay azimuth) or all
+    five (and the jets' cos θ, the lepton pair's φ and decay azimuth); the decay
+    azimuth as an interval or as a unit vector on the plane; the decay axis from
+    the harder quark or from the jets; the leptons as momenta or as the Z system."""
     p = _balanced_events(500)
     phi_ref = 2 * math.pi * torch.rand(500, references, dtype=torch.float64).squeeze(1) - math.pi
-    if references == 3:
+    if references == 5:
         phi_ref[:, 2] = torch.rand(500, dtype=torch.float64)
-    rep = PartonRepresentation(azimuth=azimuth, quark_label=quark_label).double().fit(p, phi_ref)
+    rep = PartonRepresentation(azimuth=azimuth, quark_label=quark_label, leptons=leptons).double().fit(p, phi_ref)
     f = rep(p, phi_ref)
     dim = 11 if azimuth == "plane" else 10
     assert f.shape == (500, dim)
@@ -111,6 +113,11 @@ def test_parton_representation_round_trip_and_momentum_balance(references, azimu
     assert torch.isfinite(wild).all()
     obs = parton_observables(back)
     assert torch.allclose(obs["m_jj"], kin.mass(p[:, 2] + p[:, 3]), rtol=1e-9)
+    if leptons == "system":
+        # m_ℓℓ is the first coordinate, through the Z Breit–Wigner's CDF
+        m_z, gamma_z = float(rep.m_z), float(rep.gamma_z)  # 91.188, 2.4414 GeV, as stored (float32)
+        u = torch.atan((kin.mass2(p[:, 0] + p[:, 1]) - m_z**2) / (m_z * gamma_z)) / math.pi + 0.5
+        assert torch.allclose(rep.raw(p, phi_ref)[:, 0], torch.log(u / (1 - u)), atol=1e-7)
 
 
 def test_jet_label_takes_the_quark_nearer_the_jets_decay_axis():

@@ -225,6 +225,9 @@ class CINNModel(Strict):
     #: the W decay axis: the more energetic quark's direction (cos θ ≥ 0, folded at
     #: balanced decays) or that of the quark nearer the jets' decay axis (no fold)
     quark_label: Literal["energy", "jet"] = "energy"
+    #: the leptons as two momenta (log pT, η, Δφ each) or as the Z system (m_ℓℓ, y,
+    #: pT, φ) and the ℓ⁻'s decay angles: m_ℓℓ then is a coordinate and keeps the Z peak
+    leptons: Literal["momenta", "system"] = "momenta"
     mmd: MMDSection = MMDSection()
 
 

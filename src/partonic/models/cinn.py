@@ -55,17 +55,43 @@ def _wrap(phi: torch.Tensor) -> torch.Tensor:
     return torch.remainder(phi + math.pi, 2.0 * math.pi) - math.pi
 
 
-def _references(ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ℓ⁻ azimuth, decay azimuth and cos θ of the jet pair closest to m_W) from the detector.
+def _references(ref: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """From the detector: ℓ⁻ azimuth; decay azimuth and cos θ of the jet pair closest
+    to m_W; azimuth of the lepton pair and the ℓ⁻'s decay azimuth in its helicity frame.
 
-    A 1-D ``ref`` is the ℓ⁻ azimuth alone; the decay azimuth is then measured
-    from the helicity frame's x axis (reference 0). Without a third column the
-    jets' decay axis is taken on the equator (cos θ = 0).
+    A 1-D ``ref`` is the ℓ⁻ azimuth alone; the decay azimuths are then measured
+    from the helicity frames' x axes (reference 0). Without a third column the
+    jets' decay axis is taken on the equator (cos θ = 0); without a fourth, the
+    lepton pair's azimuth is the ℓ⁻'s.
     """
     if ref.dim() == 1:
-        return ref, torch.zeros_like(ref), torch.zeros_like(ref)
-    cos = ref[:, 2] if ref.shape[1] > 2 else torch.zeros_like(ref[:, 0])
-    return ref[:, 0], ref[:, 1], cos
+        ref = ref[:, None]
+    zero = torch.zeros_like(ref[:, 0])
+    col = lambda k, default: ref[:, k] if ref.shape[1] > k else default  # noqa: E731
+    return ref[:, 0], col(1, zero), col(2, zero), col(3, ref[:, 0]), col(4, zero)
+
+
+def _decay_angles(p: torch.Tensor, system: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos θ and azimuth of ``p`` in the helicity frame of ``system``."""
+    n = kin.boost_to_rest_frame(p, system)[:, 1:]
+    n = n / n.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    x_h, y_h, z_h = _helicity_axes(system)
+    return (n * z_h).sum(-1), torch.atan2((n * y_h).sum(-1), (n * x_h).sum(-1))
+
+
+def _decay_products(system: torch.Tensor, m: torch.Tensor, cos: torch.Tensor, azimuth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two massless daughters of ``system`` (mass ``m``), the first at (θ, φ) in its helicity frame."""
+    sin = torch.sqrt((1 - cos**2).clamp(min=0.0))
+    x_h, y_h, z_h = _helicity_axes(system)
+    n = (sin * torch.cos(azimuth))[:, None] * x_h + (sin * torch.sin(azimuth))[:, None] * y_h + cos[:, None] * z_h
+    half = 0.5 * m
+    a = _boost_from_rest(torch.cat([half[:, None], half[:, None] * n], -1), system, m)
+    return a, system - a
+
+
+def _system(m: torch.Tensor, y: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
+    mt = torch.sqrt(m**2 + px**2 + py**2)
+    return torch.stack([mt * torch.cosh(y), px, py, mt * torch.sinh(y)], -1)
 
 
 def _massless(pt, eta, phi) -> torch.Tensor:
@@ -188,18 +214,35 @@ class PartonRepresentation(nn.Module):
     jets get wrong keeps its azimuth near 0 instead of jumping to π.
     The inverse returns the quarks in that order.
 
+    With ``leptons="system"`` the leptons are described like the W: the Z system's
+    mass (m_ℓℓ through the logit of a Breit–Wigner CDF, so the narrow Z peak is a
+    coordinate, as m_jj is), rapidity, log pT and azimuth (from the detector lepton
+    pair's), and the ℓ⁻'s decay angles in the Z helicity frame (atanh cos θ, no
+    fold: the charges tell the leptons apart; the azimuth from the detector
+    leptons' own). With each lepton's log pT, η, Δφ as coordinates every one is
+    calibrated, but m_ℓℓ, a function of all six, comes out about twice as wide as
+    the Z.
+
     Arguments:
         m_w, gamma_w: Breit–Wigner used to flatten m_jj (any values near the truth work).
         azimuth: ``"interval"`` (10 features) or ``"plane"`` (11).
         quark_label: ``"energy"`` (axis of the more energetic quark, cos θ ≥ 0) or
             ``"jet"`` (axis of the quark nearer the jets' decay axis).
+        leptons: ``"momenta"`` (log pT, η, Δφ of each) or ``"system"`` (the Z and its decay).
+        m_z, gamma_z: Breit–Wigner used to flatten m_ℓℓ.
     """
 
     #: coordinates of the parton level (4 massless momenta, Σ pT = 0, the W's pT known)
     physical_dim = 10
 
-    def __init__(self, m_w: float = 80.419, gamma_w: float = 2.0476, azimuth: str = "interval", quark_label: str = "energy"):
+    def __init__(self, m_w: float = 80.419, gamma_w: float = 2.0476, azimuth: str = "interval", quark_label: str = "energy",
+                 leptons: str = "momenta", m_z: float = 91.188, gamma_z: float = 2.4414):
         super().__init__()
+        if leptons not in ("momenta", "system"):
+            raise ValueError(f"leptons must be 'momenta' or 'system', not {leptons!r}")
+        self.z_system = leptons == "system"
+        self.register_buffer("m_z", torch.tensor(float(m_z)))
+        self.register_buffer("gamma_z", torch.tensor(float(gamma_z)))
         if azimuth not in ("interval", "plane"):
             raise ValueError(f"azimuth must be 'interval' or 'plane', not {azimuth!r}")
         if quark_label not in ("energy", "jet"):
@@ -211,31 +254,52 @@ class PartonRepresentation(nn.Module):
         self.register_buffer("gamma_w", torch.tensor(float(gamma_w)))
         self.standardise = Standardise(self.dim)
 
-    def _mass_to_xi(self, m):
-        u = torch.atan((m**2 - self.m_w**2) / (self.m_w * self.gamma_w)) / math.pi + 0.5
+    def _mass_to_xi(self, m, z: bool = False):
+        m0, g0 = (self.m_z, self.gamma_z) if z else (self.m_w, self.gamma_w)
+        u = torch.atan((m**2 - m0**2) / (m0 * g0)) / math.pi + 0.5
         u = u.clamp(1e-12, 1 - 1e-12)
         return torch.log(u) - torch.log1p(-u)
 
-    def _xi_to_mass(self, xi):
+    def _xi_to_mass(self, xi, z: bool = False):
+        m0, g0 = (self.m_z, self.gamma_z) if z else (self.m_w, self.gamma_w)
         u = torch.sigmoid(xi).clamp(1e-12, 1 - 1e-12)
-        m2 = self.m_w**2 + self.m_w * self.gamma_w * torch.tan(math.pi * (u - 0.5))
+        m2 = m0**2 + m0 * g0 * torch.tan(math.pi * (u - 0.5))
         return m2.clamp(min=1e-4).sqrt()
 
-    def raw(self, partons: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        phi_ref, azimuth_ref, cos_ref = _references(ref)
+    def _lepton_columns(self, partons, phi_ref, phi_z_ref, lepton_azimuth_ref):
         pt, eta, phi = _pt_eta_phi(partons)
-        cols = []
-        for k, centre in enumerate(_PHI_CENTRES):
-            cols += [torch.log(pt[:, k].clamp(min=1e-6)), eta[:, k], _wrap(phi[:, k] - phi_ref - centre)]
+        if not self.z_system:
+            cols = []
+            for k, centre in enumerate(_PHI_CENTRES):
+                cols += [torch.log(pt[:, k].clamp(min=1e-6)), eta[:, k], _wrap(phi[:, k] - phi_ref - centre)]
+            return cols
+        z = partons[:, 0] + partons[:, 1]
+        m = (z[:, 0] ** 2 - (z[:, 1:] ** 2).sum(-1)).clamp(min=1e-12).sqrt()
+        y = 0.5 * torch.log((z[:, 0] + z[:, 3]) / (z[:, 0] - z[:, 3]))
+        cos, azimuth = _decay_angles(partons[:, 0], z)
+        return [self._mass_to_xi(m, z=True), y, torch.log(torch.hypot(z[:, 1], z[:, 2]).clamp(min=1e-6)), _wrap(kin.phi(z) - phi_z_ref),
+                torch.atanh(cos.clamp(-1 + _COS_EPS, 1 - _COS_EPS)), _wrap(azimuth - lepton_azimuth_ref)]
+
+    def _leptons(self, raw, phi_ref, phi_z_ref, lepton_azimuth_ref):
+        if not self.z_system:
+            leptons = []
+            for k, centre in enumerate(_PHI_CENTRES):
+                log_pt, eta, dphi = raw[:, 3 * k], raw[:, 3 * k + 1], raw[:, 3 * k + 2]
+                leptons.append(_massless(torch.exp(log_pt.clamp(max=12.0)), eta, _wrap(phi_ref + centre + dphi)))
+            return leptons
+        m = self._xi_to_mass(raw[:, 0], z=True)
+        pt, phi = torch.exp(raw[:, 2].clamp(max=12.0)), phi_z_ref + raw[:, 3]
+        z = _system(m, raw[:, 1].clamp(-_ETA_LIMIT, _ETA_LIMIT), pt * torch.cos(phi), pt * torch.sin(phi))
+        return _decay_products(z, m, torch.tanh(raw[:, 4]), raw[:, 5] + lepton_azimuth_ref)
+
+    def raw(self, partons: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        phi_ref, azimuth_ref, cos_ref, phi_z_ref, lepton_azimuth_ref = _references(ref)
+        cols = self._lepton_columns(partons, phi_ref, phi_z_ref, lepton_azimuth_ref)
         w = partons[:, 2] + partons[:, 3]
         m = (w[:, 0] ** 2 - (w[:, 1:] ** 2).sum(-1)).clamp(min=1e-12).sqrt()
         y = 0.5 * torch.log((w[:, 0] + w[:, 3]) / (w[:, 0] - w[:, 3]))
         harder = torch.where((partons[:, 2, 0] >= partons[:, 3, 0])[:, None], partons[:, 2], partons[:, 3])
-        n = kin.boost_to_rest_frame(harder, w)[:, 1:]
-        n = n / n.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-        x_h, y_h, z_h = _helicity_axes(w)
-        cos = (n * z_h).sum(-1)
-        azimuth = torch.atan2((n * y_h).sum(-1), (n * x_h).sum(-1))
+        cos, azimuth = _decay_angles(harder, w)
         if self.jet_label:
             # the other quark (−n) when n points away from the jets' decay axis
             sin, sin_ref = (1 - cos**2).clamp(min=0.0).sqrt(), (1 - cos_ref**2).clamp(min=0.0).sqrt()
@@ -264,27 +328,16 @@ class PartonRepresentation(nn.Module):
         return self.standardise(self.raw(partons, ref))[0]
 
     def inverse(self, features: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        phi_ref, azimuth_ref, _ = _references(ref)
+        phi_ref, azimuth_ref, _, phi_z_ref, lepton_azimuth_ref = _references(ref)
         raw = self.standardise.inverse(features)[0]
-        leptons = []
-        for k, centre in enumerate(_PHI_CENTRES):
-            log_pt, eta, dphi = raw[:, 3 * k], raw[:, 3 * k + 1], raw[:, 3 * k + 2]
-            leptons.append(_massless(torch.exp(log_pt.clamp(max=12.0)), eta, _wrap(phi_ref + centre + dphi)))
-        lm, lp = leptons
+        lm, lp = self._leptons(raw, phi_ref, phi_z_ref, lepton_azimuth_ref)
         m = self._xi_to_mass(raw[:, 6])
         y = raw[:, 7].clamp(-_ETA_LIMIT, _ETA_LIMIT)
-        px, py = -(lm[:, 1] + lp[:, 1]), -(lm[:, 2] + lp[:, 2])
-        mt = torch.sqrt(m**2 + px**2 + py**2)
-        w = torch.stack([mt * torch.cosh(y), px, py, mt * torch.sinh(y)], -1)
+        w = _system(m, y, -(lm[:, 1] + lp[:, 1]), -(lm[:, 2] + lp[:, 2]))
         # folded: a sample that leaks below 0 is the same decay seen from the other side
         cos = torch.tanh(raw[:, 8] if self.jet_label else raw[:, 8].abs())
-        sin = torch.sqrt((1 - cos**2).clamp(min=0.0))
-        x_h, y_h, z_h = _helicity_axes(w)
         azimuth = (torch.atan2(raw[:, 10], raw[:, 9]) if self.plane else raw[:, 9]) + azimuth_ref
-        n = (sin * torch.cos(azimuth))[:, None] * x_h + (sin * torch.sin(azimuth))[:, None] * y_h + cos[:, None] * z_h
-        half = 0.5 * m
-        q = _boost_from_rest(torch.cat([half[:, None], half[:, None] * n], -1), w, m)
-        return torch.stack([lm, lp, q, w - q], 1)
+        return torch.stack([lm, lp, *_decay_products(w, m, cos, azimuth)], 1)
 
 
 class DetectorRepresentation(nn.Module):
@@ -297,20 +350,26 @@ class DetectorRepresentation(nn.Module):
     (log m, y, atanh cos θ, cos φ, sin φ of the helicity frame), so the network
     need not learn that change of frame; then one-hot 2/3/≥4 jets and 1 for
     muons, 0 for electrons.
-    Returns the features and the references (N, 3): the ℓ⁻'s φ, and the decay
-    azimuth and cos θ (of the harder jet) of the jet pair closest to m_W.
+    Returns the features and the references (N, 5): the ℓ⁻'s φ; the decay
+    azimuth and cos θ (of the harder jet) of the jet pair closest to m_W; the
+    lepton pair's φ and the ℓ⁻'s decay azimuth in its helicity frame.
+
+    With ``lepton_system`` the lepton pair's log m, y and the ℓ⁻'s atanh cos θ,
+    cos φ, sin φ in its helicity frame follow (the coordinates of the parton
+    representation's ``leptons="system"``).
 
     With ``pair_features`` the same five decay coordinates follow for every pair of
     jet slots (zero where a jet is absent): with ISR jets the W is any pair, and the
     condition then holds every hypothesis instead of two.
     """
 
-    def __init__(self, max_jets: int, pair_features: bool = False):
+    def __init__(self, max_jets: int, pair_features: bool = False, lepton_system: bool = False):
         super().__init__()
         self.max_jets = max_jets
         self.pair_features = bool(pair_features)
+        self.lepton_system = bool(lepton_system)
         self.pairs = [(i, j) for i in range(max_jets) for j in range(i + 1, max_jets)] if pair_features else []
-        self.n_continuous = 2 + 4 + 5 * max_jets + 10 + 5 * len(self.pairs)
+        self.n_continuous = 2 + 4 + 5 * max_jets + 10 + 5 * len(self.pairs) + 5 * self.lepton_system
         self.dim = self.n_continuous + 3 + 1
         self.register_buffer("mean", torch.zeros(self.n_continuous))
         self.register_buffer("std", torch.ones(self.n_continuous))
@@ -344,7 +403,14 @@ class DetectorRepresentation(nn.Module):
             # an absent jet is a zero vector, whose rest frame does not exist: zero, not NaN
             cols += [torch.where(both > 0, c, 0.0) for c in _decay_coordinates(jets[:, i], jets[:, j])]
             masks += [both] * 5
-        ref = torch.stack([phi_ref, torch.atan2(decay[4], decay[3]), torch.tanh(decay[2])], -1)
+        z = leptons[:, 0] + leptons[:, 1]
+        cos_l, azimuth_l = _decay_angles(leptons[:, 0], z)
+        if self.lepton_system:
+            m_ll = (z[:, 0] ** 2 - (z[:, 1:] ** 2).sum(-1)).clamp(min=1e-6).sqrt()
+            y_ll = 0.5 * torch.log((z[:, 0] + z[:, 3]).clamp(min=1e-9) / (z[:, 0] - z[:, 3]).clamp(min=1e-9))
+            cols += [torch.log(m_ll), y_ll, torch.atanh(cos_l.clamp(-1 + _COS_EPS, 1 - _COS_EPS)), torch.cos(azimuth_l), torch.sin(azimuth_l)]
+            masks += [torch.ones_like(phi_ref)] * 5
+        ref = torch.stack([phi_ref, torch.atan2(decay[4], decay[3]), torch.tanh(decay[2]), kin.phi(z), azimuth_l], -1)
         return torch.stack(cols, -1), torch.stack(masks, -1), ref
 
     def fit(self, leptons, jets, n_jets, flavour) -> "DetectorRepresentation":
@@ -489,8 +555,9 @@ class Unfolder(nn.Module):
 
     def __init__(self, max_jets: int, model):
         super().__init__()
-        self.parton = PartonRepresentation(azimuth=getattr(model, "azimuth", "interval"), quark_label=getattr(model, "quark_label", "energy"))
-        self.detector = DetectorRepresentation(max_jets, pair_features=getattr(model, "pair_features", False))
+        leptons = getattr(model, "leptons", "momenta")
+        self.parton = PartonRepresentation(azimuth=getattr(model, "azimuth", "interval"), quark_label=getattr(model, "quark_label", "energy"), leptons=leptons)
+        self.detector = DetectorRepresentation(max_jets, pair_features=getattr(model, "pair_features", False), lepton_system=leptons == "system")
         self.cinn = ConditionalINN(
             self.parton.dim,
             self.detector.dim,
