@@ -426,6 +426,8 @@ def test_unfold_job_end_to_end(tiny_run):
         assert "max_bulk_deviation" in report["ratio_to_truth"]["inclusive"][obs]
     for obs in ("m_jj", "pt_q1"):
         assert set(report["ibu_comparison"][obs]) >= {"cinn_chi2_ndf", "ibu_chi2_ndf"}
+    for peak in ("m_jj_peak", "m_ll_peak"):
+        assert set(report[peak]) >= {"truth_fwhm", "unfolded_fwhm", "width_ratio", "detector_fwhm"}
     # channel_balance 1: each jet channel drawn equally often in training
     assert report["training_channel_share"] == pytest.approx({"2j": 1 / 3, "3j": 1 / 3, "4j": 1 / 3}, abs=1e-12)
     # one more detector realisation of the events outside the validation and test sets

@@ -240,14 +240,15 @@ def evaluate(events: DetectorEvents, samples: torch.Tensor, card, out: Path, rep
     report["ratio_to_truth"] = ratio_report
     report["max_calibration_deviation"] = {c: max(cal_report[c][o]["max_deviation"] for o in CALIBRATED) for c in cal_report}
 
-    # m_jj peak: the W Breit–Wigner at parton level
-    width_t = fwhm(truth["m_jj"], None, 80.4)
-    width_u = fwhm(gen["m_jj"].reshape(-1), None, 80.4)
-    report["m_jj_peak"] = {
-        "truth_fwhm": width_t, "unfolded_fwhm": width_u, "width_ratio": width_u / width_t,
-        "truth_median": float(np.median(truth["m_jj"])), "unfolded_median": float(np.median(gen["m_jj"])),
-        "detector_fwhm": fwhm(det["m_jj"], None, 80.4, window=60.0, bins=120),
-    }
+    # the W and Z Breit–Wigner peaks at parton level (m_jj, m_ℓℓ)
+    for name, centre, window in (("m_jj", 80.4, 60.0), ("m_ll", 91.2, 20.0)):
+        width_t = fwhm(truth[name], None, centre)
+        width_u = fwhm(gen[name].reshape(-1), None, centre)
+        report[f"{name}_peak"] = {
+            "truth_fwhm": width_t, "unfolded_fwhm": width_u, "width_ratio": width_u / width_t,
+            "truth_median": float(np.median(truth[name])), "unfolded_median": float(np.median(gen[name])),
+            "detector_fwhm": fwhm(det[name], None, centre, window=window, bins=120),
+        }
 
     # the binned reference: iterative Bayesian unfolding with the response of the training events
     if train_events is not None and train_events.has_truth:
@@ -385,9 +386,10 @@ def _summary(report: dict, path: Path) -> str:
     if "max_calibration_deviation" in report:
         dev = ", ".join(f"{c} {v:.3f}" for c, v in report["max_calibration_deviation"].items())
         lines.append(f"  calibration, max |coverage − q| over {', '.join(CALIBRATED)}: {dev}")
-    if "m_jj_peak" in report:
-        pk = report["m_jj_peak"]
-        lines.append(f"  m_jj FWHM: truth {pk['truth_fwhm']:.2f} GeV, unfolded {pk['unfolded_fwhm']:.2f} GeV, detector {pk['detector_fwhm']:.1f} GeV")
+    for name in ("m_jj", "m_ll"):
+        if f"{name}_peak" in report:
+            pk = report[f"{name}_peak"]
+            lines.append(f"  {name} FWHM: truth {pk['truth_fwhm']:.2f} GeV, unfolded {pk['unfolded_fwhm']:.2f} GeV, detector {pk['detector_fwhm']:.1f} GeV")
     for name, v in report.get("ibu_comparison", {}).items():
         lines.append(f"  {name}: χ²/ndf to truth, cINN {v['cinn_chi2_ndf']:.2f} vs IBU {v['ibu_chi2_ndf']:.2f}")
     if "unfold_samples_per_s" in report.get("timing", {}):
