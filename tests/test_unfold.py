@@ -594,3 +594,24 @@ def test_plane_azimuth_loss_is_the_nll_of_the_physical_coordinates():
     torch.manual_seed(1)
     b = trained.loss((x, cond))["nll"].item()
     assert a != b  # the radius is drawn afresh: a trained flow sees it
+
+
+def test_models_saved_before_the_representation_options_still_load(tmp_path):
+    """A model.pt whose card predates model.azimuth/quark_label/leptons was trained
+    with the first representation (10 features, lepton momenta), whatever the
+    defaults are now."""
+    from partonic.cards import card_to_dict, parse_card
+    from partonic.jobs.unfold import load_model
+
+    card = parse_card({"job": "unfold", "name": "old", "model": {"blocks": 2, "subnet_width": 16, "condition_width": 16, "condition_dim": 4,
+                                                               "azimuth": "interval", "quark_label": "energy", "leptons": "momenta"}})
+    old = Unfolder(4, card.model)
+    saved = card_to_dict(card)
+    for key in ("azimuth", "quark_label", "leptons"):
+        del saved["model"][key]
+    torch.save({"kind": "partonic-unfold-cinn", "state_dict": old.state_dict(), "card": saved}, tmp_path / "model.pt")
+    unfolder, trained = load_model(tmp_path / "model.pt", torch.device("cpu"))
+    assert (trained.model.azimuth, trained.model.quark_label, trained.model.leptons) == ("interval", "energy", "momenta")
+    assert unfolder.parton.dim == 10 and not unfolder.parton.z_system
+    # the current defaults: 11 features, the Z system
+    assert Unfolder(4, parse_card({"job": "unfold", "name": "new"}).model).parton.dim == 11

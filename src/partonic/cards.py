@@ -221,13 +221,13 @@ class CINNModel(Strict):
     pair_features: bool = False
     #: the W decay azimuth as an interval [−π, π) or as a point on the plane
     #: (cos φ, sin φ), which has no seam for posteriors with modes at 0 and π
-    azimuth: Literal["interval", "plane"] = "interval"
+    azimuth: Literal["interval", "plane"] = "plane"
     #: the W decay axis: the more energetic quark's direction (cos θ ≥ 0, folded at
     #: balanced decays) or that of the quark nearer the jets' decay axis (no fold)
-    quark_label: Literal["energy", "jet"] = "energy"
+    quark_label: Literal["energy", "jet"] = "jet"
     #: the leptons as two momenta (log pT, η, Δφ each) or as the Z system (m_ℓℓ, y,
     #: pT, φ) and the ℓ⁻'s decay angles: m_ℓℓ then is a coordinate and keeps the Z peak
-    leptons: Literal["momenta", "system"] = "momenta"
+    leptons: Literal["momenta", "system"] = "system"
     mmd: MMDSection = MMDSection()
 
 

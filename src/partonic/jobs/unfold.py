@@ -12,6 +12,7 @@ with a trained model, without retraining.
 
 from __future__ import annotations
 
+import copy
 import io
 import shutil
 import time
@@ -517,6 +518,11 @@ def _unfold(unfolder: Unfolder, events: DetectorEvents, card, timing: dict) -> t
     return samples
 
 
+#: the parton representation of models saved before ``model.azimuth``, ``quark_label``
+#: and ``leptons`` existed (their defaults have changed since)
+_LEGACY_REPRESENTATION = {"azimuth": "interval", "quark_label": "energy", "leptons": "momenta"}
+
+
 def load_model(path: str | Path, device: torch.device) -> tuple[Unfolder, object]:
     """A trained :class:`Unfolder` and the card it was trained with."""
     path = Path(path)
@@ -528,7 +534,12 @@ def load_model(path: str | Path, device: torch.device) -> tuple[Unfolder, object
         raise JobError(f"--model {path}: not a readable model file ({exc})") from None
     if not isinstance(state, dict) or state.get("kind") != "partonic-unfold-cinn":
         raise JobError(f"--model {path}: not a partonic unfolding model (expected the model.pt of an unfold run)")
-    trained = parse_card(state["card"], source=f"{path} (card)")
+    card = copy.deepcopy(state["card"])
+    if isinstance(card, dict) and isinstance(card.get("model"), dict):
+        # models trained before these options existed used the first representation
+        for key, value in _LEGACY_REPRESENTATION.items():
+            card["model"].setdefault(key, value)
+    trained = parse_card(card, source=f"{path} (card)")
     unfolder = Unfolder(trained.data.detector.max_jets, trained.model)
     unfolder.load_state_dict(state["state_dict"])
     return unfolder.to(device).eval(), trained

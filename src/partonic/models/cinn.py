@@ -241,8 +241,9 @@ class PartonRepresentation(nn.Module):
         if leptons not in ("momenta", "system"):
             raise ValueError(f"leptons must be 'momenta' or 'system', not {leptons!r}")
         self.z_system = leptons == "system"
-        self.register_buffer("m_z", torch.tensor(float(m_z)))
-        self.register_buffer("gamma_z", torch.tensor(float(gamma_z)))
+        if self.z_system:
+            self.register_buffer("m_z", torch.tensor(float(m_z)))
+            self.register_buffer("gamma_z", torch.tensor(float(gamma_z)))
         if azimuth not in ("interval", "plane"):
             raise ValueError(f"azimuth must be 'interval' or 'plane', not {azimuth!r}")
         if quark_label not in ("energy", "jet"):
