@@ -7,11 +7,14 @@ study); Ardizzone et al., arXiv:1907.02392 (conditional INNs); FrEIA 0.2
 
 The parton level is the hard process ℓ⁻ ℓ⁺ q q̄, taken massless (quark and
 antiquark are not told apart: the jets cannot). Its transverse
-momenta sum to zero, so the network sees 10 numbers, not 12 (see
+momenta sum to zero, so the network sees 10 coordinates, not 12 (see
 :class:`PartonRepresentation`); m_jj is one of them, flattened by a Breit–Wigner
-CDF, so the narrow W peak needs no MMD term. Azimuths are measured from the
-detector-level ℓ⁻ (the event is symmetric under rotations about the beam) and
-wrapped, so every sample maps back to a physical event. The detector level
+CDF, so the narrow W peak needs no MMD term, and with the card's default
+``model.leptons: system`` so is m_ℓℓ. Azimuths are measured from detector-level
+references (the event is symmetric under rotations about the beam) and
+wrapped, so every sample maps back to a physical event. The card's defaults
+(``azimuth: plane``, ``quark_label: jet``, ``leptons: system``) differ from the
+class's, which are the first representation. The detector level
 enters through a condition network fed with log pT, η, cos Δφ, sin Δφ (and
 log(1 + m) for jets) of the leptons and the leading jets, the jet count and the
 lepton flavour.
@@ -357,7 +360,7 @@ class DetectorRepresentation(nn.Module):
 
     With ``lepton_system`` the lepton pair's log m, y and the ℓ⁻'s atanh cos θ,
     cos φ, sin φ in its helicity frame follow (the coordinates of the parton
-    representation's ``leptons="system"``).
+    representation's ``leptons="system"``), before the jet pairs' columns.
 
     With ``pair_features`` the same five decay coordinates follow for every pair of
     jet slots (zero where a jet is absent): with ISR jets the W is any pair, and the
@@ -399,11 +402,6 @@ class DetectorRepresentation(nn.Module):
         decay = _decay_coordinates(a, b)
         cols += list(decay)
         masks += [torch.ones_like(phi_ref)] * 10
-        for i, j in self.pairs:
-            both = present[:, i] * present[:, j]
-            # an absent jet is a zero vector, whose rest frame does not exist: zero, not NaN
-            cols += [torch.where(both > 0, c, 0.0) for c in _decay_coordinates(jets[:, i], jets[:, j])]
-            masks += [both] * 5
         z = leptons[:, 0] + leptons[:, 1]
         cos_l, azimuth_l = _decay_angles(leptons[:, 0], z)
         if self.lepton_system:
@@ -411,6 +409,11 @@ class DetectorRepresentation(nn.Module):
             y_ll = 0.5 * torch.log((z[:, 0] + z[:, 3]).clamp(min=1e-9) / (z[:, 0] - z[:, 3]).clamp(min=1e-9))
             cols += [torch.log(m_ll), y_ll, torch.atanh(cos_l.clamp(-1 + _COS_EPS, 1 - _COS_EPS)), torch.cos(azimuth_l), torch.sin(azimuth_l)]
             masks += [torch.ones_like(phi_ref)] * 5
+        for i, j in self.pairs:
+            both = present[:, i] * present[:, j]
+            # an absent jet is a zero vector, whose rest frame does not exist: zero, not NaN
+            cols += [torch.where(both > 0, c, 0.0) for c in _decay_coordinates(jets[:, i], jets[:, j])]
+            masks += [both] * 5
         ref = torch.stack([phi_ref, torch.atan2(decay[4], decay[3]), torch.tanh(decay[2]), kin.phi(z), azimuth_l], -1)
         return torch.stack(cols, -1), torch.stack(masks, -1), ref
 
