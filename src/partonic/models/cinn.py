@@ -158,12 +158,8 @@ def _decay_coordinates(a: torch.Tensor, b: torch.Tensor):
     w = a + b
     m = (w[:, 0] ** 2 - (w[:, 1:] ** 2).sum(-1)).clamp(min=1e-6).sqrt()
     y = 0.5 * torch.log((w[:, 0] + w[:, 3]).clamp(min=1e-9) / (w[:, 0] - w[:, 3]).clamp(min=1e-9))
-    harder = torch.where((a[:, 0] >= b[:, 0])[:, None], a, b)
-    n = kin.boost_to_rest_frame(harder, w)[:, 1:]
-    n = n / n.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    x_h, y_h, z_h = _helicity_axes(w)
-    cos = (n * z_h).sum(-1).clamp(_COS_EPS, 1 - _COS_EPS)
-    azimuth = torch.atan2((n * y_h).sum(-1), (n * x_h).sum(-1))
+    cos, azimuth = _decay_angles(torch.where((a[:, 0] >= b[:, 0])[:, None], a, b), w)
+    cos = cos.clamp(_COS_EPS, 1 - _COS_EPS)
     return torch.log(m), y, torch.atanh(cos), torch.cos(azimuth), torch.sin(azimuth)
 
 
