@@ -152,12 +152,17 @@ def _helicity_axes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return torch.linalg.cross(y, z), y, z
 
 
+def _mass_rapidity(p: torch.Tensor, floor: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Invariant mass (m² floored at ``floor``) and rapidity of systems (N, 4)."""
+    m = (p[:, 0] ** 2 - (p[:, 1:] ** 2).sum(-1)).clamp(min=floor).sqrt()
+    return m, 0.5 * torch.log((p[:, 0] + p[:, 3]).clamp(min=1e-9) / (p[:, 0] - p[:, 3]).clamp(min=1e-9))
+
+
 def _decay_coordinates(a: torch.Tensor, b: torch.Tensor):
     """log m, rapidity, atanh(cos θ) and cos φ, sin φ of the decay of a + b in its
     helicity frame, for the more energetic of the two (jets: masses allowed)."""
     w = a + b
-    m = (w[:, 0] ** 2 - (w[:, 1:] ** 2).sum(-1)).clamp(min=1e-6).sqrt()
-    y = 0.5 * torch.log((w[:, 0] + w[:, 3]).clamp(min=1e-9) / (w[:, 0] - w[:, 3]).clamp(min=1e-9))
+    m, y = _mass_rapidity(w)
     cos, azimuth = _decay_angles(torch.where((a[:, 0] >= b[:, 0])[:, None], a, b), w)
     cos = cos.clamp(_COS_EPS, 1 - _COS_EPS)
     return torch.log(m), y, torch.atanh(cos), torch.cos(azimuth), torch.sin(azimuth)
@@ -274,8 +279,7 @@ class PartonRepresentation(nn.Module):
                 cols += [torch.log(pt[:, k].clamp(min=1e-6)), eta[:, k], _wrap(phi[:, k] - phi_ref - centre)]
             return cols
         z = partons[:, 0] + partons[:, 1]
-        m = (z[:, 0] ** 2 - (z[:, 1:] ** 2).sum(-1)).clamp(min=1e-12).sqrt()
-        y = 0.5 * torch.log((z[:, 0] + z[:, 3]) / (z[:, 0] - z[:, 3]))
+        m, y = _mass_rapidity(z, floor=1e-12)
         cos, azimuth = _decay_angles(partons[:, 0], z)
         return [self._mass_to_xi(m, z=True), y, torch.log(torch.hypot(z[:, 1], z[:, 2]).clamp(min=1e-6)), _wrap(kin.phi(z) - phi_z_ref),
                 torch.atanh(cos.clamp(-1 + _COS_EPS, 1 - _COS_EPS)), _wrap(azimuth - lepton_azimuth_ref)]
@@ -296,8 +300,7 @@ class PartonRepresentation(nn.Module):
         phi_ref, azimuth_ref, cos_ref, phi_z_ref, lepton_azimuth_ref = _references(ref)
         cols = self._lepton_columns(partons, phi_ref, phi_z_ref, lepton_azimuth_ref)
         w = partons[:, 2] + partons[:, 3]
-        m = (w[:, 0] ** 2 - (w[:, 1:] ** 2).sum(-1)).clamp(min=1e-12).sqrt()
-        y = 0.5 * torch.log((w[:, 0] + w[:, 3]) / (w[:, 0] - w[:, 3]))
+        m, y = _mass_rapidity(w, floor=1e-12)
         harder = torch.where((partons[:, 2, 0] >= partons[:, 3, 0])[:, None], partons[:, 2], partons[:, 3])
         cos, azimuth = _decay_angles(harder, w)
         if self.jet_label:
@@ -401,8 +404,7 @@ class DetectorRepresentation(nn.Module):
         z = leptons[:, 0] + leptons[:, 1]
         cos_l, azimuth_l = _decay_angles(leptons[:, 0], z)
         if self.lepton_system:
-            m_ll = (z[:, 0] ** 2 - (z[:, 1:] ** 2).sum(-1)).clamp(min=1e-6).sqrt()
-            y_ll = 0.5 * torch.log((z[:, 0] + z[:, 3]).clamp(min=1e-9) / (z[:, 0] - z[:, 3]).clamp(min=1e-9))
+            m_ll, y_ll = _mass_rapidity(z)
             cols += [torch.log(m_ll), y_ll, torch.atanh(cos_l.clamp(-1 + _COS_EPS, 1 - _COS_EPS)), torch.cos(azimuth_l), torch.sin(azimuth_l)]
             masks += [torch.ones_like(phi_ref)] * 5
         for i, j in self.pairs:
