@@ -152,3 +152,33 @@ def test_sample_weights_draw_events_in_proportion(tmp_path):
     assert abs(share - p) < 4 * (p * (1 - p) / drawn.numel()) ** 0.5
     with pytest.raises(TrainingError, match="sample_weights"):
         train(model, loss_fn, (index,), cfg, tmp_path / "bad", seed=3, progress=False, sample_weights=-weights)
+
+
+class _Shift(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.theta = torch.nn.Parameter(torch.zeros(()))
+
+
+def test_keep_best_ends_with_the_epoch_of_lowest_validation_loss(tmp_path):
+    # θ walks from 0 towards the training target 1 (constant-rate SGD, one step per epoch:
+    # θ_k = 1 − 0.8^k); the validation target 0.3 is passed at epoch 2 (θ = 0.36), so the
+    # validation loss (θ − 0.3)² is lowest there and rises after
+    x, v = torch.ones(8, 1), torch.full((8, 1), 0.3)
+    loss = lambda m, b: ((m.theta - b[0]) ** 2).mean()
+    cfg = dict(batch_size=8, epochs=6, optimizer={"name": "sgd", "lr": 0.1}, schedule={"name": "constant"})
+    last = _Shift()
+    res = train(last, loss, (x,), TrainingSection(**cfg), tmp_path / "last", seed=1, val_data=(v,), progress=False)
+    assert res.best_epoch == 2 and res.best_val_loss == pytest.approx(0.06**2, rel=1e-5)
+    assert last.theta.item() == pytest.approx(1 - 0.8**6, rel=1e-5)
+    kept = _Shift()
+    res = train(kept, loss, (x,), TrainingSection(**cfg, keep_best=True), tmp_path / "kept", seed=1, val_data=(v,), progress=False)
+    assert kept.theta.item() == pytest.approx(0.36, rel=1e-5) and res.summary(kept_best=True)["model_from_epoch"] == 2
+    events = [json.loads(line) for line in (tmp_path / "kept" / "metrics.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "kept_best" and events[-1]["best_epoch"] == 2
+    # the best state travels in the checkpoint: a resumed (already finished) run keeps it
+    again = _Shift()
+    train(again, loss, (x,), TrainingSection(**cfg, keep_best=True), tmp_path / "kept", seed=1, val_data=(v,), resume=True, progress=False)
+    assert again.theta.item() == pytest.approx(0.36, rel=1e-5)
+    with pytest.raises(TrainingError, match="keep_best .* needs validation events"):
+        train(_Shift(), loss, (x,), TrainingSection(**cfg, keep_best=True), tmp_path / "none", seed=1, progress=False)

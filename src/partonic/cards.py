@@ -116,6 +116,8 @@ class TrainingSection(Strict):
     checkpoint_every: PositiveInt = 500
     log_every: PositiveInt = 50
     validation_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    #: end with the parameters of the epoch with the lowest validation loss, not the last
+    keep_best: bool = False
     nan_guard: NanGuardSection = NanGuardSection()
 
 

@@ -50,7 +50,9 @@ class TrainResult:
     ``final_loss`` mean training loss of the last logging interval,
     ``val_loss`` last validation loss (None without validation data),
     ``skipped_steps`` steps dropped by the NaN/Inf guard, ``train_s`` wall time of
-    this call, ``resumed_from`` step the run was resumed at (None for a fresh run).
+    this call, ``resumed_from`` step the run was resumed at (None for a fresh run),
+    ``best_epoch`` and ``best_val_loss`` the epoch with the lowest validation loss and
+    that loss (with ``training.keep_best`` the model ends with that epoch's parameters).
     """
 
     steps: int
@@ -61,6 +63,17 @@ class TrainResult:
     train_s: float
     resumed_from: int | None = None
     history: list[dict] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_val_loss: float | None = None
+
+    def summary(self, kept_best: bool = False) -> dict:
+        """The figures a report states about the training."""
+        out = {"steps": self.steps, "epochs": self.epochs, "final_loss": self.final_loss,
+               "val_loss": self.val_loss, "best_epoch": self.best_epoch, "best_val_loss": self.best_val_loss,
+               "skipped_steps": self.skipped_steps}
+        if kept_best:
+            out["model_from_epoch"] = self.best_epoch
+        return out
 
 
 def seed_everything(seed: int) -> None:
@@ -221,7 +234,10 @@ def train(
             the loss itself is not weighted.
 
     Returns:
-        a :class:`TrainResult`; the model holds the final parameters.
+        a :class:`TrainResult`; the model holds the final parameters, or with
+        ``cfg.keep_best`` those of the epoch with the lowest validation loss (early
+        stopping without stopping: the schedule runs to its end, and the best state
+        travels in the checkpoint, so an interrupted run keeps it).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -249,6 +265,9 @@ def train(
     step, epoch, lr_scale, bad_in_row, skipped = 0, 0, 1.0, 0, 0
     resumed_from = None
     ckpt_path = run_dir / CHECKPOINT
+    if cfg.keep_best and val_data is None:
+        raise TrainingError("training.keep_best selects the epoch with the lowest validation loss, so it needs validation events (training.validation_fraction > 0)")
+    best: dict | None = None  # {"epoch", "val_loss", "model"} of the lowest validation loss so far
     seed_everything(seed)
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, device)
@@ -259,6 +278,7 @@ def train(
             raise TrainingError(f"checkpoint {ckpt_path} does not fit this model ({exc}); start a fresh run") from None
         step, epoch, lr_scale = state["step"], state["epoch"], state["lr_scale"]
         skipped = state.get("skipped", 0)
+        best = state.get("best")
         _set_rng_state(state["rng"])
         resumed_from = step
     metrics = _Metrics(run_dir / METRICS, resumed_from)
@@ -268,7 +288,7 @@ def train(
             {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
                 "lr_scale": lr_scale, "skipped": skipped, "rng": _rng_state(), "finished": finished,
-                "total_steps": total, "seed": seed,
+                "total_steps": total, "seed": seed, "best": best,
             },
             ckpt_path,
         )
@@ -348,12 +368,18 @@ def train(
                 if val is not None:
                     val_loss = evaluate_loss(model, loss_fn, val, batch_size)
                     metrics.write({"step": step, "epoch": epoch, "val_loss": val_loss})
+                    if math.isfinite(val_loss) and (best is None or val_loss < best["val_loss"]):
+                        best = {"epoch": epoch, "val_loss": val_loss,
+                                "model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} if cfg.keep_best else None}
                     model.train()
                 continue
             break
         if interval_losses:
             last_loss = float(torch.stack(interval_losses).double().mean())
         checkpoint(finished=True)
+        if cfg.keep_best and best is not None and best["epoch"] != epoch:
+            model.load_state_dict(best["model"])
+            metrics.write({"step": step, "epoch": epoch, "event": "kept_best", "best_epoch": best["epoch"], "best_val_loss": best["val_loss"]})
     except KeyboardInterrupt:
         checkpoint()
         raise
@@ -363,6 +389,7 @@ def train(
     return TrainResult(
         steps=step, epochs=epoch, final_loss=last_loss, val_loss=val_loss, skipped_steps=skipped,
         train_s=time.perf_counter() - t0, resumed_from=resumed_from, history=history,
+        best_epoch=best["epoch"] if best else None, best_val_loss=best["val_loss"] if best else None,
     )
 
 

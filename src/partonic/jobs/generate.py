@@ -359,8 +359,7 @@ def _train(card, args, rep, mmd_weight, folder: Path, x_train, x_val, device, la
         )
     except TrainingError as exc:
         raise JobError(str(exc)) from None
-    info = {"steps": result.steps, "epochs": result.epochs, "final_loss": result.final_loss, "val_loss": result.val_loss,
-            "skipped_steps": result.skipped_steps, "train_s": result.train_s,
+    info = {**result.summary(kept_best=card.training.keep_best), "train_s": result.train_s,
             "s_per_epoch": result.train_s / max(result.steps, 1) * max(len(x_train) // min(card.training.batch_size, len(x_train)), 1)}
     last = result.history[-1] if result.history else {}
     info.update({k: last[k] for k in ("loss_d", "loss_g", "mmd", "mmd_weight") if k in last})

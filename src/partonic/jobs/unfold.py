@@ -483,8 +483,7 @@ def run(card, args) -> int:
         raise JobError(str(exc)) from None
     timing["train_s"] = result.train_s
     timing["train_s_per_epoch"] = result.train_s / max(result.epochs, 1e-9)
-    report["training"] = {"steps": result.steps, "epochs": result.epochs, "final_loss": result.final_loss,
-                          "val_loss": result.val_loss, "skipped_steps": result.skipped_steps}
+    report["training"] = result.summary(kept_best=card.training.keep_best)
     buffer = io.BytesIO()
     torch.save({"kind": "partonic-unfold-cinn", "state_dict": unfolder.state_dict(), "card": report["card"], "version": report["partonic_version"]}, buffer)
     atomic_write_bytes(folder.path / "model.pt", buffer.getvalue())

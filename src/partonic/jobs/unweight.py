@@ -306,8 +306,7 @@ def run(card, args) -> int:
         resume=args.resume, description=f"training {method}",
     )
     timing["train_s"] = result.train_s
-    report["training"] = {"steps": result.steps, "epochs": result.epochs, "final_loss": result.final_loss,
-                          "val_loss": result.val_loss, "skipped_steps": result.skipped_steps}
+    report["training"] = result.summary(kept_best=card.training.keep_best)
     buffer = __import__("io").BytesIO()
     torch.save({"method": method, "state_dict": model.state_dict(), "card": report["card"]}, buffer)
     atomic_write_bytes(folder.path / "model.pt", buffer.getvalue())
