@@ -11,7 +11,7 @@ import torch
 
 from partonic.cards import CINNModel, DetectorSection
 from partonic.cli import main
-from partonic.evaluate.calibration import calibration, quantile_ranks
+from partonic.evaluate.calibration import calibration, noise_floor, quantile_ranks
 from partonic.io.lhe import read_lhe
 from partonic.models import cinn
 from partonic.models.cinn import ConditionalINN, PartonRepresentation, Unfolder, parton_observables
@@ -172,6 +172,20 @@ def test_calibration_of_exact_posteriors_and_a_too_narrow_one():
     assert calibration(narrow, truth).max_deviation > 3 * tol
     ranks = quantile_ranks(np.array([[1.0, 2.0, 3.0]]), np.array([2.5]))
     assert ranks[0] == pytest.approx((2 + 0.5) / 4)
+
+
+def test_calibration_noise_floor_is_the_95_percent_point_for_calibrated_posteriors():
+    q = np.linspace(0.0, 1.0, 21)
+    # many events, many samples, 21-point grid: close to (below) the Kolmogorov 95% point 1.358/√n
+    big = noise_floor(40000, 1000, q)
+    assert 0.85 * 1.358 / 200 < big < 1.358 / 200
+    assert noise_floor(10000, 1000, q) == pytest.approx(2 * big, rel=0.06)  # ∝ 1/√n
+    # exceeded by about 5% of independent, exactly calibrated test sets (binomial: 10 ± 3 of 200)
+    rng = np.random.default_rng(7)
+    n, s = 500, 50
+    floor = calibration(rng.normal(size=(n, s)), rng.normal(size=n)).noise_floor
+    exceed = sum(calibration(rng.normal(size=(n, s)), rng.normal(size=n)).max_deviation > floor for _ in range(200))
+    assert 1 <= exceed <= 20
 
 
 def test_cinn_learns_a_known_gaussian_posterior_and_is_calibrated():
@@ -421,8 +435,11 @@ def test_unfold_job_end_to_end(tiny_run):
     cal = report["calibration"]["inclusive"]
     for obs in ("pt_q1", "pt_q2", "eta_q1", "m_jj", "pt_l1"):
         entry = cal[obs]
-        assert set(entry) >= {"max_deviation", "coverage_68", "coverage_95", "q", "coverage"}
+        assert set(entry) >= {"max_deviation", "coverage_68", "coverage_95", "q", "coverage", "noise_floor"}
         assert len(entry["q"]) == len(entry["coverage"])
+        assert entry["noise_floor"] == report["calibration_noise_floor"]["inclusive"]
+        # near the Kolmogorov 95% point 1.36/√n: lowered by the 21-point q grid, raised by the rank discreteness
+        assert 0.9 < entry["noise_floor"] * math.sqrt(entry["n_events"]) < 1.36 + 0.5
         assert "max_bulk_deviation" in report["ratio_to_truth"]["inclusive"][obs]
     for obs in ("m_jj", "pt_q1"):
         assert set(report["ibu_comparison"][obs]) >= {"cinn_chi2_ndf", "ibu_chi2_ndf"}

@@ -240,6 +240,8 @@ def evaluate(events: DetectorEvents, samples: torch.Tensor, card, out: Path, rep
     report["calibration"] = cal_report
     report["ratio_to_truth"] = ratio_report
     report["max_calibration_deviation"] = {c: max(cal_report[c][o]["max_deviation"] for o in CALIBRATED) for c in cal_report}
+    # what a calibrated posterior would show by chance on each channel's test events (95%)
+    report["calibration_noise_floor"] = {c: cal_report[c][CALIBRATED[0]]["noise_floor"] for c in cal_report}
 
     # the W and Z Breit–Wigner peaks at parton level (m_jj, m_ℓℓ)
     for name, centre, window in (("m_jj", 80.4, 60.0), ("m_ll", 91.2, 20.0)):
@@ -385,7 +387,8 @@ def _summary(report: dict, path: Path) -> str:
         sel = report["selection"]
         lines.append(f"  events: {sel.get('generated', '?')} generated, {sel['selected']} selected; train {report['training_events']}, unfold {report['test_events']} × {report['samples_per_event']} samples")
     if "max_calibration_deviation" in report:
-        dev = ", ".join(f"{c} {v:.3f}" for c, v in report["max_calibration_deviation"].items())
+        floor = report.get("calibration_noise_floor", {})
+        dev = ", ".join(f"{c} {v:.3f}" + (f" (noise {floor[c]:.3f})" if c in floor else "") for c, v in report["max_calibration_deviation"].items())
         lines.append(f"  calibration, max |coverage − q| over {', '.join(CALIBRATED)}: {dev}")
     for name in ("m_jj", "m_ll"):
         if f"{name}_peak" in report:
