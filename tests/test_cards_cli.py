@@ -50,6 +50,8 @@ def test_wrong_type_and_range_name_field_value_and_rule():
         load_card("cards/zw.yaml", ["data.resmear=2", "data.source=hdf5", "data.files=[a.h5]"])
     with pytest.raises(CardError, match="model.rapidity = \"eta\": Input should be 'y' or 'bounded'"):
         load_card("cards/drell_yan.yaml", ["model.rapidity=eta"])
+    with pytest.raises(CardError, match="training.keep_best = true .* needs training.validation_fraction > 0"):
+        load_card("cards/zw.yaml", ["training.keep_best=true", "training.validation_fraction=0"])
 
 
 def test_job_and_cross_field_checks():

@@ -120,6 +120,12 @@ class TrainingSection(Strict):
     keep_best: bool = False
     nan_guard: NanGuardSection = NanGuardSection()
 
+    @model_validator(mode="after")
+    def _best_needs_validation(self):
+        if self.keep_best and self.validation_fraction == 0:
+            raise ValueError("training.keep_best = true picks the epoch with the lowest validation loss, so it needs training.validation_fraction > 0")
+        return self
+
 
 class LHEOutputSection(Strict):
     write: bool = True

@@ -27,7 +27,7 @@ from ..models.weighted_gan import WeightedGAN
 from ..physics import kinematics as kin
 from ..physics.pdf import from_card
 from ..simulate.weighted import CHANNELS, DrellYanGenerator, DrellYanSetup, electroweak_from_card
-from ..train import seed_everything, train
+from ..train import TrainingError, seed_everything, train
 from .common import JobError, RunFolder, atomic_write_bytes, resolve_device
 
 __all__ = ["run", "observables", "leptons_from_kinematics", "kinematics_from_leptons", "lhe_events_from_kinematics", "unweight_with_copies"]
@@ -300,11 +300,14 @@ def run(card, args) -> int:
     perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(card.seed + 2)).to(device)
     n_val = int(card.training.validation_fraction * len(perm))
     val_idx, tr_idx = perm[:n_val], perm[n_val:]
-    result = train(
-        model, lambda mod, batch: mod.loss(batch), (x_train[tr_idx], w_train[tr_idx]), card.training, folder.path,
-        seed=card.seed, device=device, val_data=(x_train[val_idx], w_train[val_idx]) if n_val else None,
-        resume=args.resume, description=f"training {method}",
-    )
+    try:
+        result = train(
+            model, lambda mod, batch: mod.loss(batch), (x_train[tr_idx], w_train[tr_idx]), card.training, folder.path,
+            seed=card.seed, device=device, val_data=(x_train[val_idx], w_train[val_idx]) if n_val else None,
+            resume=args.resume, description=f"training {method}",
+        )
+    except TrainingError as exc:
+        raise JobError(str(exc)) from None
     timing["train_s"] = result.train_s
     report["training"] = result.summary(kept_best=card.training.keep_best)
     buffer = __import__("io").BytesIO()
