@@ -93,6 +93,31 @@ def test_weighted_gan_reproduces_camel_modes(tmp_path):
     assert abs(left.std() - 0.5) < 0.15 and abs(right.std() - 0.3) < 0.12
 
 
+def test_weighted_gan_samples_from_its_weight_average():
+    """With ema_decay the weighted GAN keeps ā ← d ā + (1 − d) a of its generator's
+    weights at every training step (not at evaluation) and samples from ā."""
+    x = torch.randn(64, 2, dtype=torch.float64)
+    w = torch.rand(64, dtype=torch.float64) + 0.5
+    gan = WeightedGAN(Standardise(2).fit(x, w), dim=2, latent_dim=3, width=8, layers=1, ema_decay=0.8)
+    opt = torch.optim.SGD(gan.optimizer_groups(), lr=0.1)
+    expected = [p.detach().clone() for p in gan.generator.parameters()]
+    for _ in range(3):
+        expected = [0.8 * e + 0.2 * p.detach() for e, p in zip(expected, gan.generator.parameters())]
+        out = gan.loss((x, w))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    with torch.no_grad():
+        gan.loss((x, w))
+    for e, avg, live in zip(expected, gan.generator_ema.parameters(), gan.generator.parameters()):
+        torch.testing.assert_close(avg, e)
+        assert not avg.requires_grad and not torch.equal(avg, live)
+    z = torch.randn(5, 3, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(gan.sample(5, generator=torch.Generator().manual_seed(2)), gan.preprocessing.inverse(gan.generator_ema(z).double())[0])
+    with pytest.raises(ValueError, match="ema_decay"):
+        WeightedGAN(Standardise(2), dim=2, ema_decay=1.0)
+
+
 def test_copy_unweighting_is_unbiased_below_the_maximum():
     """With w_max at half the largest weight, copies keep the distribution exact."""
     gen = torch.Generator().manual_seed(5)

@@ -287,6 +287,9 @@ class UnweightModel(Strict):
     gradient_penalty: NonNegFloat = 1.0
     #: the GAN discriminator's learning rate in units of the generator's (method gan)
     discriminator_lr_factor: PositiveFloat = 1.0
+    #: decay per step of the moving average of the GAN generator's weights that samples
+    #: the events (0: the last iterate; method gan)
+    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     #: the network's rapidity coordinate: y_ℓℓ itself, or "bounded", Φ⁻¹((1 + y/y_max)/2)
     #: with y_max = ln(√s/m_ℓℓ), whose every value is inside the beams
     rapidity: Literal["y", "bounded"] = "y"

@@ -17,7 +17,6 @@ arXiv:1710.10196), and the resonance masses as extra discriminator inputs.
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Literal, Sequence
 
@@ -28,7 +27,7 @@ from ..physics import kinematics as kin
 from ..physics.constants import GAMMA_TOP, GAMMA_W, M_B, M_TOP, M_W
 from .flows import mlp
 from .mmd import KernelName, mmd2
-from .weighted_gan import gan_losses, gan_optimizer_groups, latent_batches
+from .weighted_gan import gan_losses, gan_optimizer_groups, latent_batches, update_weight_average, weight_average
 
 __all__ = ["QUARK_MASSES", "TopQuarkRepresentation", "MMDGAN", "resonance_masses", "RESONANCES"]
 
@@ -184,11 +183,9 @@ class MMDGAN(nn.Module):
         self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
         self.generator = mlp(latent_dim, 18, width, layers, activation=lambda: nn.LeakyReLU(0.2))
         nn.init.normal_(self.generator[-1].weight, std=0.1)
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay}")
         self.ema_decay = float(ema_decay)
         # the averaged generator: not trained (no gradients), saved with the model
-        self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False) if ema_decay > 0 else None
+        self.generator_ema = weight_average(self.generator, ema_decay)
         n_in = 18 + (4 if discriminator_masses else 0)
         net = mlp(n_in * (2 if batch_statistics else 1), 1, width, layers, activation=lambda: nn.LeakyReLU(0.2))
         nn.init.normal_(net[-1].weight, std=0.1)
@@ -255,10 +252,7 @@ class MMDGAN(nn.Module):
             out["mmd_weight"] = torch.tensor(weight)
         if torch.is_grad_enabled() and self.training:
             self.steps_seen += 1
-            if self.generator_ema is not None:  # average of the weights after the previous step
-                with torch.no_grad():
-                    for avg, live in zip(self.generator_ema.parameters(), self.generator.parameters()):
-                        avg.lerp_(live, 1.0 - self.ema_decay)
+            update_weight_average(self.generator_ema, self.generator, self.ema_decay)
         out["loss"] = loss
         return out
 

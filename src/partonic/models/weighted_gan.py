@@ -17,6 +17,8 @@ gradient (simultaneous updates).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,7 +26,7 @@ from torch.func import functional_call
 
 from .flows import mlp
 
-__all__ = ["WeightedGAN", "gan_losses", "gan_optimizer_groups", "latent_batches"]
+__all__ = ["WeightedGAN", "gan_losses", "gan_optimizer_groups", "latent_batches", "weight_average", "update_weight_average"]
 
 
 class WeightedGAN(nn.Module):
@@ -38,6 +40,11 @@ class WeightedGAN(nn.Module):
             truth points (R1, arXiv:1801.04406), which stabilises training.
         discriminator_lr_factor: D's learning rate in units of G's (two time-scale
             updates, arXiv:1706.08500), through :meth:`optimizer_groups`.
+        ema_decay: when > 0, an exponential moving average of the generator's weights
+            (decay per training step, arXiv:1806.04498) is kept and :meth:`sample` uses
+            it. The simultaneous updates make the generator circle around the
+            equilibrium; on the Drell–Yan input the average sits much closer to it
+            than the last iterate (docs/results.md).
 
     Example:
         >>> gan = WeightedGAN(pre, dim=3)
@@ -46,7 +53,7 @@ class WeightedGAN(nn.Module):
     """
 
     def __init__(self, preprocessing: nn.Module, dim: int, latent_dim: int = 8, width: int = 128, layers: int = 4, gradient_penalty: float = 0.0,
-                 discriminator_lr_factor: float = 1.0):
+                 discriminator_lr_factor: float = 1.0, ema_decay: float = 0.0):
         super().__init__()
         self.preprocessing = preprocessing
         self.dim, self.latent_dim = dim, latent_dim
@@ -54,6 +61,8 @@ class WeightedGAN(nn.Module):
         self.discriminator = _discriminator(dim, width, layers)
         self.gradient_penalty = gradient_penalty
         self.discriminator_lr_factor = float(discriminator_lr_factor)
+        self.ema_decay = float(ema_decay)
+        self.generator_ema = weight_average(self.generator, ema_decay)
 
     def optimizer_groups(self) -> list[dict]:
         return gan_optimizer_groups(self.generator, self.discriminator, self.discriminator_lr_factor)
@@ -70,12 +79,33 @@ class WeightedGAN(nn.Module):
         w = w / w.mean()
         z = torch.randn(u.shape[0], self.latent_dim, dtype=dtype, device=u.device)
         loss_d, loss_g = gan_losses(self.discriminator, u, self.generator(z), w, self.gradient_penalty)
+        if torch.is_grad_enabled() and self.training:
+            update_weight_average(self.generator_ema, self.generator, self.ema_decay)
         return {"loss": loss_d + loss_g, "loss_d": loss_d.detach(), "loss_g": loss_g.detach()}
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, batch_size: int = 262_144) -> torch.Tensor:
-        """n events in physics variables."""
-        return torch.cat([self.preprocessing.inverse(self.generator(z).double())[0] for z in latent_batches(self.generator, self.latent_dim, n, generator, batch_size)])
+        """n events in physics variables, from the averaged generator when there is one."""
+        net = self.generator_ema if self.generator_ema is not None else self.generator
+        return torch.cat([self.preprocessing.inverse(net(z).double())[0] for z in latent_batches(net, self.latent_dim, n, generator, batch_size)])
+
+
+def weight_average(generator: nn.Module, decay: float) -> nn.Module | None:
+    """A frozen copy of ``generator`` that :func:`update_weight_average` keeps as the
+    exponential moving average of its weights; None when ``decay`` is 0 (off)."""
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"ema_decay must lie in [0, 1), got {decay}")
+    return copy.deepcopy(generator).requires_grad_(False) if decay > 0 else None
+
+
+@torch.no_grad()
+def update_weight_average(average: nn.Module | None, live: nn.Module, decay: float) -> None:
+    """ā ← d ā + (1 − d) a for every parameter (called once per training step, with
+    the weights the previous optimizer step left)."""
+    if average is None:
+        return
+    for avg, p in zip(average.parameters(), live.parameters()):
+        avg.lerp_(p, 1.0 - decay)
 
 
 def latent_batches(net: nn.Module, latent_dim: int, n: int, generator: torch.Generator | None, batch_size: int):
