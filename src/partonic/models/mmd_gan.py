@@ -144,8 +144,9 @@ class MMDGAN(nn.Module):
             (decay per step) is kept and :meth:`sample` uses it. Simultaneous GAN
             updates circle around the equilibrium, and over long training the average
             can sit closer to it than any single iterate (arXiv:1806.04498); measured
-            here after 3000 CPU steps with decay 0.999 it was worse (docs/results.md),
-            so it is off by default.
+            here after 3000 CPU steps with decay 0.999 it was worse, and over the CPU
+            card's 6125 steps it shifted the top peaks down by 5 GeV: the MMD holds the
+            last iterate's masses, not the average's (docs/results.md). Off by default.
 
     Example:
         >>> gan = MMDGAN(TopQuarkRepresentation().fit(quarks), mmd_weight=1.0)
