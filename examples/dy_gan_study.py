@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import time
 
 import torch
@@ -27,6 +26,7 @@ from partonic.models.weighted_flow import DrellYanPreprocessing
 from partonic.models.weighted_gan import WeightedGAN, gan_losses, update_weight_average
 from partonic.physics.pdf import from_card
 from partonic.simulate.weighted import DrellYanGenerator, DrellYanSetup, electroweak_from_card
+from partonic.train import lr_factor
 
 
 def equal_probability_edges(u: torch.Tensor, w: torch.Tensor, bins: int) -> list[torch.Tensor]:
@@ -91,8 +91,7 @@ def main() -> None:
                               "average": largest_deviation(average, m.latent_dim, edges), "s": round(time.perf_counter() - start, 1)}), flush=True)
         if step == args.steps:
             break
-        # the card's cosine schedule over the study's steps
-        factor = t.schedule.min_lr_factor + (1 - t.schedule.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        factor = lr_factor(step, args.steps, t)  # the card's schedule over the study's steps
         for g, b in zip(opt.param_groups, base):
             g["lr"] = b * factor
         idx = torch.randint(0, len(u), (t.batch_size,))
