@@ -15,7 +15,6 @@ The findings are in docs/results.md (Unweighting, Flow and GAN modes).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 
@@ -23,7 +22,7 @@ import torch
 
 from partonic.cards import load_card
 from partonic.models.weighted_flow import DrellYanPreprocessing
-from partonic.models.weighted_gan import WeightedGAN, gan_losses, update_weight_average
+from partonic.models.weighted_gan import WeightedGAN, gan_losses, update_weight_average, weight_average
 from partonic.physics.pdf import from_card
 from partonic.simulate.weighted import DrellYanGenerator, DrellYanSetup, electroweak_from_card
 from partonic.train import lr_factor
@@ -80,7 +79,7 @@ def main() -> None:
 
     torch.manual_seed(card.seed)
     gan = WeightedGAN(pre, dim=3, latent_dim=m.latent_dim, width=m.width, layers=m.layers, gradient_penalty=m.gradient_penalty)
-    average = copy.deepcopy(gan.generator).requires_grad_(False)
+    average = weight_average(gan.generator, decay)
     opt = torch.optim.Adam([{"params": gan.generator.parameters(), "lr": lr},
                             {"params": gan.discriminator.parameters(), "lr": lr * m.discriminator_lr_factor}], betas=tuple(t.optimizer.betas))
     base = [g["lr"] for g in opt.param_groups]
