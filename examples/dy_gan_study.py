@@ -21,10 +21,10 @@ import time
 import torch
 
 from partonic.cards import load_card
-from partonic.models.weighted_flow import DrellYanPreprocessing
+from partonic.jobs.unweight import drell_yan_setup, network_preprocessing
 from partonic.models.weighted_gan import WeightedGAN, gan_losses, update_weight_average, weight_average
 from partonic.physics.pdf import from_card
-from partonic.simulate.weighted import DrellYanGenerator, DrellYanSetup, electroweak_from_card
+from partonic.simulate.weighted import DrellYanGenerator
 from partonic.train import lr_factor
 
 
@@ -64,15 +64,11 @@ def main() -> None:
     lr = args.lr if args.lr is not None else t.optimizer.lr
     decay = args.ema if args.ema is not None else (m.ema_decay or 0.999)
     pdf, _ = from_card(card.physics)
-    setup = DrellYanSetup(sqrt_s=card.physics.sqrt_s, m_min=card.data.m_min, m_max=card.data.m_max, mapping=card.data.mapping,
-                          scale=card.data.scale, fixed_scale=card.data.fixed_scale, lepton=card.data.lepton,
-                          ew=electroweak_from_card(card.physics.electroweak))
-    generator = DrellYanGenerator(setup, pdf)
+    generator = DrellYanGenerator(drell_yan_setup(card), pdf)
     ev = generator.generate(card.data.n_events, torch.Generator().manual_seed(card.seed))
     keep = ev.weight != 0
     x, w = torch.stack([ev.m, ev.y, ev.cos_theta], 1)[keep], ev.weight[keep]
-    ew = setup.ew
-    pre = DrellYanPreprocessing(setup.m_min, generator.m_max, ew.m_z, ew.gamma_z, sqrt_s=setup.sqrt_s, rapidity=m.rapidity).fit(x, w)
+    pre = network_preprocessing(generator, m.rapidity).fit(x, w)
     u = pre(x)[0].float()
     w = w.float()
     edges = equal_probability_edges(u.double(), w.double(), 20)

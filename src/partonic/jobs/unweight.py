@@ -30,7 +30,7 @@ from ..simulate.weighted import CHANNELS, DrellYanGenerator, DrellYanSetup, elec
 from ..train import TrainingError, seed_everything, train
 from .common import JobError, RunFolder, atomic_write_bytes, resolve_device
 
-__all__ = ["run", "observables", "leptons_from_kinematics", "kinematics_from_leptons", "lhe_events_from_kinematics", "unweight_with_copies"]
+__all__ = ["run", "drell_yan_setup", "network_preprocessing", "observables", "leptons_from_kinematics", "kinematics_from_leptons", "lhe_events_from_kinematics", "unweight_with_copies"]
 
 OBSERVABLES = {
     "m_ll": (r"$m_{\mu\mu}$ [GeV]", lambda m_min: np.geomspace(m_min, 1000.0, 41), True),
@@ -202,6 +202,21 @@ def _bulk_summary(obs, weights, truth_obs, truth_w, m_min: float) -> dict:
             "worst_observable": worst, "observables": out}
 
 
+def drell_yan_setup(card) -> DrellYanSetup:
+    """The generator setup an unweight card describes (physics and data sections)."""
+    data = card.data
+    return DrellYanSetup(
+        sqrt_s=card.physics.sqrt_s, m_min=data.m_min, m_max=data.m_max, mapping=data.mapping, scale=data.scale,
+        fixed_scale=data.fixed_scale, lepton=data.lepton, ew=electroweak_from_card(card.physics.electroweak),
+    )
+
+
+def network_preprocessing(generator: DrellYanGenerator, rapidity: str) -> DrellYanPreprocessing:
+    """The (unfitted) map between (m_ℓℓ, y_ℓℓ, cos θ*) and the networks' coordinates."""
+    setup = generator.setup
+    return DrellYanPreprocessing(setup.m_min, generator.m_max, setup.ew.m_z, setup.ew.gamma_z, sqrt_s=setup.sqrt_s, rapidity=rapidity)
+
+
 def run(card, args) -> int:
     device = resolve_device(card.device)
     folder = RunFolder.create(card, device, args.output, args.resume)
@@ -213,10 +228,7 @@ def run(card, args) -> int:
         raise JobError("model.method = 'flow-exact' needs the generator's exact cross section; with data.source = 'lhe' use 'flow' or 'gan'")
 
     pdf, _ = from_card(card.physics, device=device)
-    setup = DrellYanSetup(
-        sqrt_s=card.physics.sqrt_s, m_min=data.m_min, m_max=data.m_max, mapping=data.mapping, scale=data.scale,
-        fixed_scale=data.fixed_scale, lepton=data.lepton, ew=electroweak_from_card(card.physics.electroweak),
-    )
+    setup = drell_yan_setup(card)
     generator = DrellYanGenerator(setup, pdf, device=device)
     gen_cpu = torch.Generator().manual_seed(card.seed)
 
@@ -288,10 +300,8 @@ def run(card, args) -> int:
         del train_obs
 
     # ---- model and training ---------------------------------------------------
-    ew = setup.ew
     m = card.model
-    pre = DrellYanPreprocessing(setup.m_min, generator.m_max, ew.m_z, ew.gamma_z, sqrt_s=setup.sqrt_s, rapidity=m.rapidity)
-    pre = pre.fit(x_train.cpu(), w_train.cpu()).to(device)
+    pre = network_preprocessing(generator, m.rapidity).fit(x_train.cpu(), w_train.cpu()).to(device)
     if method == "gan":
         model = WeightedGAN(pre, dim=3, latent_dim=m.latent_dim, width=m.width, layers=m.layers, gradient_penalty=m.gradient_penalty,
                             discriminator_lr_factor=m.discriminator_lr_factor, ema_decay=m.ema_decay)
