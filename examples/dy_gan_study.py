@@ -74,7 +74,7 @@ def main() -> None:
     edges = equal_probability_edges(u.double(), w.double(), 20)
 
     torch.manual_seed(card.seed)
-    gan = WeightedGAN(pre, dim=3, latent_dim=m.latent_dim, width=m.width, layers=m.layers, gradient_penalty=m.gradient_penalty)
+    gan = WeightedGAN(pre, dim=3, latent_dim=m.latent_dim, width=m.width, layers=m.layers, gradient_penalty=m.gradient_penalty, generator=m.generator)
     average = weight_average(gan.generator, decay)
     opt = torch.optim.Adam([{"params": gan.generator.parameters(), "lr": lr},
                             {"params": gan.discriminator.parameters(), "lr": lr * m.discriminator_lr_factor}], betas=tuple(t.optimizer.betas))

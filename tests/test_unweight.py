@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy import stats
 
-from partonic.cards import TrainingSection
+from partonic.cards import CardError, TrainingSection, parse_card
 from partonic.cli import main
 from partonic.evaluate.metrics import compare_histograms
 from partonic.io.lhe import LHEInit, LHEProcess, read_lhe, write_lhe
@@ -116,6 +116,32 @@ def test_weighted_gan_samples_from_its_weight_average():
     torch.testing.assert_close(gan.sample(5, generator=torch.Generator().manual_seed(2)), gan.preprocessing.inverse(gan.generator_ema(z).double())[0])
     with pytest.raises(ValueError, match="ema_decay"):
         WeightedGAN(Standardise(2), dim=2, ema_decay=1.0)
+
+
+def test_residual_generator_starts_as_the_standard_normal_and_trains_its_correction():
+    """model.generator = residual: G(z) = z[:d] + f(z) with f zero at the start, so the
+    untrained GAN samples the preprocessing's analytic model exactly; one training step
+    moves the correction, and too small a latent space is refused."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 2, dtype=torch.float64) * 2 + 1
+    w = torch.rand(256, dtype=torch.float64) + 0.5
+    pre = Standardise(2).fit(x, w)
+    gan = WeightedGAN(pre, dim=2, latent_dim=5, width=16, layers=2, generator="residual")
+    z = torch.randn(1000, 5, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(gan.generator(z), z[:, :2])
+    torch.testing.assert_close(gan.sample(1000, generator=torch.Generator().manual_seed(3)), pre.inverse(z[:, :2].double())[0])
+    opt = torch.optim.Adam(gan.optimizer_groups(), lr=1e-2)
+    out = gan.loss((x, w))
+    opt.zero_grad()
+    out["loss"].backward()
+    opt.step()
+    assert not torch.allclose(gan.generator(z), z[:, :2])
+    with pytest.raises(ValueError, match="latent_dim"):
+        WeightedGAN(pre, dim=3, latent_dim=2, generator="residual")
+    with pytest.raises(ValueError, match="'mlp' or 'residual'"):
+        WeightedGAN(pre, dim=2, generator="resnet")
+    with pytest.raises(CardError, match="latent_dim ≥ 3"):
+        parse_card({"job": "unweight", "name": "x", "model": {"method": "gan", "generator": "residual", "latent_dim": 2}})
 
 
 def test_copy_unweighting_is_unbiased_below_the_maximum():

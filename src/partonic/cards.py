@@ -293,6 +293,16 @@ class UnweightModel(Strict):
     #: the network's rapidity coordinate: y_ℓℓ itself, or "bounded", Φ⁻¹((1 + y/y_max)/2)
     #: with y_max = ln(√s/m_ℓℓ), whose every value is inside the beams
     rapidity: Literal["y", "bounded"] = "y"
+    #: the GAN generator: "mlp" (noise → events) or "residual" (the first three noise
+    #: coordinates plus a learned correction: it starts as the analytic model behind
+    #: the preprocessing, tails included; method gan, latent_dim ≥ 3)
+    generator: Literal["mlp", "residual"] = "mlp"
+
+    @model_validator(mode="after")
+    def _residual_latent(self):
+        if self.generator == "residual" and self.latent_dim < 3:
+            raise ValueError(f"generator = 'residual' needs latent_dim ≥ 3 (the event dimension), got {self.latent_dim}")
+        return self
 
 
 class SampleEvaluation(Strict):

@@ -304,7 +304,7 @@ def run(card, args) -> int:
     pre = network_preprocessing(generator, m.rapidity).fit(x_train.cpu(), w_train.cpu()).to(device)
     if method == "gan":
         model = WeightedGAN(pre, dim=3, latent_dim=m.latent_dim, width=m.width, layers=m.layers, gradient_penalty=m.gradient_penalty,
-                            discriminator_lr_factor=m.discriminator_lr_factor, ema_decay=m.ema_decay)
+                            discriminator_lr_factor=m.discriminator_lr_factor, ema_decay=m.ema_decay, generator=m.generator)
     else:
         model = WeightedFlow(pre, dim=3, blocks=m.blocks, bins=m.bins, width=m.width, layers=m.layers)
     perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(card.seed + 2)).to(device)
