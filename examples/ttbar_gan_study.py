@@ -30,7 +30,8 @@ from partonic.train import train
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=200_000)
-    ap.add_argument("--representation", default="momenta", choices=["momenta", "ptetaphi", "logpt"])
+    ap.add_argument("--representation", default="momenta", choices=["momenta", "ptetaphi", "logpt", "decay"])
+    ap.add_argument("--generator", default="mlp", choices=["mlp", "residual"])
     ap.add_argument("--mmd-weight", type=float, default=1.0)
     ap.add_argument("--widths", default="1", help="MMD kernel widths in units of each resonance's width, comma-separated")
     ap.add_argument("--steps", type=int, default=1500)
@@ -55,7 +56,7 @@ def main() -> None:
         mmd_weight=args.mmd_weight, mmd_width_factors=[float(w) for w in args.widths.split(",")],
         gradient_penalty=args.gradient_penalty, discriminator_masses=args.discriminator_masses,
         batch_statistics=args.batch_statistics, mmd_start_step=args.mmd_start, mmd_ramp_steps=args.mmd_ramp,
-        discriminator_lr_factor=args.d_lr_factor, ema_decay=args.ema,
+        discriminator_lr_factor=args.d_lr_factor, ema_decay=args.ema, generator=args.generator,
     )
     cfg = TrainingSection(batch_size=1024, max_steps=args.steps, optimizer={"name": "adam", "lr": args.lr, "betas": (0.5, 0.9)},
                           schedule={"name": "constant"}, log_every=max(args.steps // 10, 1), checkpoint_every=10**9, validation_fraction=0)

@@ -354,7 +354,12 @@ class GANModel(Strict):
     layers: Annotated[int, Field(ge=1, le=32)] = 10
     width: Annotated[int, Field(ge=4, le=4096)] = 512
     latent_dim: Annotated[int, Field(ge=1, le=512)] = 18
-    representation: Literal["momenta", "ptetaphi", "logpt"] = "momenta"
+    #: the generator's coordinates: the paper's quark momenta, (pT, η, φ), (log pT, η, φ),
+    #: or "decay": the decay chain with the resonance masses as coordinates (16 numbers)
+    representation: Literal["momenta", "ptetaphi", "logpt", "decay"] = "momenta"
+    #: "mlp" (noise → coordinates) or "residual" (noise plus a learned correction: with
+    #: "decay" it starts from Breit–Wigner peaks; needs latent_dim ≥ the coordinates)
+    generator: Literal["mlp", "residual"] = "mlp"
     spectral_norm: bool = False
     batch_statistics: bool = False
     discriminator_masses: bool = False
@@ -367,6 +372,13 @@ class GANModel(Strict):
     discriminator_lr_factor: PositiveFloat = 1.0
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     ablation: bool = True
+
+    @model_validator(mode="after")
+    def _residual_latent(self):
+        need = 16 if self.representation == "decay" else 18
+        if self.generator == "residual" and self.latent_dim < need:
+            raise ValueError(f"generator = 'residual' with representation = {self.representation!r} needs latent_dim ≥ {need}, got {self.latent_dim}")
+        return self
 
 
 class GenerateEvaluation(SampleEvaluation):

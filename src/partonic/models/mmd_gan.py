@@ -13,6 +13,11 @@ The later precision ingredients are options: the (pT, η, φ) or (log pT, η, φ
 representation, spectral normalisation of the discriminator (arXiv:1802.05957),
 batch statistics in the discriminator (the minibatch standard deviation of
 arXiv:1710.10196), and the resonance masses as extra discriminator inputs.
+
+Beyond the paper: the ``decay`` representation makes the four resonance masses
+coordinates (through their Breit–Wigner CDFs), and a residual generator starts from
+that representation's standard normal, i.e. from Breit–Wigner peaks: the GAN then
+learns the phase space around peaks it does not have to build.
 """
 
 from __future__ import annotations
@@ -27,11 +32,11 @@ from ..physics import kinematics as kin
 from ..physics.constants import GAMMA_TOP, GAMMA_W, M_B, M_TOP, M_W
 from .flows import mlp
 from .mmd import KernelName, mmd2
-from .weighted_gan import gan_losses, gan_optimizer_groups, latent_batches, update_weight_average, weight_average
+from .weighted_gan import ResidualGenerator, gan_losses, gan_optimizer_groups, latent_batches, update_weight_average, weight_average
 
-__all__ = ["QUARK_MASSES", "TopQuarkRepresentation", "MMDGAN", "resonance_masses", "RESONANCES"]
+__all__ = ["QUARK_MASSES", "TopQuarkRepresentation", "decay_coordinates", "decay_momenta", "MMDGAN", "resonance_masses", "RESONANCES"]
 
-Representation = Literal["momenta", "ptetaphi", "logpt"]
+Representation = Literal["momenta", "ptetaphi", "logpt", "decay"]
 
 #: Fixed masses of the six quarks in the order of :data:`partonic.simulate.pythia.TTBAR_ORDER`
 #: (b 4.7 GeV, light quarks massless, as in arXiv:1907.03764).
@@ -55,38 +60,184 @@ def resonance_masses(quarks: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(torch.clamp(m2, min=1e-6))
 
 
+# --------------------------------------------------------------- the decay chain
+#: (b, q, q̄) indices of each top's daughters, and its resonances' keys in RESONANCES
+_CHAINS = (((0, 1, 2), "t", "W+"), ((3, 4, 5), "tbar", "W-"))
+_RES_INDEX = {name: k for k, name in enumerate(RESONANCES)}
+
+
+def _unit_to_normal(f: torch.Tensor) -> torch.Tensor:
+    # float32 training: 1 − 1e-12 rounds to 1, whose Φ⁻¹ is inf; stay a few ulps inside
+    eps = max(1e-12, 4 * torch.finfo(f.dtype).eps)
+    return torch.special.ndtri(f.clamp(eps, 1 - eps))
+
+
+def _angles_to_normal(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The direction of p (..., 4) as two nearly standard normal numbers:
+    Φ⁻¹((1 + cos θ)/2) and Φ⁻¹((φ + π)/2π), flat for an isotropic direction."""
+    cos_theta = p[..., 3] / torch.sqrt((p[..., 1:] ** 2).sum(-1)).clamp(min=1e-12)
+    return _unit_to_normal((1 + cos_theta) / 2), _unit_to_normal((kin.phi(p) + math.pi) / (2 * math.pi))
+
+
+def _direction(u_theta: torch.Tensor, u_phi: torch.Tensor) -> torch.Tensor:
+    # cos θ = 2F − 1 = F − F̄ and sin θ = 2√(F F̄) with F̄ = 1 − F = Φ(−u): no √0 (whose
+    # gradient is infinite) where Φ(u) rounds to 1
+    u_theta = u_theta.clamp(-7.5, 7.5)  # the data reach |u| ≤ 7.04 (Φ clamped at 1e-12); √(F F̄) stays smooth
+    f, f_bar = torch.special.ndtr(u_theta), torch.special.ndtr(-u_theta)
+    cos_theta, sin_theta = f - f_bar, 2 * torch.sqrt(f * f_bar)
+    phi = 2 * math.pi * torch.special.ndtr(u_phi) - math.pi
+    return torch.stack([sin_theta * torch.cos(phi), sin_theta * torch.sin(phi), cos_theta], -1)
+
+
+def _two_body(parent_mass: torch.Tensor, m1: torch.Tensor | float, m2: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """Daughter 1 of a two-body decay in the parent's rest frame, along ``direction``."""
+    lam = (parent_mass**2 - (m1 + m2) ** 2) * (parent_mass**2 - (m1 - m2) ** 2)
+    p = torch.sqrt(lam.clamp(min=0)) / (2 * parent_mass)
+    e = torch.sqrt(p**2 + m1**2)
+    return torch.cat([e[..., None], p[..., None] * direction], -1)
+
+
+def _boost_pair(first: torch.Tensor, parent_mass: torch.Tensor, parent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both daughters of a two-body decay in the lab: ``first`` in the rest frame, the
+    second back to back with it, boosted with the parent's velocity."""
+    second = torch.cat([(parent_mass - first[:, 0])[:, None], -first[:, 1:]], 1)
+    beta = parent[:, 1:] / parent[:, :1]
+    return kin.boost(first, beta), kin.boost(second, beta)
+
+
+def _to_rest_frame(p: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
+    """p in the rest frame of ``parent``, whose velocity is taken as p⃗/√(p⃗² + m²) with
+    m² ≥ 1 GeV²: generated events that float32 rounding left light-like still boost."""
+    p3 = parent[:, 1:]
+    m2 = (parent[:, 0] ** 2 - (p3 * p3).sum(-1)).clamp(min=1.0)
+    return kin.boost(p, -p3 / torch.sqrt((p3 * p3).sum(-1) + m2)[:, None])
+
+
+def _bw_to_normal(m: torch.Tensor, mass: float, width: float, window: torch.Tensor) -> torch.Tensor:
+    """Φ⁻¹ of the CDF of a relativistic Breit–Wigner 1/((m² − M²)² + M²Γ²) in m²,
+    restricted to ``window`` = (m_lo, m_hi): a Breit–Wigner mass becomes standard normal."""
+    mg = mass * width
+    lo, hi = (torch.atan((window**2 - mass**2) / mg)).unbind(-1)
+    f = (torch.atan((m**2 - mass**2) / mg) - lo) / (hi - lo)
+    return _unit_to_normal(f)
+
+
+def _normal_to_bw(u: torch.Tensor, mass: float, width: float, window: torch.Tensor) -> torch.Tensor:
+    mg = mass * width
+    lo, hi = (torch.atan((window**2 - mass**2) / mg)).unbind(-1)
+    a = lo + torch.special.ndtr(u) * (hi - lo)
+    return torch.sqrt((mass**2 + mg * torch.tan(a)).clamp(min=0))
+
+
+def decay_coordinates(quarks: torch.Tensor, windows: torch.Tensor, masses: Sequence[float] = QUARK_MASSES) -> torch.Tensor:
+    """(N, 16) decay-chain coordinates of (N, 6, 4) quark momenta; see :func:`decay_momenta`."""
+    dtype, quarks, windows = quarks.dtype, quarks.double(), windows.double()
+    tops = [quarks[:, list(idx)].sum(1) for idx, _, _ in _CHAINS]
+    t = tops[0]
+    out = [torch.log(kin.pt(t).clamp(min=1e-6)), kin.rapidity(t), _unit_to_normal((kin.phi(t) + math.pi) / (2 * math.pi)), kin.rapidity(tops[1])]
+    for ((ib, iq, iqb), top, w), tp in zip(_CHAINS, tops):
+        wb = quarks[:, [iq, iqb]].sum(1)
+        _, m_t, g_t = RESONANCES[top]
+        _, m_w, g_w = RESONANCES[w]
+        out += [_bw_to_normal(kin.mass(tp), m_t, g_t, windows[_RES_INDEX[top]]), *_angles_to_normal(_to_rest_frame(quarks[:, ib], tp)),
+                _bw_to_normal(kin.mass(wb), m_w, g_w, windows[_RES_INDEX[w]]), *_angles_to_normal(_to_rest_frame(quarks[:, iq], wb))]
+    return torch.stack(out, 1).to(dtype)
+
+
+def decay_momenta(raw: torch.Tensor, windows: torch.Tensor, masses: Sequence[float] = QUARK_MASSES) -> torch.Tensor:
+    """(N, 6, 4) quark momenta from (N, 16) decay-chain coordinates: log pT, rapidity and
+    azimuth of the top, the rapidity of the t̄ (its transverse momentum balances the top's:
+    the hard process has no recoil), then per top (t, t̄) its mass, the b direction in its
+    rest frame, the W mass and the q direction in the W rest frame.
+
+    Masses enter through Φ⁻¹ of a Breit–Wigner CDF and angles through Φ⁻¹ of their flat
+    CDF, so every real vector is a physical event whose resonances lie inside their
+    ``windows`` (4, 2; in the order of :data:`RESONANCES`), and standard normal
+    coordinates are Breit–Wigner peaks and isotropic decays. Rest frames are reached by
+    a pure boost from the lab, angles measured from the lab axes.
+
+    The boosts run in float64 whatever the input's dtype: a 1 TeV top has 1 − β ≈ 10⁻⁵,
+    which float32 resolves poorly, and beyond γ ≈ 3000 not at all (β rounds to 1)."""
+    dtype, raw, windows = raw.dtype, raw.double(), windows.double()
+    # bounded near the kinematic limits of 13–14 TeV (pT ≤ 8.1 TeV, |y| ≤ 5): an unstable
+    # generator must not overflow, nor leave float32 unable to tell E from |pz|
+    pt = torch.exp(raw[:, 0].clamp(max=9.0))
+    phi = 2 * math.pi * torch.special.ndtr(raw[:, 2]) - math.pi
+    px, py = pt * torch.cos(phi), pt * torch.sin(phi)
+    quarks: list[torch.Tensor | None] = [None] * 6
+    for c, ((ib, iq, iqb), top, w) in enumerate(_CHAINS):
+        r = raw[:, 4 + 6 * c : 10 + 6 * c]
+        _, m_t, g_t = RESONANCES[top]
+        _, m_w, g_w = RESONANCES[w]
+        mt = _normal_to_bw(r[:, 0], m_t, g_t, windows[_RES_INDEX[top]])
+        mw = _normal_to_bw(r[:, 3], m_w, g_w, windows[_RES_INDEX[w]])
+        mw = torch.minimum(mw, mt - masses[ib] - 1e-3)  # t → b W needs m_W < m_t − m_b
+        y = raw[:, 1 + 2 * c].clamp(-5, 5)
+        mtr = torch.sqrt(mt**2 + pt**2)
+        sign = 1 - 2 * c
+        t = torch.stack([mtr * torch.cosh(y), sign * px, sign * py, mtr * torch.sinh(y)], -1)
+        # both daughters of each decay are built in the rest frame and boosted (not taken
+        # as the difference in the lab, which loses the masses to rounding at large boosts)
+        b, wb = _boost_pair(_two_body(mt, masses[ib], mw, _direction(r[:, 1], r[:, 2])), mt, t)
+        q, qb = _boost_pair(_two_body(mw, masses[iq], torch.full_like(mw, masses[iqb]), _direction(r[:, 4], r[:, 5])), mw, wb)
+        quarks[ib], quarks[iq], quarks[iqb] = b, q, qb
+    return torch.stack(quarks, 1).to(dtype)
+
+
 class TopQuarkRepresentation(nn.Module):
-    """Invertible map between six quark momenta (N, 6, 4) and 18 standardised numbers.
+    """Invertible map between six quark momenta (N, 6, 4) and 18 (or 16) standardised numbers.
 
     ``momenta``: (px, py, pz) per quark; ``ptetaphi``: (pT, η, φ); ``logpt``:
     (log pT, η, φ). The inverse puts every quark on its mass shell
     (:data:`QUARK_MASSES`); a negative pT from the network is read as its modulus,
     and φ needs no range (cos and sin take care of it).
 
+    ``decay``: the decay chain in 16 numbers (:func:`decay_momenta`): the tops' log pT,
+    rapidities and azimuth (their transverse momenta balance), and per top its mass, the
+    b direction in its rest frame, the W mass and the quark direction in the W rest
+    frame. The four resonance masses are coordinates, through
+    the CDF of their Breit–Wigner, so a generator gets the peaks' shape from the
+    representation instead of learning it; the windows of the masses are those of the
+    training events (set by :meth:`fit`).
+
     Example:
         >>> rep = TopQuarkRepresentation("logpt").fit(quarks)
-        >>> u = rep(quarks)                # (N, 18)
+        >>> u = rep(quarks)                # (N, rep.dim): 18, or 16 for "decay"
         >>> back = rep.inverse(u)          # (N, 6, 4), equal to quarks up to the masses
     """
 
     def __init__(self, representation: Representation = "momenta", masses: Sequence[float] = QUARK_MASSES):
         super().__init__()
-        if representation not in ("momenta", "ptetaphi", "logpt"):
-            raise ValueError(f"unknown representation {representation!r} (allowed: 'momenta', 'ptetaphi', 'logpt')")
+        if representation not in ("momenta", "ptetaphi", "logpt", "decay"):
+            raise ValueError(f"unknown representation {representation!r} (allowed: 'momenta', 'ptetaphi', 'logpt', 'decay')")
         self.representation = representation
+        #: number of coordinates
+        self.dim = 16 if representation == "decay" else 18
         self.register_buffer("masses", torch.tensor(masses, dtype=torch.float64))
-        self.register_buffer("mean", torch.zeros(18, dtype=torch.float64))
-        self.register_buffer("std", torch.ones(18, dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(self.dim, dtype=torch.float64))
+        self.register_buffer("std", torch.ones(self.dim, dtype=torch.float64))
+        if representation == "decay":
+            # resonance mass windows (W⁺, W⁻, t, t̄) × (low, high); fit() sets them from the data
+            default = [[m - 30 * g, m + 30 * g] for _, m, g in RESONANCES.values()]
+            self.register_buffer("windows", torch.tensor(default, dtype=torch.float64))
 
     def _raw(self, quarks: torch.Tensor) -> torch.Tensor:
         if self.representation == "momenta":
             return quarks[..., 1:].reshape(-1, 18)
+        if self.representation == "decay":
+            return decay_coordinates(quarks, self.windows.to(quarks.dtype), self.masses.tolist())
         pt = kin.pt(quarks)
         first = torch.log(torch.clamp(pt, min=1e-6)) if self.representation == "logpt" else pt
         return torch.stack([first, kin.eta(quarks), kin.phi(quarks)], -1).reshape(-1, 18)
 
     def fit(self, quarks: torch.Tensor) -> "TopQuarkRepresentation":
-        raw = self._raw(quarks.to(self.mean.device, torch.float64))
+        quarks = quarks.to(self.mean.device, torch.float64)
+        if self.representation == "decay":
+            m = resonance_masses(quarks)
+            # the training events' range, widened by a tenth of a width on each side
+            margin = torch.tensor([0.1 * g for _, _, g in RESONANCES.values()], dtype=torch.float64, device=m.device)
+            self.windows.copy_(torch.stack([(m.min(0).values - margin).clamp(min=1.0), m.max(0).values + margin], 1))
+        raw = self._raw(quarks)
         self.mean.copy_(raw.mean(0))
         self.std.copy_(raw.std(0).clamp(min=1e-8))
         return self
@@ -96,6 +247,9 @@ class TopQuarkRepresentation(nn.Module):
         return (raw - self.mean.to(raw.dtype)) / self.std.to(raw.dtype)
 
     def inverse(self, u: torch.Tensor) -> torch.Tensor:
+        if self.representation == "decay":
+            raw = u * self.std.to(u.dtype) + self.mean.to(u.dtype)
+            return decay_momenta(raw, self.windows.to(u.dtype), self.masses.tolist())
         raw = (u * self.std.to(u.dtype) + self.mean.to(u.dtype)).reshape(-1, 6, 3)
         if self.representation == "momenta":
             p3 = raw.clamp(-2e4, 2e4)
@@ -147,6 +301,10 @@ class MMDGAN(nn.Module):
             here after 3000 CPU steps with decay 0.999 it was worse, and over the CPU
             card's 6125 steps it shifted the top peaks down by 5 GeV: the MMD holds the
             last iterate's masses, not the average's (docs/results.md). Off by default.
+        generator: "mlp" (noise → coordinates) or "residual" (the first ``dim`` noise
+            coordinates plus a learned correction, :class:`ResidualGenerator`). With the
+            ``decay`` representation a residual generator starts with Breit–Wigner
+            peaks at the right places and isotropic decays.
 
     Example:
         >>> gan = MMDGAN(TopQuarkRepresentation().fit(quarks), mmd_weight=1.0)
@@ -171,6 +329,7 @@ class MMDGAN(nn.Module):
         mmd_ramp_steps: int = 0,
         discriminator_lr_factor: float = 1.0,
         ema_decay: float = 0.0,
+        generator: str = "mlp",
     ):
         super().__init__()
         self.representation = representation
@@ -182,12 +341,18 @@ class MMDGAN(nn.Module):
         self.discriminator_lr_factor = float(discriminator_lr_factor)
         # training steps seen (a buffer: saved in checkpoints, so a resumed run keeps its MMD schedule)
         self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
-        self.generator = mlp(latent_dim, 18, width, layers, activation=lambda: nn.LeakyReLU(0.2))
-        nn.init.normal_(self.generator[-1].weight, std=0.1)
+        dim = representation.dim
+        if generator == "mlp":
+            self.generator = mlp(latent_dim, dim, width, layers, activation=lambda: nn.LeakyReLU(0.2))
+            nn.init.normal_(self.generator[-1].weight, std=0.1)
+        elif generator == "residual":
+            self.generator = ResidualGenerator(latent_dim, dim, width, layers)
+        else:
+            raise ValueError(f"generator must be 'mlp' or 'residual', got {generator!r}")
         self.ema_decay = float(ema_decay)
         # the averaged generator: not trained (no gradients), saved with the model
         self.generator_ema = weight_average(self.generator, ema_decay)
-        n_in = 18 + (4 if discriminator_masses else 0)
+        n_in = dim + (4 if discriminator_masses else 0)
         net = mlp(n_in * (2 if batch_statistics else 1), 1, width, layers, activation=lambda: nn.LeakyReLU(0.2))
         nn.init.normal_(net[-1].weight, std=0.1)
         if spectral_norm:
