@@ -136,12 +136,13 @@ def test_representation_round_trip(pythia_ttbar, representation):
     assert bool((deviation <= 1e-4 + 1e-6 * back[..., 0]).all())
 
 
-def test_decay_representation_round_trip_and_physical_events(pythia_ttbar):
+@pytest.mark.parametrize("angles", ["lab", "helicity"])
+def test_decay_representation_round_trip_and_physical_events(pythia_ttbar, angles):
     """The decay chain (16 coordinates): exact round trip on Pythia8 events, and every
     vector of ℝ¹⁶ an event with on-shell quarks, balanced transverse momentum and
     resonance masses inside the training windows."""
     quarks = pythia_ttbar["on_shell"]
-    rep = TopQuarkRepresentation("decay").fit(quarks)
+    rep = TopQuarkRepresentation("decay", angles=angles).fit(quarks)
     u = rep(quarks)
     assert rep.dim == 16 and u.shape == (len(quarks), 16)
     assert u.mean(0).abs().max() < 1e-8 and (u.std(0) - 1).abs().max() < 1e-8
@@ -177,6 +178,28 @@ def test_decay_coordinates_against_vector_boosts(pythia_ttbar):
         np.testing.assert_allclose(torch.special.ndtr(raw[:, cols[1]]).numpy(), (rest.phi + math.pi) / (2 * math.pi), atol=1e-9)
     np.testing.assert_allclose(raw[:, 1].numpy(), top.rapidity, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(raw[:, 3].numpy(), (v[3] + v[4] + v[5]).rapidity, rtol=1e-9, atol=1e-9)
+
+
+def test_helicity_angles_show_the_w_polarisation(pythia_ttbar):
+    """In helicity axes the round trip holds, and the quark of each W decay carries the
+    LO W polarisation of top decays: ⟨cos θ⟩ = ±F_L/2 with F_L = 2m_W²/(m_t² + 2m_W²)
+    (m_b = 0; + for the up-type quark of W⁺, − for the down-type quark of W⁻), while in
+    the lab axes the same angle averages to 0."""
+    from partonic.models.mmd_gan import decay_coordinates
+    from partonic.physics.constants import M_TOP, M_W
+
+    quarks = pythia_ttbar["on_shell"]
+    rep = TopQuarkRepresentation("decay", angles="helicity").fit(quarks)
+    assert torch.allclose(rep.inverse(rep(quarks)), quarks, rtol=1e-9, atol=1e-7)
+    f_l = 2 * M_W**2 / (M_TOP**2 + 2 * M_W**2)
+    for angles, expected in (("helicity", f_l / 2), ("lab", 0.0)):
+        raw = decay_coordinates(quarks, rep.windows, angles=angles)
+        for column, sign in ((8, 1), (14, -1)):
+            cos_theta = 2 * torch.special.ndtr(raw[:, column]) - 1
+            standard_error = float(cos_theta.std()) / math.sqrt(len(cos_theta))
+            assert abs(float(cos_theta.mean()) - sign * expected) < 4 * standard_error, (angles, column)
+    with pytest.raises(ValueError, match="decay angles"):
+        TopQuarkRepresentation("decay", angles="beam")
 
 
 def test_decay_representation_turns_standard_normal_masses_into_breit_wigners():

@@ -357,6 +357,9 @@ class GANModel(Strict):
     #: the generator's coordinates: the paper's quark momenta, (pT, η, φ), (log pT, η, φ),
     #: or "decay": the decay chain with the resonance masses as coordinates (16 numbers)
     representation: Literal["momenta", "ptetaphi", "logpt", "decay"] = "momenta"
+    #: axes of the decay representation's angles: the lab's, or helicity axes (along the
+    #: top's and the W's flight directions), in which the W polarisation is one angle
+    decay_angles: Literal["lab", "helicity"] = "lab"
     #: "mlp" (noise → coordinates) or "residual" (noise plus a learned correction: with
     #: "decay" it starts from Breit–Wigner peaks; needs latent_dim ≥ the coordinates)
     generator: Literal["mlp", "residual"] = "mlp"

@@ -72,11 +72,39 @@ def _unit_to_normal(f: torch.Tensor) -> torch.Tensor:
     return torch.special.ndtri(f.clamp(eps, 1 - eps))
 
 
-def _angles_to_normal(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The direction of p (..., 4) as two nearly standard normal numbers:
-    Φ⁻¹((1 + cos θ)/2) and Φ⁻¹((φ + π)/2π), flat for an isotropic direction."""
-    cos_theta = p[..., 3] / torch.sqrt((p[..., 1:] ** 2).sum(-1)).clamp(min=1e-12)
-    return _unit_to_normal((1 + cos_theta) / 2), _unit_to_normal((kin.phi(p) + math.pi) / (2 * math.pi))
+def _angles_to_normal(p: torch.Tensor, axes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The direction of p (N, 4) as two nearly standard normal numbers,
+    Φ⁻¹((1 + cos θ)/2) and Φ⁻¹((φ + π)/2π), flat for an isotropic direction; θ and φ
+    are measured in ``axes`` (N, 3, 3: rows x, y, z), by default the lab's."""
+    v = p[:, 1:] if axes is None else torch.einsum("nij,nj->ni", axes, p[:, 1:])
+    cos_theta = v[:, 2] / torch.sqrt((v**2).sum(-1)).clamp(min=1e-12)
+    return _unit_to_normal((1 + cos_theta) / 2), _unit_to_normal((torch.atan2(v[:, 1], v[:, 0]) + math.pi) / (2 * math.pi))
+
+
+def _helicity_axes(z: torch.Tensor) -> torch.Tensor:
+    """(N, 3, 3) right-handed axes (rows x, y, z) with z along ``z`` (N, 3) and x in the
+    plane of z and the beam (the lab's x axis where z runs along the beam)."""
+    z = z / torch.sqrt((z * z).sum(-1, keepdim=True)).clamp(min=1e-300)
+    beam = torch.zeros_like(z)
+    beam[:, 2] = 1.0
+    x = beam - (z * beam).sum(-1, keepdim=True) * z
+    norm = torch.sqrt((x * x).sum(-1, keepdim=True))
+    lab_x = torch.zeros_like(z)
+    lab_x[:, 0] = 1.0
+    fallback = lab_x - (z * lab_x).sum(-1, keepdim=True) * z
+    x = torch.where(norm > 1e-9, x, fallback)
+    x = x / torch.sqrt((x * x).sum(-1, keepdim=True)).clamp(min=1e-300)
+    return torch.stack([x, torch.linalg.cross(z, x), z], 1)
+
+
+def _frames(angles: str, top: torch.Tensor, b_in_w: torch.Tensor | None) -> torch.Tensor | None:
+    """Axes of the b direction in the top rest frame (``b_in_w`` None) or of the quark
+    direction in the W rest frame: the lab's, or helicity axes (z along the top's flight
+    direction, or along the W's flight direction in the top frame, i.e. opposite to the
+    b in the W frame)."""
+    if angles == "lab":
+        return None
+    return _helicity_axes(top[:, 1:] if b_in_w is None else -b_in_w[:, 1:])
 
 
 def _direction(u_theta: torch.Tensor, u_phi: torch.Tensor) -> torch.Tensor:
@@ -87,6 +115,10 @@ def _direction(u_theta: torch.Tensor, u_phi: torch.Tensor) -> torch.Tensor:
     cos_theta, sin_theta = f - f_bar, 2 * torch.sqrt(f * f_bar)
     phi = 2 * math.pi * torch.special.ndtr(u_phi) - math.pi
     return torch.stack([sin_theta * torch.cos(phi), sin_theta * torch.sin(phi), cos_theta], -1)
+
+
+def _to_lab_axes(direction: torch.Tensor, axes: torch.Tensor | None) -> torch.Tensor:
+    return direction if axes is None else torch.einsum("nji,nj->ni", axes, direction)
 
 
 def _two_body(parent_mass: torch.Tensor, m1: torch.Tensor | float, m2: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
@@ -129,7 +161,7 @@ def _normal_to_bw(u: torch.Tensor, mass: float, width: float, window: torch.Tens
     return torch.sqrt((mass**2 + mg * torch.tan(a)).clamp(min=0))
 
 
-def decay_coordinates(quarks: torch.Tensor, windows: torch.Tensor, masses: Sequence[float] = QUARK_MASSES) -> torch.Tensor:
+def decay_coordinates(quarks: torch.Tensor, windows: torch.Tensor, masses: Sequence[float] = QUARK_MASSES, angles: str = "lab") -> torch.Tensor:
     """(N, 16) decay-chain coordinates of (N, 6, 4) quark momenta; see :func:`decay_momenta`."""
     dtype, quarks, windows = quarks.dtype, quarks.double(), windows.double()
     tops = [quarks[:, list(idx)].sum(1) for idx, _, _ in _CHAINS]
@@ -139,12 +171,13 @@ def decay_coordinates(quarks: torch.Tensor, windows: torch.Tensor, masses: Seque
         wb = quarks[:, [iq, iqb]].sum(1)
         _, m_t, g_t = RESONANCES[top]
         _, m_w, g_w = RESONANCES[w]
-        out += [_bw_to_normal(kin.mass(tp), m_t, g_t, windows[_RES_INDEX[top]]), *_angles_to_normal(_to_rest_frame(quarks[:, ib], tp)),
-                _bw_to_normal(kin.mass(wb), m_w, g_w, windows[_RES_INDEX[w]]), *_angles_to_normal(_to_rest_frame(quarks[:, iq], wb))]
+        b_in_w = _to_rest_frame(quarks[:, ib], wb) if angles != "lab" else None
+        out += [_bw_to_normal(kin.mass(tp), m_t, g_t, windows[_RES_INDEX[top]]), *_angles_to_normal(_to_rest_frame(quarks[:, ib], tp), _frames(angles, tp, None)),
+                _bw_to_normal(kin.mass(wb), m_w, g_w, windows[_RES_INDEX[w]]), *_angles_to_normal(_to_rest_frame(quarks[:, iq], wb), _frames(angles, tp, b_in_w))]
     return torch.stack(out, 1).to(dtype)
 
 
-def decay_momenta(raw: torch.Tensor, windows: torch.Tensor, masses: Sequence[float] = QUARK_MASSES) -> torch.Tensor:
+def decay_momenta(raw: torch.Tensor, windows: torch.Tensor, masses: Sequence[float] = QUARK_MASSES, angles: str = "lab") -> torch.Tensor:
     """(N, 6, 4) quark momenta from (N, 16) decay-chain coordinates: log pT, rapidity and
     azimuth of the top, the rapidity of the t̄ (its transverse momentum balances the top's:
     the hard process has no recoil), then per top (t, t̄) its mass, the b direction in its
@@ -154,7 +187,10 @@ def decay_momenta(raw: torch.Tensor, windows: torch.Tensor, masses: Sequence[flo
     CDF, so every real vector is a physical event whose resonances lie inside their
     ``windows`` (4, 2; in the order of :data:`RESONANCES`), and standard normal
     coordinates are Breit–Wigner peaks and isotropic decays. Rest frames are reached by
-    a pure boost from the lab, angles measured from the lab axes.
+    a pure boost from the lab; ``angles`` = "lab" measures the decay angles from the lab
+    axes, "helicity" from helicity axes (z along the top's flight direction for the b,
+    along the W's flight direction in the top frame for the quark; x towards the beam),
+    where the W polarisation is a function of one angle.
 
     The boosts run in float64 whatever the input's dtype: a 1 TeV top has 1 − β ≈ 10⁻⁵,
     which float32 resolves poorly, and beyond γ ≈ 3000 not at all (β rounds to 1)."""
@@ -178,8 +214,9 @@ def decay_momenta(raw: torch.Tensor, windows: torch.Tensor, masses: Sequence[flo
         t = torch.stack([mtr * torch.cosh(y), sign * px, sign * py, mtr * torch.sinh(y)], -1)
         # both daughters of each decay are built in the rest frame and boosted (not taken
         # as the difference in the lab, which loses the masses to rounding at large boosts)
-        b, wb = _boost_pair(_two_body(mt, masses[ib], mw, _direction(r[:, 1], r[:, 2])), mt, t)
-        q, qb = _boost_pair(_two_body(mw, masses[iq], torch.full_like(mw, masses[iqb]), _direction(r[:, 4], r[:, 5])), mw, wb)
+        b, wb = _boost_pair(_two_body(mt, masses[ib], mw, _to_lab_axes(_direction(r[:, 1], r[:, 2]), _frames(angles, t, None))), mt, t)
+        axes_w = _frames(angles, t, _to_rest_frame(b, wb) if angles != "lab" else None)
+        q, qb = _boost_pair(_two_body(mw, masses[iq], torch.full_like(mw, masses[iqb]), _to_lab_axes(_direction(r[:, 4], r[:, 5]), axes_w)), mw, wb)
         quarks[ib], quarks[iq], quarks[iqb] = b, q, qb
     return torch.stack(quarks, 1).to(dtype)
 
@@ -206,8 +243,12 @@ class TopQuarkRepresentation(nn.Module):
         >>> back = rep.inverse(u)          # (N, 6, 4), equal to quarks up to the masses
     """
 
-    def __init__(self, representation: Representation = "momenta", masses: Sequence[float] = QUARK_MASSES):
+    def __init__(self, representation: Representation = "momenta", masses: Sequence[float] = QUARK_MASSES, angles: str = "lab"):
         super().__init__()
+        if angles not in ("lab", "helicity"):
+            raise ValueError(f"unknown decay angles {angles!r} (allowed: 'lab', 'helicity')")
+        #: the decay representation's angle axes (see :func:`decay_momenta`)
+        self.angles = angles
         if representation not in ("momenta", "ptetaphi", "logpt", "decay"):
             raise ValueError(f"unknown representation {representation!r} (allowed: 'momenta', 'ptetaphi', 'logpt', 'decay')")
         self.representation = representation
@@ -225,7 +266,7 @@ class TopQuarkRepresentation(nn.Module):
         if self.representation == "momenta":
             return quarks[..., 1:].reshape(-1, 18)
         if self.representation == "decay":
-            return decay_coordinates(quarks, self.windows.to(quarks.dtype), self.masses.tolist())
+            return decay_coordinates(quarks, self.windows.to(quarks.dtype), self.masses.tolist(), self.angles)
         pt = kin.pt(quarks)
         first = torch.log(torch.clamp(pt, min=1e-6)) if self.representation == "logpt" else pt
         return torch.stack([first, kin.eta(quarks), kin.phi(quarks)], -1).reshape(-1, 18)
@@ -249,7 +290,7 @@ class TopQuarkRepresentation(nn.Module):
     def inverse(self, u: torch.Tensor) -> torch.Tensor:
         if self.representation == "decay":
             raw = u * self.std.to(u.dtype) + self.mean.to(u.dtype)
-            return decay_momenta(raw, self.windows.to(u.dtype), self.masses.tolist())
+            return decay_momenta(raw, self.windows.to(u.dtype), self.masses.tolist(), self.angles)
         raw = (u * self.std.to(u.dtype) + self.mean.to(u.dtype)).reshape(-1, 6, 3)
         if self.representation == "momenta":
             p3 = raw.clamp(-2e4, 2e4)
