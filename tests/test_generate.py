@@ -153,6 +153,8 @@ def test_decay_representation_round_trip_and_physical_events(pythia_ttbar, angle
     assert back[..., 1:3].sum(1).abs().max() < 1e-6 * back[..., 0].sum(1).max()
     with pytest.raises(CardError, match="latent_dim ≥ 16"):
         parse_card({"job": "generate", "name": "x", "model": {"representation": "decay", "generator": "residual", "latent_dim": 8}})
+    with pytest.raises(CardError, match="representation = 'decay' only"):
+        parse_card({"job": "generate", "name": "x", "model": {"representation": "logpt", "decay_angles": "helicity"}})
     m = resonance_masses(back)
     windows = rep.windows
     assert bool(((m >= windows[:, 0] - 1e-4) & (m <= windows[:, 1] + 1e-4)).all())

@@ -378,6 +378,8 @@ class GANModel(Strict):
 
     @model_validator(mode="after")
     def _residual_latent(self):
+        if self.decay_angles != "lab" and self.representation != "decay":
+            raise ValueError(f"decay_angles = {self.decay_angles!r} applies to representation = 'decay' only, got {self.representation!r}")
         need = 16 if self.representation == "decay" else 18
         if self.generator == "residual" and self.latent_dim < need:
             raise ValueError(f"generator = 'residual' with representation = {self.representation!r} needs latent_dim ≥ {need}, got {self.latent_dim}")
