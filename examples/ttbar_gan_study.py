@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--representation", default="momenta", choices=["momenta", "ptetaphi", "logpt", "decay"])
     ap.add_argument("--generator", default="mlp", choices=["mlp", "residual"])
     ap.add_argument("--decay-angles", default="lab", choices=["lab", "helicity"])
+    ap.add_argument("--marginals", default="standard", choices=["standard", "quantile"])
     ap.add_argument("--mmd-weight", type=float, default=1.0)
     ap.add_argument("--widths", default="1", help="MMD kernel widths in units of each resonance's width, comma-separated")
     ap.add_argument("--steps", type=int, default=1500)
@@ -53,7 +54,7 @@ def main() -> None:
     truth = on_shell(torch.from_numpy(arrays["quarks"]))
     torch.manual_seed(args.seed)
     gan = MMDGAN(
-        TopQuarkRepresentation(args.representation, angles=args.decay_angles).fit(truth), width=args.width, layers=args.layers,
+        TopQuarkRepresentation(args.representation, angles=args.decay_angles, marginals=args.marginals).fit(truth), width=args.width, layers=args.layers,
         mmd_weight=args.mmd_weight, mmd_width_factors=[float(w) for w in args.widths.split(",")],
         gradient_penalty=args.gradient_penalty, discriminator_masses=args.discriminator_masses,
         batch_statistics=args.batch_statistics, mmd_start_step=args.mmd_start, mmd_ramp_steps=args.mmd_ramp,

@@ -459,3 +459,28 @@ def test_generator_weight_average_is_kept_and_sampled():
         torch.testing.assert_close(avg, e)
     z = torch.randn(5, 18, generator=torch.Generator().manual_seed(3), dtype=torch.float32)
     torch.testing.assert_close(gan.sample(5, generator=torch.Generator().manual_seed(3)), gan.representation.inverse(gan.generator_ema(z).double()))
+
+
+def test_quantile_marginals_give_a_residual_generator_the_truth_marginals(pythia_ttbar):
+    """With marginals = "quantile" the decay coordinates of Pythia8 events are standard
+    normal, the round trip stays exact, and standard normal noise (a residual generator
+    at its start) gives the top's pT spectrum of the truth: over the truth's deciles
+    χ² < 27.9 (p = 10⁻³ for 9 degrees of freedom; the errors count both samples, which
+    overstates them for a map fitted to these events). The plain standardisation gives
+    χ² ≈ 50–65 here."""
+    quarks = pythia_ttbar["on_shell"]
+    rep = TopQuarkRepresentation("decay", angles="helicity", marginals="quantile").fit(quarks)
+    u = rep(quarks)
+    n = len(quarks)
+    assert u.mean(0).abs().max() < 5 / math.sqrt(n) and (u.std(0) - 1).abs().max() < 0.05
+    assert torch.allclose(rep.inverse(u), quarks, rtol=1e-9, atol=1e-7)
+    m = 20_000
+    back = rep.inverse(torch.randn(m, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(6)))
+    edges = np.quantile(kin.pt(quarks[:, :3].sum(1)).numpy(), np.linspace(0, 1, 11))
+    edges[0], edges[-1] = 0.0, np.inf
+    counts = np.histogram(kin.pt(back[:, :3].sum(1)).numpy(), edges)[0]
+    # the truth's deciles carry their own sampling error (n events) besides the m draws
+    se = math.sqrt(0.1 * 0.9 * (1 / m + 1 / n))
+    assert (((counts / m - 0.1) / se) ** 2).sum() < 27.9
+    with pytest.raises(CardError, match="marginals"):
+        parse_card({"job": "generate", "name": "x", "model": {"marginals": "gauss"}})

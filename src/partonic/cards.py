@@ -360,6 +360,10 @@ class GANModel(Strict):
     #: axes of the decay representation's angles: the lab's, or helicity axes (along the
     #: top's and the W's flight directions), in which the W polarisation is one angle
     decay_angles: Literal["lab", "helicity"] = "lab"
+    #: "standard" (each coordinate standardised) or "quantile" (each made standard normal
+    #: through the training data's quantiles: a residual generator starts with every
+    #: marginal of the truth)
+    marginals: Literal["standard", "quantile"] = "standard"
     #: "mlp" (noise → coordinates) or "residual" (noise plus a learned correction: with
     #: "decay" it starts from Breit–Wigner peaks; needs latent_dim ≥ the coordinates)
     generator: Literal["mlp", "residual"] = "mlp"

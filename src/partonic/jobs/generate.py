@@ -390,7 +390,7 @@ def run(card, args) -> int:
     report["cross_section_pb"] = sigma
 
     # ---- training: with MMD, and the ablation without --------------------------
-    rep = TopQuarkRepresentation(card.model.representation, angles=card.model.decay_angles).fit(truth)
+    rep = TopQuarkRepresentation(card.model.representation, angles=card.model.decay_angles, marginals=card.model.marginals).fit(truth)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(card.seed + 2))
     n_val = int(card.training.validation_fraction * n)
     x_train, x_val = truth[perm[n_val:]].to(device), truth[perm[:n_val]].to(device)

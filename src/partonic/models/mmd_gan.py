@@ -31,6 +31,7 @@ from torch import nn
 from ..physics import kinematics as kin
 from ..physics.constants import GAMMA_TOP, GAMMA_W, M_B, M_TOP, M_W
 from .flows import mlp
+from .marginals import QuantileMarginals
 from .mmd import KernelName, mmd2
 from .weighted_gan import ResidualGenerator, gan_losses, gan_optimizer_groups, latent_batches, update_weight_average, weight_average
 
@@ -237,14 +238,22 @@ class TopQuarkRepresentation(nn.Module):
     representation instead of learning it; the windows of the masses are those of the
     training events (set by :meth:`fit`).
 
+    ``marginals`` = "quantile" replaces the standardisation by the training data's
+    quantile map (:class:`~partonic.models.marginals.QuantileMarginals`): every
+    coordinate of the training data becomes standard normal, so a residual generator
+    starts with all marginals of the truth (the top's pT spectrum, its rapidity, the W
+    polarisation) and learns only their correlations.
+
     Example:
         >>> rep = TopQuarkRepresentation("logpt").fit(quarks)
         >>> u = rep(quarks)                # (N, rep.dim): 18, or 16 for "decay"
         >>> back = rep.inverse(u)          # (N, 6, 4), equal to quarks up to the masses
     """
 
-    def __init__(self, representation: Representation = "momenta", masses: Sequence[float] = QUARK_MASSES, angles: str = "lab"):
+    def __init__(self, representation: Representation = "momenta", masses: Sequence[float] = QUARK_MASSES, angles: str = "lab", marginals: str = "standard"):
         super().__init__()
+        if marginals not in ("standard", "quantile"):
+            raise ValueError(f"unknown marginals {marginals!r} (allowed: 'standard', 'quantile')")
         if angles not in ("lab", "helicity"):
             raise ValueError(f"unknown decay angles {angles!r} (allowed: 'lab', 'helicity')")
         #: the decay representation's angle axes (see :func:`decay_momenta`)
@@ -257,6 +266,10 @@ class TopQuarkRepresentation(nn.Module):
         self.register_buffer("masses", torch.tensor(masses, dtype=torch.float64))
         self.register_buffer("mean", torch.zeros(self.dim, dtype=torch.float64))
         self.register_buffer("std", torch.ones(self.dim, dtype=torch.float64))
+        #: "standard": each coordinate standardised (mean 0, variance 1); "quantile": each
+        #: made standard normal through the training data's quantiles (QuantileMarginals)
+        self.marginals = marginals
+        self.quantiles = QuantileMarginals(self.dim) if marginals == "quantile" else None
         if representation == "decay":
             # resonance mass windows (W⁺, W⁻, t, t̄) × (low, high); fit() sets them from the data
             default = [[m - 30 * g, m + 30 * g] for _, m, g in RESONANCES.values()]
@@ -281,17 +294,21 @@ class TopQuarkRepresentation(nn.Module):
         raw = self._raw(quarks)
         self.mean.copy_(raw.mean(0))
         self.std.copy_(raw.std(0).clamp(min=1e-8))
+        if self.quantiles is not None:
+            self.quantiles.fit(raw)
         return self
 
     def forward(self, quarks: torch.Tensor) -> torch.Tensor:
         raw = self._raw(quarks)
+        if self.quantiles is not None:
+            return self.quantiles(raw)
         return (raw - self.mean.to(raw.dtype)) / self.std.to(raw.dtype)
 
     def inverse(self, u: torch.Tensor) -> torch.Tensor:
+        raw = self.quantiles.inverse(u) if self.quantiles is not None else u * self.std.to(u.dtype) + self.mean.to(u.dtype)
         if self.representation == "decay":
-            raw = u * self.std.to(u.dtype) + self.mean.to(u.dtype)
             return decay_momenta(raw, self.windows.to(u.dtype), self.masses.tolist(), self.angles)
-        raw = (u * self.std.to(u.dtype) + self.mean.to(u.dtype)).reshape(-1, 6, 3)
+        raw = raw.reshape(-1, 6, 3)
         if self.representation == "momenta":
             p3 = raw.clamp(-2e4, 2e4)
         else:
