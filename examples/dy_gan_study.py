@@ -68,7 +68,7 @@ def main() -> None:
     ev = generator.generate(card.data.n_events, torch.Generator().manual_seed(card.seed))
     keep = ev.weight != 0
     x, w = torch.stack([ev.m, ev.y, ev.cos_theta], 1)[keep], ev.weight[keep]
-    pre = network_preprocessing(generator, m.rapidity).fit(x, w)
+    pre = network_preprocessing(generator, m.rapidity, m.marginals).fit(x, w)
     u = pre(x)[0].float()
     w = w.float()
     edges = equal_probability_edges(u.double(), w.double(), 20)

@@ -297,6 +297,10 @@ class UnweightModel(Strict):
     #: coordinates plus a learned correction: it starts as the analytic model behind
     #: the preprocessing, tails included; method gan, latent_dim ≥ 3)
     generator: Literal["mlp", "residual"] = "mlp"
+    #: the networks' last preprocessing step: "standard" (weighted mean 0, variance 1 per
+    #: coordinate) or "quantile" (each coordinate made standard normal through the
+    #: weighted training sample's quantiles: a residual GAN starts with its marginals)
+    marginals: Literal["standard", "quantile"] = "standard"
 
     @model_validator(mode="after")
     def _residual_latent(self):

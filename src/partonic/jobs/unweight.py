@@ -211,10 +211,10 @@ def drell_yan_setup(card) -> DrellYanSetup:
     )
 
 
-def network_preprocessing(generator: DrellYanGenerator, rapidity: str) -> DrellYanPreprocessing:
+def network_preprocessing(generator: DrellYanGenerator, rapidity: str, marginals: str = "standard") -> DrellYanPreprocessing:
     """The (unfitted) map between (m_ℓℓ, y_ℓℓ, cos θ*) and the networks' coordinates."""
     setup = generator.setup
-    return DrellYanPreprocessing(setup.m_min, generator.m_max, setup.ew.m_z, setup.ew.gamma_z, sqrt_s=setup.sqrt_s, rapidity=rapidity)
+    return DrellYanPreprocessing(setup.m_min, generator.m_max, setup.ew.m_z, setup.ew.gamma_z, sqrt_s=setup.sqrt_s, rapidity=rapidity, marginals=marginals)
 
 
 def run(card, args) -> int:
@@ -301,7 +301,7 @@ def run(card, args) -> int:
 
     # ---- model and training ---------------------------------------------------
     m = card.model
-    pre = network_preprocessing(generator, m.rapidity).fit(x_train.cpu(), w_train.cpu()).to(device)
+    pre = network_preprocessing(generator, m.rapidity, m.marginals).fit(x_train.cpu(), w_train.cpu()).to(device)
     if method == "gan":
         model = WeightedGAN(pre, dim=3, latent_dim=m.latent_dim, width=m.width, layers=m.layers, gradient_penalty=m.gradient_penalty,
                             discriminator_lr_factor=m.discriminator_lr_factor, ema_decay=m.ema_decay, generator=m.generator)

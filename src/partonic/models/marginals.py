@@ -21,18 +21,22 @@ from torch import nn
 __all__ = ["QuantileMarginals"]
 
 
-def _piecewise_linear(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor, slope_lo: torch.Tensor, slope_hi: torch.Tensor) -> torch.Tensor:
+def _piecewise_linear(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor, slope_lo: torch.Tensor, slope_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per column k of x (N, D): the line through the knots (xp[k], fp[k]) (D, K, xp
-    increasing), continued with ``slope_lo``/``slope_hi`` (D,) beyond its ends."""
+    increasing), continued with ``slope_lo``/``slope_hi`` (D,) beyond its ends; returns
+    the values and the slopes (N, D)."""
     xt = x.t().contiguous()
     k = xp.shape[1]
     idx = torch.searchsorted(xp, xt).clamp(1, k - 1)
     x0, x1 = xp.gather(1, idx - 1), xp.gather(1, idx)
     f0, f1 = fp.gather(1, idx - 1), fp.gather(1, idx)
-    y = f0 + (xt - x0) * (f1 - f0) / (x1 - x0).clamp(min=torch.finfo(x.dtype).tiny)
-    y = torch.where(xt < xp[:, :1], fp[:, :1] + (xt - xp[:, :1]) * slope_lo[:, None], y)
-    y = torch.where(xt > xp[:, -1:], fp[:, -1:] + (xt - xp[:, -1:]) * slope_hi[:, None], y)
-    return y.t()
+    slope = (f1 - f0) / (x1 - x0).clamp(min=torch.finfo(x.dtype).tiny)
+    below, above = xt < xp[:, :1], xt > xp[:, -1:]
+    slope = torch.where(below, slope_lo[:, None].expand_as(slope), torch.where(above, slope_hi[:, None].expand_as(slope), slope))
+    y = f0 + (xt - x0) * slope
+    y = torch.where(below, fp[:, :1] + (xt - xp[:, :1]) * slope, y)
+    y = torch.where(above, fp[:, -1:] + (xt - xp[:, -1:]) * slope, y)
+    return y.t(), slope.t()
 
 
 class QuantileMarginals(nn.Module):
@@ -59,9 +63,10 @@ class QuantileMarginals(nn.Module):
     def knots(self) -> int:
         return self.x_knots.shape[1]
 
-    def fit(self, x: torch.Tensor) -> "QuantileMarginals":
-        """Knots from the data x (N, dim); the outermost sit at the quantiles 10/N and
-        1 − 10/N (capped at |z| = 5), where ten events fix each."""
+    def fit(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> "QuantileMarginals":
+        """Knots from the data x (N, dim), optionally weighted (weight (N,); negative
+        weights enter the net CDF, kept monotone); the outermost knots sit at the
+        quantiles 10/N and 1 − 10/N (capped at |z| = 5), where ten events fix each."""
         data = x.detach().double().cpu().numpy()
         n, dim = data.shape
         if dim != self.x_knots.shape[0]:
@@ -71,7 +76,18 @@ class QuantileMarginals(nn.Module):
         z_max = min(5.0, -float(torch.special.ndtri(torch.tensor(10.0 / n, dtype=torch.float64))))
         z = np.linspace(-z_max, z_max, self.knots)
         p = torch.special.ndtr(torch.from_numpy(z)).numpy()
-        xq = np.quantile(data, p, axis=0).T  # (dim, K)
+        if weight is None:
+            xq = np.quantile(data, p, axis=0).T  # (dim, K)
+        else:
+            w = weight.detach().double().cpu().numpy()
+            if w.shape != (n,) or not w.sum() > 0:
+                raise ValueError(f"weights must have shape ({n},) and a positive sum")
+            xq = np.empty((dim, self.knots))
+            for k in range(dim):
+                order = np.argsort(data[:, k], kind="stable")
+                cw = np.cumsum(w[order])
+                cdf = np.maximum.accumulate((cw - 0.5 * w[order]) / cw[-1])
+                xq[k] = np.interp(p, cdf, data[order, k])
         # strictly increasing knots (ties: a coordinate with repeated values)
         xq = np.maximum.accumulate(xq, axis=1)
         scale = np.maximum(xq[:, -1] - xq[:, 0], 1e-12)
@@ -88,10 +104,20 @@ class QuantileMarginals(nn.Module):
         hi = (zp[:, -1] - zp[:, -1 - m]) / (xp[:, -1] - xp[:, -1 - m])
         return lo, hi
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_with_log_det(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """u and log|du/dx| (N,)."""
         lo, hi = self._tail_slopes(x.dtype)
-        return _piecewise_linear(x, self.x_knots.to(x.dtype), self.z_knots.to(x.dtype), lo, hi)
+        u, slope = _piecewise_linear(x, self.x_knots.to(x.dtype), self.z_knots.to(x.dtype), lo, hi)
+        return u, torch.log(slope).sum(1)
+
+    def inverse_with_log_det(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x and log|dx/du| (N,)."""
+        lo, hi = self._tail_slopes(u.dtype)
+        x, slope = _piecewise_linear(u, self.z_knots.to(u.dtype), self.x_knots.to(u.dtype), 1.0 / lo, 1.0 / hi)
+        return x, torch.log(slope).sum(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_log_det(x)[0]
 
     def inverse(self, u: torch.Tensor) -> torch.Tensor:
-        lo, hi = self._tail_slopes(u.dtype)
-        return _piecewise_linear(u, self.z_knots.to(u.dtype), self.x_knots.to(u.dtype), 1.0 / lo, 1.0 / hi)
+        return self.inverse_with_log_det(u)[0]

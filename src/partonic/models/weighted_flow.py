@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from .flows import SplineFlow
+from .marginals import QuantileMarginals
 
-__all__ = ["weighted_nll", "Standardise", "DrellYanPreprocessing", "WeightedFlow"]
+__all__ = ["weighted_nll", "Standardise", "QuantileStandardise", "DrellYanPreprocessing", "WeightedFlow"]
 
 
 def weighted_nll(log_prob: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -56,6 +57,26 @@ class Standardise(nn.Module):
         return u * self.std + self.mean, torch.log(self.std).sum().expand(u.shape[0])
 
 
+class QuantileStandardise(nn.Module):
+    """The :class:`Standardise` interface (values and log-Jacobians) around
+    :class:`~partonic.models.marginals.QuantileMarginals`: each coordinate made standard
+    normal through the (weighted) training sample's quantiles."""
+
+    def __init__(self, dim: int, knots: int = 256):
+        super().__init__()
+        self.quantiles = QuantileMarginals(dim, knots)
+
+    def fit(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> "QuantileStandardise":
+        self.quantiles.fit(x, weight)
+        return self
+
+    def forward(self, x):
+        return self.quantiles.forward_with_log_det(x)
+
+    def inverse(self, u):
+        return self.quantiles.inverse_with_log_det(u)
+
+
 def _log_normal_pdf(u: torch.Tensor) -> torch.Tensor:
     return -0.5 * u * u - 0.5 * math.log(2 * math.pi)
 
@@ -75,19 +96,29 @@ class DrellYanPreprocessing(nn.Module):
     ``rapidity`` = "y" passes y_ℓℓ on as it is; "bounded" maps it through its kinematic
     range, Φ⁻¹((1 + y/y_max)/2) with y_max = ln(√s/m), so that every point of ℝ³ is a
     physical event (a GAN cannot put events beyond the beams).
+
+    ``marginals`` = "quantile" replaces the final standardisation by the weighted
+    training sample's quantile map (:class:`QuantileStandardise`): the three
+    coordinates of the training events become exactly standard normal, so a residual
+    GAN generator starts with the truth's m_ℓℓ, y and cos θ* marginals. Beyond the
+    outermost knots the map continues linearly, so the analytic model's tails pass
+    through unchanged up to a scale.
     """
 
     RAPIDITY = ("y", "bounded")
 
     def __init__(self, m_min: float, m_max: float, m_z: float, gamma_z: float, sqrt_s: float = 13000.0, bw_fraction: float = 0.7, power: float = 3.0,
-                 rapidity: str = "y"):
+                 rapidity: str = "y", marginals: str = "standard"):
         super().__init__()
+        if marginals not in ("standard", "quantile"):
+            raise ValueError(f"DrellYanPreprocessing: marginals must be 'standard' or 'quantile', got {marginals!r}")
         if rapidity not in self.RAPIDITY:
             raise ValueError(f"DrellYanPreprocessing: rapidity must be one of {self.RAPIDITY}, got {rapidity!r}")
         self.rapidity = rapidity
         for name, value in dict(m_min=m_min, m_max=m_max, m_z=m_z, gamma_z=gamma_z, sqrt_s=sqrt_s, bw_fraction=bw_fraction, power=power).items():
             self.register_buffer(name, torch.tensor(float(value), dtype=torch.float64))
-        self.standardise = Standardise(3)
+        self.marginals = marginals
+        self.standardise = QuantileStandardise(3) if marginals == "quantile" else Standardise(3)
 
     # analytic dσ/dm model ------------------------------------------------------
     def _bw_terms(self, m):
