@@ -382,6 +382,9 @@ class GANModel(Strict):
     mmd_ramp_epochs: NonNegFloat = 0.0
     discriminator_lr_factor: PositiveFloat = 1.0
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    #: rotate half of the training batches' events and of the output by π about x (the
+    #: beams' exchange, an exact symmetry of pp): the output is forward–backward symmetric
+    symmetrise: bool = False
     ablation: bool = True
 
     @model_validator(mode="after")

@@ -35,7 +35,7 @@ from .marginals import QuantileMarginals
 from .mmd import KernelName, mmd2
 from .weighted_gan import ResidualGenerator, gan_losses, gan_optimizer_groups, latent_batches, update_weight_average, weight_average
 
-__all__ = ["QUARK_MASSES", "TopQuarkRepresentation", "decay_coordinates", "decay_momenta", "MMDGAN", "resonance_masses", "RESONANCES"]
+__all__ = ["QUARK_MASSES", "TopQuarkRepresentation", "decay_coordinates", "decay_momenta", "MMDGAN", "resonance_masses", "RESONANCES", "swap_beams"]
 
 Representation = Literal["momenta", "ptetaphi", "logpt", "decay"]
 
@@ -321,6 +321,16 @@ class TopQuarkRepresentation(nn.Module):
         return torch.cat([e[..., None], p3], -1)
 
 
+def swap_beams(quarks: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The events where ``mask`` is set rotated by π about the x axis, (p_y, p_z) →
+    (−p_y, −p_z): a proper rotation that exchanges the two proton beams, so a pp
+    event and its rotated copy are equally likely (weak decays included: helicities
+    are unchanged)."""
+    sign = torch.ones(quarks.shape[0], 1, 4, dtype=quarks.dtype, device=quarks.device)
+    sign[mask.to(quarks.device), :, 2:] = -1.0
+    return quarks * sign
+
+
 class _BatchStatistics(nn.Module):
     """Appends the batch's standard deviation of every input (averaged over the batch,
     the same for every event): a discriminator that sees it spots a generator whose
@@ -363,6 +373,12 @@ class MMDGAN(nn.Module):
             coordinates plus a learned correction, :class:`ResidualGenerator`). With the
             ``decay`` representation a residual generator starts with Breit–Wigner
             peaks at the right places and isotropic decays.
+        symmetrise: the beams of pp are identical, so every event is as likely as its
+            copy rotated by π about x (:func:`swap_beams`). With this on, half of the
+            real and of the generated events of every training batch are rotated, and
+            so is a random half of the sampled events: the output is exactly symmetric
+            under the exchange (in η, y, p_z), and the generator's forward–backward
+            errors, which a GAN's circling last iterate leaves, average out.
 
     Example:
         >>> gan = MMDGAN(TopQuarkRepresentation().fit(quarks), mmd_weight=1.0)
@@ -388,9 +404,11 @@ class MMDGAN(nn.Module):
         discriminator_lr_factor: float = 1.0,
         ema_decay: float = 0.0,
         generator: str = "mlp",
+        symmetrise: bool = False,
     ):
         super().__init__()
         self.representation = representation
+        self.symmetrise = bool(symmetrise)
         self.latent_dim = latent_dim
         self.gradient_penalty, self.mmd_weight, self.mmd_kernel = gradient_penalty, mmd_weight, mmd_kernel
         self.mmd_width_factors = tuple(float(f) for f in mmd_width_factors)
@@ -459,9 +477,12 @@ class MMDGAN(nn.Module):
         (quarks,) = batch
         dtype = next(self.generator.parameters()).dtype
         real = quarks.to(dtype)
-        u_real = self.representation(real)
         z = torch.randn(real.shape[0], self.latent_dim, dtype=dtype, device=real.device)
         fake = self.generate(z)
+        if self.symmetrise:
+            real = swap_beams(real, torch.rand(real.shape[0], device=real.device) < 0.5)
+            fake = swap_beams(fake, torch.rand(fake.shape[0], device=fake.device) < 0.5)
+        u_real = self.representation(real)
         # the discriminator sees generated events in the same coordinates as the truth
         u_fake = self.representation(fake)
         loss_d, loss_g = gan_losses(self.discriminator, self._features(real, u_real), self._features(fake, u_fake), None, self.gradient_penalty)
@@ -486,4 +507,7 @@ class MMDGAN(nn.Module):
         generator when there is one."""
         net = self.generator_ema if self.generator_ema is not None else self.generator
         out = [self.representation.inverse(net(z).double()) for z in latent_batches(net, self.latent_dim, n, generator, batch_size)]
-        return torch.cat(out) if out else torch.zeros(0, 6, 4, dtype=torch.float64, device=next(self.parameters()).device)
+        events = torch.cat(out) if out else torch.zeros(0, 6, 4, dtype=torch.float64, device=next(self.parameters()).device)
+        if self.symmetrise:
+            events = swap_beams(events, torch.rand(len(events), generator=generator) < 0.5)
+        return events
