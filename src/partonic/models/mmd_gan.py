@@ -366,9 +366,11 @@ class MMDGAN(nn.Module):
             (decay per step) is kept and :meth:`sample` uses it. Simultaneous GAN
             updates circle around the equilibrium, and over long training the average
             can sit closer to it than any single iterate (arXiv:1806.04498); measured
-            here after 3000 CPU steps with decay 0.999 it was worse, and over the CPU
-            card's 6125 steps it shifted the top peaks down by 5 GeV: the MMD holds the
-            last iterate's masses, not the average's (docs/results.md). Off by default.
+            here with the momentum representation it was worse (over 6125 steps it
+            shifted the top peaks down by 5 GeV: the MMD holds the last iterate's
+            masses, not the average's); with the decay representation and a residual
+            generator, whose masses are coordinates, decay 0.999 keeps the peaks and
+            halves the bulk deviations (docs/results.md, run 9). Off by default.
         generator: "mlp" (noise → coordinates) or "residual" (the first ``dim`` noise
             coordinates plus a learned correction, :class:`ResidualGenerator`). With the
             ``decay`` representation a residual generator starts with Breit–Wigner
