@@ -43,7 +43,7 @@ def main() -> None:
     chunk = ttbar_chunk({"n_events": args.events, "settings": ttbar_settings(card.seed, card.physics.sqrt_s)})
     result["pythia_parton_level_events_per_s_one_core"] = args.events / chunk["seconds"]
     quarks = on_shell(torch.from_numpy(chunk["quarks"]))
-    rep = TopQuarkRepresentation(card.model.representation, angles=card.model.decay_angles).fit(quarks)
+    rep = TopQuarkRepresentation(card.model.representation, angles=card.model.decay_angles, marginals=card.model.marginals).fit(quarks)
     bs = card.training.batch_size
     n_train = int(card.data.n_events * (1 - card.training.validation_fraction))
     data = quarks.to(args.device)
