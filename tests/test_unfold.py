@@ -632,3 +632,34 @@ def test_models_saved_before_the_representation_options_still_load(tmp_path):
     assert unfolder.parton.dim == 10 and not unfolder.parton.z_system
     # the current defaults: 11 features, the Z system
     assert Unfolder(4, parse_card({"job": "unfold", "name": "new"}).model).parton.dim == 11
+
+
+def test_cinn_weight_average_follows_the_training_steps_and_unfolds():
+    """model.ema_decay = d: after each training step the average is d·ā + (1 − d)·a of the
+    weights that step started from (checked against the recurrence done by hand over
+    three Adam steps); sampling uses the average, not the last iterate; validation
+    (no gradients) leaves it alone."""
+    torch.manual_seed(4)
+    unfolder = Unfolder(4, CINNModel(blocks=2, subnet_width=16, condition_width=16, condition_dim=4, ema_decay=0.5))
+    assert unfolder.cinn_ema is not None
+    x, cond = torch.randn(64, unfolder.cinn.dim), torch.randn(64, unfolder.detector.dim)
+    opt = torch.optim.Adam([p for p in unfolder.parameters() if p.requires_grad], lr=1e-2)
+    expected = [p.detach().clone() for p in unfolder.cinn.parameters()]
+    for _ in range(3):
+        live = [p.detach().clone() for p in unfolder.cinn.parameters()]
+        opt.zero_grad()
+        unfolder.loss((x, cond))["loss"].backward()
+        opt.step()
+        expected = [0.5 * e + 0.5 * a for e, a in zip(expected, live)]
+    for e, a in zip(expected, unfolder.cinn_ema.parameters()):
+        torch.testing.assert_close(a, e)
+    with torch.no_grad():
+        unfolder.loss((x, cond))
+    for e, a in zip(expected, unfolder.cinn_ema.parameters()):
+        torch.testing.assert_close(a, e)
+    gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    averaged = unfolder.sample_features(cond[:5], 3, generator=gen())
+    z = torch.randn(15, unfolder.cinn.dim, generator=gen())
+    torch.testing.assert_close(averaged.reshape(15, -1), unfolder.cinn_ema.inverse(z, cond[:5].repeat_interleave(3, 0))[0].detach())
+    assert not torch.allclose(averaged.reshape(15, -1), unfolder.cinn.inverse(z, cond[:5].repeat_interleave(3, 0))[0].detach())
+    assert Unfolder(4, CINNModel(blocks=2, subnet_width=16, condition_width=16, condition_dim=4)).cinn_ema is None

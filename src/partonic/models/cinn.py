@@ -34,6 +34,7 @@ from partonic.models.mmd import mmd2
 from partonic.physics import kinematics as kin
 from partonic.physics.constants import M_W
 from partonic.models.weighted_flow import Standardise
+from partonic.models.weighted_gan import update_weight_average, weight_average
 
 __all__ = [
     "PartonRepresentation",
@@ -573,6 +574,10 @@ class Unfolder(nn.Module):
         )
         self.mmd_weight = float(model.mmd.weight)
         self.mmd_widths = list(model.mmd.widths)
+        #: a frozen exponential moving average of the cINN's weights (None when
+        #: ``model.ema_decay`` is 0); updated every training step, used for unfolding
+        self.ema_decay = float(getattr(model, "ema_decay", 0.0))
+        self.cinn_ema = weight_average(self.cinn, self.ema_decay)
 
     @staticmethod
     def tensors(events, dtype=torch.float32) -> dict[str, torch.Tensor]:
@@ -631,6 +636,8 @@ class Unfolder(nn.Module):
             out["mmd"] = mmd
             loss = loss + self.mmd_weight * mmd
         out["loss"] = loss
+        if torch.is_grad_enabled() and self.training:
+            update_weight_average(self.cinn_ema, self.cinn, self.ema_decay)
         return out
 
     @torch.no_grad()
@@ -644,7 +651,7 @@ class Unfolder(nn.Module):
             c = cond[lo : lo + per].to(device)
             c_rep = c.repeat_interleave(n_samples, 0)
             z = torch.randn(c_rep.shape[0], self.cinn.dim, device=device, generator=generator)
-            x, _ = self.cinn.inverse(z, c_rep)
+            x, _ = (self.cinn_ema if self.cinn_ema is not None else self.cinn).inverse(z, c_rep)
             out[lo : lo + per] = x.view(-1, n_samples, self.cinn.dim).cpu()
             if progress is not None:
                 progress.update(len(c))
