@@ -69,7 +69,7 @@ def main() -> None:
         result[f"train_step_s_{label}"] = per_step
         result[f"train_s_per_epoch_{label}"] = per_step * (n_train // bs)
     result["train_events_per_epoch"] = n_train
-    result["parameters"] = sum(p.numel() for p in gan.parameters())
+    result["parameters"] = sum(p.numel() for p in gan.parameters() if p.requires_grad)  # not the frozen weight average
 
     gan.eval()
     gan.sample(10_000)
