@@ -379,11 +379,52 @@ def test_generate_job_end_to_end(tmp_path, monkeypatch):
     _, events = read_lhe(out / report["outputs"]["lhe"])
     assert len(events) == report["lhe"]["events"] and report["shower_check"]["n_accepted"] == 20
     assert report["shower_check"]["errors"] == {}
-    # the cached Pythia sample is reused by a second run
-    assert main(["generate", "--card", str(card), "--output", str(tmp_path / "run2"), "--device", "cpu", "--set", "model.ablation=false", "--set", "lhe.write=false", "--set", "evaluation.plots=false"]) == 0
+    assert report["evaluation_truth"] == {"events": 3000, "independent_of_training": False}
+    # the cached Pythia sample is reused by a second run, which compares with held-out events
+    assert main(["generate", "--card", str(card), "--output", str(tmp_path / "run2"), "--device", "cpu", "--set", "model.ablation=false", "--set", "lhe.write=false",
+                 "--set", "evaluation.plots=false", "--set", "evaluation.truth_events=2000"]) == 0
     second = json.loads((tmp_path / "run2" / "report.json").read_text())
     assert second["pythia"]["cached"] is True and "generated_no_mmd" not in second["resonances"]["t"]
     assert second["outputs"]["plots"] == [] and second["outputs"]["lhe"] is None
+    assert second["evaluation_truth"] == {"events": 2000, "independent_of_training": True}
+    assert second["pythia_evaluation_truth"]["cached"] is False and second["pythia_evaluation_truth"]["cache_key"] != second["pythia"]["cache_key"]
+    assert second["resonances"]["t"]["truth"]["position"] == pytest.approx(173.0, abs=0.5)
+    # a different sample: the truth fits differ from the first run's (which used the training events)
+    assert second["resonances"]["t"]["truth"] != report["resonances"]["t"]["truth"]
+
+
+def test_held_out_truth_never_shares_a_pythia_seed_with_the_training_sample():
+    from partonic.jobs.generate import HELD_OUT_SEED_OFFSET
+    from partonic.simulate.pythia import _chunk_seed
+
+    for seed in (0, 1, 2, 17, 12345):
+        train = {_chunk_seed(seed, i) for i in range(500)}
+        held = {_chunk_seed(seed + HELD_OUT_SEED_OFFSET, i) for i in range(500)}
+        assert len(train) == len(held) == 500 and not train & held
+
+
+def test_generate_from_lhe_files_holds_out_the_events_after_n_events(pythia_ttbar, tmp_path, capsys):
+    quarks, ids = pythia_ttbar["on_shell"][:700], torch.from_numpy(pythia_ttbar["ids"][:700])
+    events, _ = ttbar_lhe_events(quarks, ids, 230.0, 13000.0, load_pdf("NNPDF23_lo_as_0130_qed", 0), AlphaS(0.13, 1), torch.Generator().manual_seed(0))
+    lhe = write_lhe(tmp_path / "tt.lhe", events, LHEInit(energies=(6500.0, 6500.0), processes=[LHEProcess(230.0, 1.0, 230.0)]))
+    n_file = len(events)
+    card = tmp_path / "tt.yaml"
+    card.write_text(
+        "job: generate\nname: tt_lhe\nseed: 3\n"
+        f"data: {{source: lhe, files: [{lhe}], n_events: 400}}\n"
+        "model: {layers: 2, width: 16, representation: logpt, ablation: false}\n"
+        "training: {batch_size: 128, epochs: 1}\nlhe: {write: false}\n"
+        "evaluation: {n_generated: 1000, bins: 8, classifier_events: 1000, classifier_epochs: 1, plots: false, truth_events: 250}\n"
+    )
+    out = tmp_path / "run"
+    assert main(["generate", "--card", str(card), "--output", str(out), "--device", "cpu"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["training_events"] == 400 and report["evaluation_truth"] == {"events": 250, "independent_of_training": True}
+    # more held-out events than the files have left: the error says how many there are
+    capsys.readouterr()
+    assert main(["generate", "--card", str(card), "--output", str(tmp_path / "run2"), "--device", "cpu", "--set", "evaluation.truth_events=5000"]) == 1
+    err = capsys.readouterr().err
+    assert "evaluation.truth_events = 5000" in err and f"hold {n_file} events, 400 of them for training" in err and f"at most {n_file - 400}" in err
 
 
 def test_generate_card_errors_name_the_field(tmp_path, capsys):

@@ -404,9 +404,13 @@ class GenerateEvaluation(SampleEvaluation):
     """``n_generated`` events per model for the metrics and the LHE file; the classifier
     test uses up to ``classifier_events`` of each sample; ``shower_events`` of the LHE
     file are showered by Pythia8 as a check (0: no check); ``plots: false`` leaves
-    the plots out (the report keeps every figure)."""
+    the plots out (the report keeps every figure). ``truth_events`` > 0 compares the
+    generated events with that many truth events that training never saw (Pythia8
+    with its own seeds, cached; or the LHE files' events after the first
+    ``data.n_events``); 0 compares with the training events themselves."""
 
     n_generated: PositiveInt = 100_000
+    truth_events: NonNegInt = 0
     plots: bool = True
     classifier_events: Annotated[int, Field(ge=1000)] = 200_000
     classifier_epochs: PositiveInt = 10

@@ -74,15 +74,22 @@ def quarks_from_lhe(events: LHEEvents, where: str = "") -> tuple[torch.Tensor, t
     return quarks, torch.gather(pid, 1, idx)
 
 
-def _pythia_truth(card, progress: bool) -> tuple[dict, dict]:
+# The held-out truth sample's Pythia seeds: the card seed shifted by a prime, so its
+# chunks never share a seed with the training sample's (test).
+HELD_OUT_SEED_OFFSET = 104_729
+
+
+def _pythia_truth(card, progress: bool, n_events: int | None = None, seed: int | None = None) -> tuple[dict, dict]:
     from ..physics.pdf import find_pdf_member
     from ..simulate.pythia import simulate_ttbar
 
     d = card.data
+    n_events = d.n_events if n_events is None else n_events
+    seed = card.seed if seed is None else seed
     pdf = (card.physics.pdf.set, card.physics.pdf.member)
     # what the generator does beyond the card (a change here must change the key)
     extra = {"sqrt_s": card.physics.sqrt_s, "pdf": pdf, "top_decay": "bW", "w_decay": "ud,us,cd,cs"}
-    key = cache_key("ttbar_parton_level", {"n_events": d.n_events}, card.seed, **extra)
+    key = cache_key("ttbar_parton_level", {"n_events": n_events}, seed, **extra)
     cache = DatasetCache()
     loaded = cache.load(key)
     if loaded is not None:
@@ -96,7 +103,7 @@ def _pythia_truth(card, progress: bool) -> tuple[dict, dict]:
             except PDFError as exc:
                 raise JobError(str(exc)) from None
         scratch = cache.root / f".{key}.chunks"
-        arrays, meta = simulate_ttbar(d.n_events, card.seed, card.physics.sqrt_s, pdf_path, workers=d.workers, progress=progress, scratch=scratch)
+        arrays, meta = simulate_ttbar(n_events, seed, card.physics.sqrt_s, pdf_path, workers=d.workers, progress=progress, scratch=scratch)
         cache.save(key, arrays, meta)
         shutil.rmtree(scratch, ignore_errors=True)
         meta["cached"] = False
@@ -104,7 +111,8 @@ def _pythia_truth(card, progress: bool) -> tuple[dict, dict]:
     return arrays, meta
 
 
-def _lhe_truth(card) -> tuple[dict, dict]:
+def _lhe_truth(card, n_events: int | None = None) -> tuple[dict, dict]:
+    n_events = card.data.n_events if n_events is None else n_events
     quarks, ids, sigma = [], [], []
     n = 0
     for name in card.data.files:
@@ -115,15 +123,15 @@ def _lhe_truth(card) -> tuple[dict, dict]:
                 ids.append(i)
                 n += len(q)
                 sigma.append(sum(p.cross_section for p in init.processes))
-                if n >= card.data.n_events:
+                if n >= n_events:
                     break
         except LHEError as exc:
             raise JobError(str(exc)) from None
-        if n >= card.data.n_events:
+        if n >= n_events:
             break
     if not quarks:
         raise JobError("data.files hold no events")
-    arrays = {"quarks": torch.cat(quarks)[: card.data.n_events].numpy(), "ids": torch.cat(ids)[: card.data.n_events].numpy()}
+    arrays = {"quarks": torch.cat(quarks)[:n_events].numpy(), "ids": torch.cat(ids)[:n_events].numpy()}
     return arrays, {"sigma_pb": float(np.mean(sigma)), "files": list(card.data.files)}
 
 
@@ -377,11 +385,23 @@ def run(card, args) -> int:
 
     # ---- truth -------------------------------------------------------------
     t0 = time.perf_counter()
+    n_held_out = card.evaluation.truth_events
+    held_out = None
     if card.data.source == "pythia":
         arrays, meta = _pythia_truth(card, progress=True)
         report["pythia"] = {k: meta.get(k) for k in ("sigma_pb", "n_failed", "errors", "events_per_s_per_core", "workers", "cached", "cache_key")}
+        if n_held_out:
+            held_out, held_meta = _pythia_truth(card, progress=True, n_events=n_held_out, seed=card.seed + HELD_OUT_SEED_OFFSET)
+            report["pythia_evaluation_truth"] = {k: held_meta.get(k) for k in ("sigma_pb", "n_failed", "errors", "cached", "cache_key")}
     else:
-        arrays, meta = _lhe_truth(card)
+        arrays, meta = _lhe_truth(card, card.data.n_events + n_held_out)
+        if n_held_out:
+            available = len(arrays["quarks"]) - card.data.n_events
+            if available < n_held_out:
+                raise JobError(f"evaluation.truth_events = {n_held_out}: data.files hold {len(arrays['quarks'])} events, "
+                               f"{card.data.n_events} of them for training (data.n_events), so at most {max(available, 0)} are left")
+            held_out = {k: v[card.data.n_events:] for k, v in arrays.items()}
+            arrays = {k: v[: card.data.n_events] for k, v in arrays.items()}
     timing["simulate_s"] = time.perf_counter() - t0
     sigma = float(meta.get("sigma_pb") or 0.0)
     truth = on_shell(torch.from_numpy(np.asarray(arrays["quarks"], dtype=np.float64)))
@@ -389,6 +409,9 @@ def run(card, args) -> int:
     n = len(truth)
     report["training_events"] = n
     report["cross_section_pb"] = sigma
+    # what the generated events are compared with: independent events, or the training set
+    truth_eval = truth if held_out is None else on_shell(torch.from_numpy(np.asarray(held_out["quarks"], dtype=np.float64)))
+    report["evaluation_truth"] = {"events": len(truth_eval), "independent_of_training": held_out is not None}
 
     # ---- training: with MMD, and the ablation without --------------------------
     rep = TopQuarkRepresentation(card.model.representation, angles=card.model.decay_angles, marginals=card.model.marginals).fit(truth)
@@ -433,7 +456,7 @@ def run(card, args) -> int:
         samples[key] = samples[key][~bad]
 
     # ---- metrics -----------------------------------------------------------------
-    obs_truth = observables(truth)
+    obs_truth = observables(truth_eval)
     obs = {k: observables(v) for k, v in samples.items()}
     report["resonances"] = {}
     for k, (name, (_, mass, width)) in enumerate(RESONANCES.items()):
@@ -488,7 +511,7 @@ def run(card, args) -> int:
     report["amplification"] = min(v["amplification"] for v in report["qmse"]["generated"].values())
 
     t0 = time.perf_counter()
-    feats_truth = _classifier_features(truth)
+    feats_truth = _classifier_features(truth_eval)
     for key in samples:
         a = classifier_auc(feats_truth, _classifier_features(samples[key]), epochs=card.evaluation.classifier_epochs,
                            seed=card.seed, max_events=card.evaluation.classifier_events, device=device)
