@@ -13,6 +13,7 @@ from partonic.cli import main
 from partonic.evaluate.metrics import compare_histograms
 from partonic.io.lhe import LHEInit, LHEProcess, read_lhe, write_lhe
 from partonic.jobs.unweight import kinematics_from_leptons, leptons_from_kinematics, unweight_with_copies
+from partonic.models.refine import ClassifierRefiner
 from partonic.models.weighted_flow import DrellYanPreprocessing, Standardise, WeightedFlow
 from partonic.models.weighted_gan import WeightedGAN
 from partonic.simulate.pythia import shower_lhe
@@ -142,6 +143,36 @@ def test_residual_generator_starts_as_the_standard_normal_and_trains_its_correct
         WeightedGAN(pre, dim=2, generator="resnet")
     with pytest.raises(CardError, match="latent_dim ≥ 3"):
         parse_card({"job": "unweight", "name": "x", "model": {"method": "gan", "generator": "residual", "latent_dim": 2}})
+
+
+def _near_camel(n, g):
+    """A generator that is close to the camel back but visibly wrong: modes 10% too
+    wide, shifted by 0.1, with 45 : 55 instead of 50 : 50."""
+    left = torch.rand(n, generator=g, dtype=torch.float64) < 0.45
+    z = torch.randn(n, generator=g, dtype=torch.float64)
+    return torch.where(left, -1.4 + 0.55 * z, 1.1 + 0.33 * z)[:, None]
+
+
+@pytest.mark.parametrize("negative_fraction", [0.0, 0.5])
+def test_classifier_refinement_turns_a_wrong_generator_into_the_weighted_target(negative_fraction):
+    """A near-miss generator refined against the weighted camel back: the classifier's
+    density ratio, unweighted, gives the camel within the training sample's own
+    precision (the tolerance of the weighted-flow test); an untrained refiner (r = 1)
+    changes nothing, and the unrefined generator fails the same check."""
+    x, w = weighted_camel(100_000, seed=7, negative_fraction=negative_fraction)
+    features = lambda v: v.float()  # noqa: E731
+    torch.manual_seed(0)
+    ref = ClassifierRefiner(1, width=64, layers=3)
+    _, info0 = ref.sample(_near_camel, features, 20_000, torch.Generator().manual_seed(1))
+    assert info0["efficiency"] == 1.0 and info0["duplicated_fraction"] == 0.0
+    info = ref.fit(x, w, _near_camel(100_000, torch.Generator().manual_seed(2)), epochs=10, batch_size=1024, lr=3e-3, seed=3, progress=False)
+    assert info["best_val_loss"] < info["loss_of_r_equal_1"]  # it found the difference
+    refined, s_info = ref.sample(_near_camel, features, 200_000, torch.Generator().manual_seed(4))
+    assert len(refined) == 200_000 and 0.2 < s_info["efficiency"] < 1.0
+    edges = np.linspace(-3.0, 2.0, 26)
+    check_against_camel(refined[:, 0].numpy(), x[:, 0].numpy(), w.numpy(), edges, max_pull=4.5)
+    with pytest.raises(AssertionError):
+        check_against_camel(_near_camel(200_000, torch.Generator().manual_seed(5))[:, 0].numpy(), x[:, 0].numpy(), w.numpy(), edges, max_pull=4.5)
 
 
 def test_copy_unweighting_is_unbiased_below_the_maximum():
@@ -300,6 +331,19 @@ def test_unweight_job_from_weighted_lhe_with_negative_weights(tmp_path, monkeypa
     assert 0 <= big["max_bulk_deviation"] < 10 and big["max_bulk_deviation_error"] > 0
 
 
+def test_unweight_job_gan_with_classifier_refinement(tmp_path, monkeypatch):
+    out, report = run_job(tmp_path, "refined", ["model.method=gan", "model.refine=classifier", "model.refine_epochs=2", "model.generator=residual",
+                                                "model.rapidity=bounded"], monkeypatch)
+    m = report["methods"]["gan"]
+    assert report["refine"]["data_events"] == report["training_events"] and report["refine"]["best_epoch"] in (1, 2)
+    assert 0 < m["refine"]["efficiency"] <= 1 and m["refine"]["r_max"] == pytest.approx(report["refine"]["r_max"])
+    raw, big = m["large_sample_unrefined"], m["large_sample"]
+    assert raw["events"] == big["events"] and set(raw["observables"]) == set(big["observables"])
+    assert set(m["tails_unrefined"]) == set(m["tails"]) and all(v["ratio"] >= 0 for v in m["tails_unrefined"].values())
+    saved = torch.load(out / "model.pt", weights_only=False)
+    assert "r_max" in saved["refiner"] and float(saved["refiner"]["r_max"]) == pytest.approx(report["refine"]["r_max"])
+
+
 def test_unweight_job_bad_inputs(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PARTONIC_CACHE", str(tmp_path / "cache"))
     lhe = tmp_path / "x.lhe"
@@ -311,3 +355,7 @@ def test_unweight_job_bad_inputs(tmp_path, monkeypatch, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["unweight", "--card", "cards/drell_yan.yaml", "--set", "model.method=vegas"]) == 2
     assert "'gan', 'flow' or 'flow-exact'" in capsys.readouterr().err
+    assert main(["unweight", "--card", "cards/drell_yan.yaml", "--set", "model.refine=classifier"]) == 2
+    assert "refine" in capsys.readouterr().err
+    assert main(["unweight", "--card", "cards/drell_yan.yaml", "--set", "model.refine=dctr"]) == 2
+    assert "'none' or 'classifier'" in capsys.readouterr().err

@@ -304,11 +304,20 @@ class UnweightModel(Strict):
     #: coordinate) or "quantile" (each coordinate made standard normal through the
     #: weighted training sample's quantiles: a residual GAN starts with its marginals)
     marginals: Literal["standard", "quantile"] = "standard"
+    #: "classifier": after training, a classifier between the weighted training events
+    #: and the network's events gives their density ratio r(x); the network's events
+    #: are unweighted again by r (arXiv:2009.03796; methods gan and flow)
+    refine: Literal["none", "classifier"] = "none"
+    refine_epochs: PositiveInt = 20
+    refine_width: Annotated[int, Field(ge=4, le=4096)] = 128
+    refine_layers: Annotated[int, Field(ge=1, le=16)] = 3
 
     @model_validator(mode="after")
     def _residual_latent(self):
         if self.generator == "residual" and self.latent_dim < 3:
             raise ValueError(f"generator = 'residual' needs latent_dim ≥ 3 (the event dimension), got {self.latent_dim}")
+        if self.refine != "none" and self.method == "flow-exact":
+            raise ValueError("refine = 'classifier' applies to method = 'gan' or 'flow'; 'flow-exact' is already reweighted to the exact cross section")
         return self
 
 

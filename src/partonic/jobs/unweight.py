@@ -22,6 +22,7 @@ from ..evaluate.metrics import (
 from ..evaluate.plots import Series, ratio_plot
 from ..io.lhe import LHEError, LHEEvents, LHEInit, LHEProcess, iter_lhe_chunks, write_lhe
 from ..io.store import DatasetCache, cache_key
+from ..models.refine import ClassifierRefiner, unweight_with_copies
 from ..models.weighted_flow import DrellYanPreprocessing, WeightedFlow
 from ..models.weighted_gan import WeightedGAN
 from ..physics import kinematics as kin
@@ -137,15 +138,6 @@ def lhe_events_from_kinematics(x: torch.Tensor, phi: torch.Tensor, generator: Dr
 
 #: share of exact-mode proposals drawn from the analytic reference density
 DEFENSIVE_FRACTION = 0.05
-
-
-def unweight_with_copies(weights: torch.Tensor, w_max: float, gen: torch.Generator) -> torch.Tensor:
-    """Unbiased unweighting at any w_max: event i is kept ⌊w_i/w_max⌋ times plus once
-    more with probability frac(w_i/w_max). Below w_max this is plain hit-or-miss; the
-    rare over-weights come back as repeated events instead of a bias."""
-    ratio = (weights.clamp(min=0) / w_max).cpu()
-    copies = torch.floor(ratio) + (torch.rand(ratio.shape, generator=gen, dtype=ratio.dtype) < ratio - torch.floor(ratio)).to(ratio.dtype)
-    return torch.repeat_interleave(torch.arange(len(ratio)), copies.long()).to(weights.device)
 
 
 def _exact_unweight(model, generator, n_target, batch, gen, windows):
@@ -320,13 +312,32 @@ def run(card, args) -> int:
         raise JobError(str(exc)) from None
     timing["train_s"] = result.train_s
     report["training"] = result.summary(kept_best=card.training.keep_best)
+    model.eval()
+
+    def draw(n: int, gen: torch.Generator) -> torch.Tensor:
+        """n events of the network itself (physics variables)."""
+        if method == "gan":
+            return model.sample(n, generator=gen)
+        return torch.cat([model.sample(min(200_000, n - s), generator=gen)[0] for s in range(0, n, 200_000)])
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        return torch.nan_to_num(pre(x)[0], nan=0.0, posinf=40.0, neginf=-40.0).float()
+
+    refiner = None
+    if m.refine == "classifier":
+        t0 = time.perf_counter()
+        refiner = ClassifierRefiner(3, m.refine_width, m.refine_layers).to(device)
+        x_ref = draw(len(x_train), torch.Generator().manual_seed(card.seed + 7))
+        report["refine"] = refiner.fit(features(x_train), w_train, features(x_ref), epochs=m.refine_epochs, seed=card.seed)
+        del x_ref
+        timing["refine_s"] = time.perf_counter() - t0
     buffer = __import__("io").BytesIO()
-    torch.save({"method": method, "state_dict": model.state_dict(), "card": report["card"]}, buffer)
+    torch.save({"method": method, "state_dict": model.state_dict(), "card": report["card"],
+                "refiner": None if refiner is None else refiner.state_dict()}, buffer)
     atomic_write_bytes(folder.path / "model.pt", buffer.getvalue())
     report["outputs"]["model"] = "model.pt"
 
     # ---- unweighted events ---------------------------------------------------
-    model.eval()
     n_out = card.evaluation.n_unweighted
     sample_gen = torch.Generator().manual_seed(card.seed + 3)
     t0 = time.perf_counter()
@@ -336,11 +347,11 @@ def run(card, args) -> int:
         x_gen, info, tail_fracs = _exact_unweight(model, generator, n_out, batch=max(100_000, n_out // 2), gen=sample_gen, windows=windows)
         method_report.update(info)
         lhe_sigma, lhe_err = info["sigma_pb"], info["sigma_error_pb"]
-    elif method == "flow":
-        x_gen, _ = model.sample(n_out, generator=sample_gen)
+    elif refiner is not None:
+        x_gen, method_report["refine"] = refiner.sample(draw, features, n_out, sample_gen)
         lhe_sigma, lhe_err = sigma, sigma_err
     else:
-        x_gen = model.sample(n_out, generator=sample_gen)
+        x_gen = draw(n_out, sample_gen)
         lhe_sigma, lhe_err = sigma, sigma_err
     sample_s = time.perf_counter() - t0
     timing["sample_s"] = sample_s
@@ -355,6 +366,8 @@ def run(card, args) -> int:
     # ---- metrics ------------------------------------------------------------
     comparisons, plots = {}, []
     label = {"gan": "weighted GAN", "flow": "weighted flow", "flow-exact": "flow, exactly reweighted"}[method]
+    if refiner is not None:
+        label += " + classifier"
     for name, (xlabel, edges_fn, logy) in OBSERVABLES.items():
         edges = edges_fn(setup.m_min)
         cmp = compare_histograms(gen_obs[name], truth_obs[name], edges, reference_weights=truth_w.cpu().numpy())
@@ -377,10 +390,16 @@ def run(card, args) -> int:
         # tail fractions from a larger sample than the histograms use
         n_tail = max(card.evaluation.tail_events, n_out)
         tail_gen = torch.Generator().manual_seed(card.seed + 4)
-        if method == "flow":
-            x_big = torch.cat([model.sample(min(200_000, n_tail - s), generator=tail_gen)[0] for s in range(0, n_tail, 200_000)])
+        if refiner is not None:
+            x_big, _ = refiner.sample(draw, features, n_tail, tail_gen)
+            # the ablation: the network's own events, before the refinement
+            x_raw = draw(n_tail, torch.Generator().manual_seed(card.seed + 4))
+            raw_obs = observables(x_raw, phi(len(x_raw)), generator.lepton_mass)
+            method_report["large_sample_unrefined"] = {"events": n_tail, **_bulk_summary(raw_obs, None, truth_obs, truth_w, setup.m_min)}
+            method_report["tails_unrefined"] = {f"{lo:g}-{hi:g}": float(((x_raw[:, 0] >= lo) & (x_raw[:, 0] < hi)).double().mean()) for lo, hi in windows}
+            del x_raw, raw_obs
         else:
-            x_big = model.sample(n_tail, generator=tail_gen)
+            x_big = draw(n_tail, tail_gen)
         m_tail = x_big[:, 0]
         # the large sample also measures the network's qMSE with little sampling noise
         big_obs = observables(x_big, phi(len(x_big)), generator.lepton_mass)
@@ -398,6 +417,9 @@ def run(card, args) -> int:
             sel = (truth_x[:, 0] >= lo) & (truth_x[:, 0] < hi)
             truth_frac = float((truth_w * sel).sum() / truth_w.sum())
         frac, err = tail_fracs[(lo, hi)]
+        if "tails_unrefined" in method_report:
+            f_raw = method_report["tails_unrefined"][f"{lo:g}-{hi:g}"]
+            method_report["tails_unrefined"][f"{lo:g}-{hi:g}"] = {"fraction": f_raw, "ratio": f_raw / truth_frac if truth_frac > 0 else float("nan")}
         tails[f"{lo:g}-{hi:g}"] = {
             "ratio": frac / truth_frac if truth_frac > 0 else float("nan"),
             "ratio_error": err / truth_frac if truth_frac > 0 else float("nan"),
@@ -448,6 +470,10 @@ def _summary(report: dict, path: Path) -> str:
     if "large_sample" in m:
         big = m["large_sample"]
         lines.append(f"  with {big['events']} generated events: largest bulk deviation {big['max_bulk_deviation']:.3f} ± {big['max_bulk_deviation_error']:.3f} ({big['worst_observable']})")
+    if "large_sample_unrefined" in m:
+        raw = m["large_sample_unrefined"]
+        lines.append(f"  before the classifier refinement: {raw['max_bulk_deviation']:.3f} ± {raw['max_bulk_deviation_error']:.3f} ({raw['worst_observable']}); "
+                     f"refinement efficiency {m['refine']['efficiency']:.3f}")
     if "unweighting_efficiency" in m:
         lines.append(f"  exact reweighting: unweighting efficiency {m['unweighting_efficiency']:.3f}, σ = {m['sigma_pb']:.2f} ± {m['sigma_error_pb']:.2f} pb")
     return "\n".join(lines)

@@ -1,0 +1,160 @@
+"""Classifier refinement of a generative network's events.
+
+References: A. Diefenbacher, E. Eren, G. Kasieczka, A. Korol, B. Nachman, D. Shih,
+"DCTRGAN: improving the precision of generative models with reweighting",
+arXiv:2009.03796; the likelihood-ratio trick: a classifier trained with the
+binary cross entropy to separate data (label 1) from generated events (label 0),
+the two classes carrying equal total weight, converges to
+
+    D(x) = p_data(x) / (p_data(x) + p_gen(x)),   so   r(x) = D / (1 − D) = exp(logit D)
+
+is the density ratio by which generated events must be weighted to follow the data.
+Here the data are the weighted training events (their weights, negative ones
+included, enter the loss), so r corrects the generator towards the same input it
+was trained on: no information is added, the network's smooth approximation is
+only made closer. Hit-or-miss on r / r_max then turns the generated events back into
+unweighted events that follow p_gen · r = p_data, with efficiency ⟨r⟩ / r_max. The
+rare events with r > r_max are repeated (⌊r/r_max⌋ copies plus one with the
+remaining probability), so the output is unbiased for any r_max.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..evaluate.metrics import unweighting_efficiency
+from .flows import mlp
+
+__all__ = ["ClassifierRefiner", "unweight_with_copies"]
+
+
+def unweight_with_copies(weights: torch.Tensor, w_max: float, gen: torch.Generator) -> torch.Tensor:
+    """Unbiased unweighting at any w_max: event i is kept ⌊w_i/w_max⌋ times plus once
+    more with probability frac(w_i/w_max). Below w_max this is plain hit-or-miss; the
+    rare over-weights come back as repeated events instead of a bias."""
+    ratio = (weights.clamp(min=0) / w_max).cpu()
+    copies = torch.floor(ratio) + (torch.rand(ratio.shape, generator=gen, dtype=ratio.dtype) < ratio - torch.floor(ratio)).to(ratio.dtype)
+    return torch.repeat_interleave(torch.arange(len(ratio)), copies.long()).to(weights.device)
+
+
+class ClassifierRefiner(nn.Module):
+    """A classifier between weighted data and generated events, and the unweighting
+    of generated events by its density ratio (module docstring).
+
+    Arguments:
+        dim: number of input features (use the network's preprocessed coordinates:
+            they are already standardised).
+        width, layers: the classifier MLP. Its last layer starts at zero, so an
+            untrained refiner has r = 1 everywhere.
+
+    Example:
+        >>> ref = ClassifierRefiner(3)
+        >>> info = ref.fit(u_data, w_data, u_gen)               # u: features (N, 3)
+        >>> x = ref.sample(lambda n, g: gan.sample(n, g), features, 100_000, gen)
+    """
+
+    #: the log-ratio is clipped here: a handful of events far outside the data must
+    #: not set r_max (they are kept with their copies, see :meth:`sample`)
+    MAX_LOG_RATIO = 10.0
+
+    def __init__(self, dim: int, width: int = 128, layers: int = 3):
+        super().__init__()
+        self.net = mlp(dim, 1, width, layers)
+        self.register_buffer("r_max", torch.tensor(1.0, dtype=torch.float64))
+
+    def log_ratio(self, features: torch.Tensor, batch_size: int = 262_144) -> torch.Tensor:
+        """ln r(x) per event (float64), in batches, without gradients."""
+        p = next(self.net.parameters())
+        with torch.no_grad():
+            out = [self.net(c.to(p.device, p.dtype))[:, 0].double() for c in features.split(batch_size)]
+        return torch.cat(out).clamp(-self.MAX_LOG_RATIO, self.MAX_LOG_RATIO) if out else torch.zeros(0, dtype=torch.float64, device=p.device)
+
+    def fit(self, data: torch.Tensor, weights: torch.Tensor, generated: torch.Tensor, epochs: int = 20, batch_size: int = 4096, lr: float = 1e-3,
+            validation_fraction: float = 0.1, seed: int = 0, progress: bool | None = None) -> dict:
+        """Train on data features with their weights (label 1) against generated
+        features (label 0), each class normalised to the same total weight; keep the
+        epoch with the lowest validation loss, then set r_max. Returns a summary."""
+        from tqdm.auto import tqdm
+
+        if len(data) != len(weights):
+            raise ValueError(f"ClassifierRefiner.fit: {len(data)} data events but {len(weights)} weights")
+        if len(data) < 10 or len(generated) < 10:
+            raise ValueError("ClassifierRefiner.fit needs at least 10 data and 10 generated events")
+        p = next(self.net.parameters())
+        gen = torch.Generator().manual_seed(seed)
+        w = weights.detach().double().cpu()
+        if w.sum() <= 0:
+            raise ValueError("ClassifierRefiner.fit: the data weights sum to ≤ 0")
+        n_d, n_g = len(data), len(generated)
+        half = 0.5 * (n_d + n_g)
+        x = torch.cat([data.detach().cpu().float(), generated.detach().cpu().float()])
+        y = torch.cat([torch.ones(n_d), torch.zeros(n_g)])
+        # equal total weight per class; the mean |weight| of an event is about 1
+        cw = torch.cat([(w * (half / w.sum())).float(), torch.full((n_g,), half / n_g)])
+        order = torch.randperm(len(x), generator=gen)
+        n_val = int(validation_fraction * len(x))
+        val, tr = order[:n_val], order[n_val:]
+        loss_fn = nn.BCEWithLogitsLoss(reduction="none")
+
+        def mean_loss(idx) -> float:
+            total = 0.0
+            with torch.no_grad():
+                for c in idx.split(262_144):
+                    total += float((cw[c].to(p.device) * loss_fn(self.net(x[c].to(p.device))[:, 0], y[c].to(p.device))).sum())
+            return total / max(len(idx), 1)
+
+        opt = torch.optim.Adam(self.net.parameters(), lr=lr)
+        steps = epochs * math.ceil(len(tr) / batch_size)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        history, best, best_state = [], float("inf"), None
+        bar = tqdm(range(epochs), desc="classifier refinement", disable=not progress if progress is not None else None, leave=False)
+        for epoch in bar:
+            self.net.train()
+            perm = tr[torch.randperm(len(tr), generator=gen)]
+            for c in perm.split(batch_size):
+                opt.zero_grad()
+                loss = (cw[c].to(p.device) * loss_fn(self.net(x[c].to(p.device))[:, 0], y[c].to(p.device))).mean()
+                loss.backward()
+                opt.step()
+                sched.step()
+            self.net.eval()
+            v = mean_loss(val) if n_val else mean_loss(tr)
+            history.append(v)
+            bar.set_postfix(val_loss=f"{v:.5f}")
+            if v < best:
+                best, best_state, best_epoch = v, copy.deepcopy(self.net.state_dict()), epoch + 1
+        self.net.load_state_dict(best_state)
+        # r_max: the robust maximum (median of sub-sample maxima) of r over the generated events
+        r = self.log_ratio(generated).exp().cpu()
+        eff = unweighting_efficiency(r)
+        self.r_max.fill_(eff.w_max)
+        return {"epochs": epochs, "best_epoch": best_epoch, "val_loss": history, "best_val_loss": best,
+                "loss_of_r_equal_1": math.log(2.0) * float(cw.abs().sum()) / len(cw),
+                "data_events": n_d, "generated_events": n_g, "r_max": eff.w_max, "mean_r": float(r.mean()),
+                "r_std": float(r.std()), "expected_efficiency": float(r.mean()) / eff.w_max,
+                "overweight_fraction": eff.overweight_fraction}
+
+    def sample(self, draw: Callable[[int, torch.Generator], torch.Tensor], features: Callable[[torch.Tensor], torch.Tensor], n: int,
+               generator: torch.Generator, batch_size: int = 262_144) -> tuple[torch.Tensor, dict]:
+        """n unweighted events: ``draw(k, generator)`` generated events (physics
+        variables), weighted by r(``features(x)``) and unweighted with copies at r_max.
+        Returns the events and the efficiency and over-weight figures."""
+        kept, n_kept, tried, over, sum_r = [], 0, 0, 0, 0.0
+        r_max = float(self.r_max)
+        while n_kept < n:
+            x = draw(batch_size, generator)
+            r = self.log_ratio(features(x)).exp()
+            idx = unweight_with_copies(r, r_max, generator)
+            kept.append(x[idx])
+            n_kept += len(idx)
+            tried += len(x)
+            over += int((r > r_max).sum())
+            sum_r += float(r.sum())
+        out = torch.cat(kept)
+        out = out[torch.randperm(len(out), generator=generator)[:n].to(out.device)]
+        return out, {"efficiency": n_kept / tried, "events_tried": tried, "duplicated_fraction": over / tried, "mean_r": sum_r / tried, "r_max": r_max}
