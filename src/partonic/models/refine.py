@@ -112,6 +112,9 @@ class ClassifierRefiner(nn.Module):
         steps = epochs * math.ceil(len(tr) / batch_size)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         history, best, best_state = [], float("inf"), None
+        # the validation loss before training: for a new refiner (last layer zero) that of
+        # r = 1; the classifier has found a difference only if it ends below this
+        before = mean_loss(val) if n_val else mean_loss(tr)
         bar = tqdm(range(epochs), desc="classifier refinement", disable=not progress if progress is not None else None, leave=False)
         for epoch in bar:
             self.net.train()
@@ -134,7 +137,7 @@ class ClassifierRefiner(nn.Module):
         eff = unweighting_efficiency(r)
         self.r_max.fill_(eff.w_max)
         return {"epochs": epochs, "best_epoch": best_epoch, "val_loss": history, "best_val_loss": best,
-                "loss_of_r_equal_1": math.log(2.0) * float(cw.abs().sum()) / len(cw),
+                "val_loss_before_training": before,
                 "data_events": n_d, "generated_events": n_g, "r_max": eff.w_max, "mean_r": float(r.mean()),
                 "r_std": float(r.std()), "expected_efficiency": float(r.mean()) / eff.w_max,
                 "overweight_fraction": eff.overweight_fraction}
