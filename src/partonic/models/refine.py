@@ -92,11 +92,12 @@ class ClassifierRefiner(nn.Module):
             raise ValueError("ClassifierRefiner.fit: the data weights sum to ≤ 0")
         n_d, n_g = len(data), len(generated)
         half = 0.5 * (n_d + n_g)
-        x = torch.cat([data.detach().cpu().float(), generated.detach().cpu().float()])
-        y = torch.cat([torch.ones(n_d), torch.zeros(n_g)])
+        # everything on the network's device once: no host-device copy per batch
+        x = torch.cat([data.detach().float().to(p.device), generated.detach().float().to(p.device)])
+        y = torch.cat([torch.ones(n_d), torch.zeros(n_g)]).to(p.device)
         # equal total weight per class; the mean |weight| of an event is about 1
-        cw = torch.cat([(w * (half / w.sum())).float(), torch.full((n_g,), half / n_g)])
-        order = torch.randperm(len(x), generator=gen)
+        cw = torch.cat([(w * (half / w.sum())).float(), torch.full((n_g,), half / n_g)]).to(p.device)
+        order = torch.randperm(len(x), generator=gen).to(p.device)
         n_val = int(validation_fraction * len(x))
         val, tr = order[:n_val], order[n_val:]
         loss_fn = nn.BCEWithLogitsLoss(reduction="none")
@@ -105,7 +106,7 @@ class ClassifierRefiner(nn.Module):
             total = 0.0
             with torch.no_grad():
                 for c in idx.split(262_144):
-                    total += float((cw[c].to(p.device) * loss_fn(self.net(x[c].to(p.device))[:, 0], y[c].to(p.device))).sum())
+                    total += float((cw[c] * loss_fn(self.net(x[c])[:, 0], y[c])).sum())
             return total / max(len(idx), 1)
 
         opt = torch.optim.Adam(self.net.parameters(), lr=lr)
@@ -118,10 +119,10 @@ class ClassifierRefiner(nn.Module):
         bar = tqdm(range(epochs), desc="classifier refinement", disable=not progress if progress is not None else None, leave=False)
         for epoch in bar:
             self.net.train()
-            perm = tr[torch.randperm(len(tr), generator=gen)]
+            perm = tr[torch.randperm(len(tr), generator=gen).to(p.device)]
             for c in perm.split(batch_size):
                 opt.zero_grad()
-                loss = (cw[c].to(p.device) * loss_fn(self.net(x[c].to(p.device))[:, 0], y[c].to(p.device))).mean()
+                loss = (cw[c] * loss_fn(self.net(x[c])[:, 0], y[c])).mean()
                 loss.backward()
                 opt.step()
                 sched.step()
@@ -131,6 +132,8 @@ class ClassifierRefiner(nn.Module):
             bar.set_postfix(val_loss=f"{v:.5f}")
             if v < best:
                 best, best_state, best_epoch = v, copy.deepcopy(self.net.state_dict()), epoch + 1
+        if best_state is None:
+            raise ValueError(f"ClassifierRefiner.fit: the validation loss was never finite ({history})")
         self.net.load_state_dict(best_state)
         # r_max: the robust maximum (median of sub-sample maxima) of r over the generated events
         r = self.log_ratio(generated).exp().cpu()
