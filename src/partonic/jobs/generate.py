@@ -361,15 +361,23 @@ def _build(card, rep: TopQuarkRepresentation, mmd_weight: float, steps_per_epoch
 def _train(card, args, rep, mmd_weight, folder: Path, x_train, x_val, device, label) -> tuple[MMDGAN, dict]:
     seed_everything(card.seed)
     gan = _build(card, rep, mmd_weight, steps_per_epoch=max(len(x_train) // min(card.training.batch_size, len(x_train)), 1))
+    if rep.coordinate_training:
+        # the truth's coordinates and masses once, not at every step
+        gan.to(device)
+        x_train = gan.training_inputs(x_train)
+        x_val = gan.training_inputs(x_val) if x_val is not None and len(x_val) > 1 else None
+    else:
+        x_train = (x_train,)
+        x_val = (x_val,) if x_val is not None and len(x_val) > 1 else None
     try:
         result = train(
-            gan, lambda mod, batch: mod.loss(batch), (x_train,), card.training, folder, seed=card.seed, device=device,
-            val_data=(x_val,) if x_val is not None and len(x_val) > 1 else None, resume=args.resume, description=label,
+            gan, lambda mod, batch: mod.loss(batch), x_train, card.training, folder, seed=card.seed, device=device,
+            val_data=x_val, resume=args.resume, description=label,
         )
     except TrainingError as exc:
         raise JobError(str(exc)) from None
     info = {**result.summary(kept_best=card.training.keep_best), "train_s": result.train_s,
-            "s_per_epoch": result.train_s / max(result.steps, 1) * max(len(x_train) // min(card.training.batch_size, len(x_train)), 1)}
+            "s_per_epoch": result.train_s / max(result.steps, 1) * max(len(x_train[0]) // min(card.training.batch_size, len(x_train[0])), 1)}
     last = result.history[-1] if result.history else {}
     info.update({k: last[k] for k in ("loss_d", "loss_g", "mmd", "mmd_weight") if k in last})
     gan.eval()

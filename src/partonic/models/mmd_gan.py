@@ -299,13 +299,72 @@ class TopQuarkRepresentation(nn.Module):
         return self
 
     def forward(self, quarks: torch.Tensor) -> torch.Tensor:
-        raw = self._raw(quarks)
+        return self._from_raw(self._raw(quarks))
+
+    def _to_raw(self, u: torch.Tensor) -> torch.Tensor:
+        return self.quantiles.inverse(u) if self.quantiles is not None else u * self.std.to(u.dtype) + self.mean.to(u.dtype)
+
+    def _from_raw(self, raw: torch.Tensor) -> torch.Tensor:
         if self.quantiles is not None:
             return self.quantiles(raw)
         return (raw - self.mean.to(raw.dtype)) / self.std.to(raw.dtype)
 
+    @property
+    def coordinate_training(self) -> bool:
+        """True where :meth:`forward` after :meth:`inverse` is the identity (up to the
+        inverse's bounds), so a GAN can train on the coordinates themselves: ``momenta``
+        and ``decay``. Not ``ptetaphi``/``logpt``, whose inverse folds φ and the sign of
+        pT (the discriminator then sees the folded values)."""
+        return self.representation in ("momenta", "decay")
+
+    def _swap_raw(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw coordinates of the events rotated by π about x (:func:`swap_beams`)."""
+        out = raw.clone()
+        if self.representation == "momenta":
+            out[:, 1::3], out[:, 2::3] = -raw[:, 1::3], -raw[:, 2::3]  # p_y, p_z of each quark
+            return out
+        if self.representation != "decay":
+            raise ValueError(f"the {self.representation!r} representation swaps beams on momenta (swap_beams)")
+        # the tops' rapidities change sign and φ → −φ, i.e. Φ⁻¹(F) → Φ⁻¹(1 − F) = −Φ⁻¹(F)
+        out[:, 1:4] = -raw[:, 1:4]
+        thetas, phis = [5, 8, 11, 14], [6, 9, 12, 15]
+        if self.angles == "lab":
+            # a direction (x, y, z) → (x, −y, −z) in the lab's axes: cos θ → −cos θ, φ → −φ
+            out[:, thetas + phis] = -raw[:, thetas + phis]
+        else:
+            # helicity axes: z turns with the direction and x (towards the beam, which
+            # turns over) becomes −x: θ is kept and φ → φ + π, i.e. F → F + ½ mod 1
+            f = torch.special.ndtr(raw[:, phis].double())
+            out[:, phis] = _unit_to_normal(torch.remainder(f + 0.5, 1.0)).to(raw.dtype)
+        return out
+
+    def swap_beams(self, u: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Coordinates u (N, dim) with the events where ``mask`` is set rotated by π
+        about x: the same as ``self(swap_beams(self.inverse(u), mask))`` without going
+        through the momenta (only for :attr:`coordinate_training` representations)."""
+        swapped = self._from_raw(self._swap_raw(self._to_raw(u)))
+        return torch.where(mask.to(u.device)[:, None], swapped, u)
+
+    def resonance_masses(self, u: torch.Tensor) -> torch.Tensor:
+        """(N, 4) masses of W⁺, W⁻, t, t̄ of the events with coordinates u: with the
+        ``decay`` representation straight from its mass coordinates (as
+        :func:`decay_momenta` builds them), else from :meth:`inverse`."""
+        if self.representation != "decay":
+            return resonance_masses(self.inverse(u))
+        raw = self._to_raw(u).double()
+        windows = self.windows.double()
+        out = [None] * 4
+        for c, (idx, top, w) in enumerate(_CHAINS):
+            _, m_t, g_t = RESONANCES[top]
+            _, m_w, g_w = RESONANCES[w]
+            mt = _normal_to_bw(raw[:, 4 + 6 * c], m_t, g_t, windows[_RES_INDEX[top]])
+            mw = _normal_to_bw(raw[:, 7 + 6 * c], m_w, g_w, windows[_RES_INDEX[w]])
+            out[_RES_INDEX[top]] = mt
+            out[_RES_INDEX[w]] = torch.minimum(mw, mt - float(self.masses[idx[0]]) - 1e-3)
+        return torch.stack(out, 1).to(u.dtype)
+
     def inverse(self, u: torch.Tensor) -> torch.Tensor:
-        raw = self.quantiles.inverse(u) if self.quantiles is not None else u * self.std.to(u.dtype) + self.mean.to(u.dtype)
+        raw = self._to_raw(u)
         if self.representation == "decay":
             return decay_momenta(raw, self.windows.to(u.dtype), self.masses.tolist(), self.angles)
         raw = raw.reshape(-1, 6, 3)
@@ -447,10 +506,11 @@ class MMDGAN(nn.Module):
         its learning-rate factor."""
         return gan_optimizer_groups(self.generator, self.discriminator, self.discriminator_lr_factor)
 
-    def _features(self, quarks: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    def _features(self, u: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+        """The discriminator's input: the coordinates, and with ``discriminator_masses``
+        the resonance masses m (N, 4)."""
         if not self.discriminator_masses:
             return u
-        m = resonance_masses(quarks)
         return torch.cat([u, (m - self._res_mass.to(m.dtype)) / self._res_scale.to(m.dtype)], 1)
 
     def generate(self, z: torch.Tensor) -> torch.Tensor:
@@ -458,14 +518,32 @@ class MMDGAN(nn.Module):
         return self.representation.inverse(self.generator(z))
 
     def mmd(self, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        """Σ over W⁺, W⁻, t, t̄ of MMD² between generated and true masses."""
-        m_fake, m_real = resonance_masses(fake), resonance_masses(real)
+        """Σ over W⁺, W⁻, t, t̄ of MMD² between generated and true masses (from momenta)."""
+        return self.mmd_masses(resonance_masses(fake), resonance_masses(real))
+
+    def mmd_masses(self, m_fake: torch.Tensor, m_real: torch.Tensor) -> torch.Tensor:
+        """Σ over W⁺, W⁻, t, t̄ of MMD² between generated and true masses (N, 4)."""
         total = m_fake.new_zeros(())
         for k, (_, _, gamma) in enumerate(RESONANCES.values()):
             widths = [gamma * f for f in self.mmd_width_factors]
             total = total + mmd2(m_fake[:, k], m_real[:, k], widths, self.mmd_kernel)
         return total
 
+    @torch.no_grad()
+    def training_inputs(self, quarks: torch.Tensor, batch_size: int = 65_536) -> tuple[torch.Tensor, torch.Tensor]:
+        """(coordinates, resonance masses) of true events, in the networks' dtype: what
+        :meth:`loss` takes instead of momenta, so the representation of the training
+        events is computed once instead of at every step (coordinate-training
+        representations only)."""
+        if not self.representation.coordinate_training:
+            raise ValueError(f"the {self.representation.representation!r} representation trains on momenta; pass (quarks,) to loss()")
+        dtype = next(self.generator.parameters()).dtype
+        u, m = [], []
+        for start in range(0, len(quarks), batch_size):
+            q = quarks[start : start + batch_size].double()
+            u.append(self.representation(q).to(dtype))
+            m.append(resonance_masses(q).to(dtype))
+        return torch.cat(u), torch.cat(m)
     def current_mmd_weight(self) -> float:
         """λ at the current training step (the warm-up schedule applied)."""
         step = int(self.steps_seen)
@@ -476,23 +554,53 @@ class MMDGAN(nn.Module):
         return self.mmd_weight * min(1.0, (step - self.mmd_start_step + 1) / self.mmd_ramp_steps)
 
     def loss(self, batch) -> dict[str, torch.Tensor]:
-        (quarks,) = batch
+        """Losses of both networks (and the MMD term) on a batch of true events:
+        ``(quarks,)`` momenta (N, 6, 4), or for a :attr:`~TopQuarkRepresentation.coordinate_training`
+        representation ``(u, masses)`` from :meth:`training_inputs`.
+
+        With a coordinate-training representation the discriminator sees the
+        generator's coordinates themselves (the beam exchange applied in coordinates)
+        and the MMD takes the masses from the coordinates: no trip through the
+        momenta, which costs more than both networks (docs/results.md). Otherwise the
+        generated coordinates go to momenta and back, as the truth does."""
+        rep = self.representation
         dtype = next(self.generator.parameters()).dtype
-        real = quarks.to(dtype)
-        z = torch.randn(real.shape[0], self.latent_dim, dtype=dtype, device=real.device)
-        fake = self.generate(z)
-        if self.symmetrise:
-            real = swap_beams(real, torch.rand(real.shape[0], device=real.device) < 0.5)
-            fake = swap_beams(fake, torch.rand(fake.shape[0], device=fake.device) < 0.5)
-        u_real = self.representation(real)
-        # the discriminator sees generated events in the same coordinates as the truth
-        u_fake = self.representation(fake)
-        loss_d, loss_g = gan_losses(self.discriminator, self._features(real, u_real), self._features(fake, u_fake), None, self.gradient_penalty)
+        first = batch[0]
+        device = first.device
+        weight = self.current_mmd_weight() if torch.is_grad_enabled() else self.mmd_weight
+        masses = self.discriminator_masses or weight > 0  # during the MMD's warm-up it is not even computed
+        m_real = m_fake = None
+        z = torch.randn(first.shape[0], self.latent_dim, dtype=dtype, device=device)
+        if rep.coordinate_training:
+            if len(batch) == 2:
+                u_real, m_real = batch[0].to(dtype), batch[1].to(dtype)
+            else:
+                u_real, m_real = rep(first.to(dtype)), resonance_masses(first.to(dtype))
+            g = self.generator(z)
+            u_fake = g
+            if self.symmetrise:
+                u_real = rep.swap_beams(u_real, torch.rand(u_real.shape[0], device=device) < 0.5)
+                u_fake = rep.swap_beams(g, torch.rand(g.shape[0], device=device) < 0.5)
+            if masses:
+                m_fake = rep.resonance_masses(g)  # the beam exchange keeps the masses
+        else:
+            if len(batch) != 1:
+                raise ValueError(f"the {rep.representation!r} representation trains on momenta: pass (quarks,)")
+            real = first.to(dtype)
+            fake = self.generate(z)
+            if self.symmetrise:
+                real = swap_beams(real, torch.rand(real.shape[0], device=device) < 0.5)
+                fake = swap_beams(fake, torch.rand(fake.shape[0], device=device) < 0.5)
+            u_real = rep(real)
+            # the discriminator sees generated events in the same coordinates as the truth
+            u_fake = rep(fake)
+            if masses:
+                m_real, m_fake = resonance_masses(real), resonance_masses(fake)
+        loss_d, loss_g = gan_losses(self.discriminator, self._features(u_real, m_real), self._features(u_fake, m_fake), None, self.gradient_penalty)
         out = {"loss_d": loss_d.detach(), "loss_g": loss_g.detach()}
         loss = loss_d + loss_g
-        weight = self.current_mmd_weight() if torch.is_grad_enabled() else self.mmd_weight
-        if weight > 0:  # during the warm-up the MMD is not even computed (it costs half a step)
-            mmd = self.mmd(fake, real)
+        if weight > 0:
+            mmd = self.mmd_masses(m_fake, m_real)
             loss = loss + weight * mmd
             out["mmd"] = mmd.detach()
         if self.mmd_weight > 0:
