@@ -52,10 +52,12 @@ def main() -> None:
         torch.manual_seed(card.seed)
         gan = _build(card, rep, weight).to(args.device)
         opt = torch.optim.Adam(gan.parameters(), card.training.optimizer.lr, betas=card.training.optimizer.betas)
+        # as the job feeds it: the truth's coordinates and masses, computed once
+        inputs = gan.training_inputs(data) if rep.coordinate_training else (data,)
 
         def step(i):
             opt.zero_grad(set_to_none=True)
-            gan.loss((data[idx[i]],))["loss"].backward()
+            gan.loss(tuple(t[idx[i]] for t in inputs))["loss"].backward()
             opt.step()
 
         for i in range(5):
