@@ -264,6 +264,7 @@ class TopQuarkRepresentation(nn.Module):
         #: number of coordinates
         self.dim = 16 if representation == "decay" else 18
         self.register_buffer("masses", torch.tensor(masses, dtype=torch.float64))
+        self._mass_values = tuple(float(m) for m in masses)  # read on the training step without a device sync
         self.register_buffer("mean", torch.zeros(self.dim, dtype=torch.float64))
         self.register_buffer("std", torch.ones(self.dim, dtype=torch.float64))
         #: "standard": each coordinate standardised (mean 0, variance 1); "quantile": each
@@ -360,7 +361,7 @@ class TopQuarkRepresentation(nn.Module):
             mt = _normal_to_bw(raw[:, 4 + 6 * c], m_t, g_t, windows[_RES_INDEX[top]])
             mw = _normal_to_bw(raw[:, 7 + 6 * c], m_w, g_w, windows[_RES_INDEX[w]])
             out[_RES_INDEX[top]] = mt
-            out[_RES_INDEX[w]] = torch.minimum(mw, mt - float(self.masses[idx[0]]) - 1e-3)
+            out[_RES_INDEX[w]] = torch.minimum(mw, mt - self._mass_values[idx[0]] - 1e-3)
         return torch.stack(out, 1).to(u.dtype)
 
     def inverse(self, u: torch.Tensor) -> torch.Tensor:
