@@ -10,7 +10,7 @@ from scipy import stats
 
 from partonic.cards import CardError, TrainingSection, parse_card
 from partonic.cli import main
-from partonic.evaluate.metrics import compare_histograms
+from partonic.evaluate.metrics import compare_histograms, compare_to_expected
 from partonic.io.lhe import LHEInit, LHEProcess, read_lhe, write_lhe
 from partonic.jobs.unweight import kinematics_from_leptons, leptons_from_kinematics, unweight_with_copies
 from partonic.models.refine import ClassifierRefiner
@@ -204,6 +204,19 @@ def test_bulk_deviation_carries_its_statistical_error():
     assert c2.max_bulk_deviation_error == pytest.approx(c.max_bulk_deviation_error)
 
 
+def test_comparison_with_an_exact_reference_has_the_sample_error_only():
+    """Against an exactly known shape the ratio error is the sample's alone; a wrong
+    number of bins is an error."""
+    edges = np.arange(5.0)
+    sample = np.repeat([0.5, 1.5, 2.5, 3.5], [1000, 1000, 1000, 1200])
+    c = compare_to_expected(sample, [1.0, 1.0, 1.0, 1.0], edges)
+    r = 1200 / 4200 / 0.25
+    assert c.max_bulk_deviation == pytest.approx(r - 1)
+    assert c.max_bulk_deviation_error == pytest.approx(r * math.sqrt(1 / 1200))
+    with pytest.raises(ValueError, match="bins"):
+        compare_to_expected(sample, [1.0, 1.0, 1.0], edges)
+
+
 def test_lepton_kinematics_round_trip():
     gen = torch.Generator().manual_seed(6)
     n = 1000
@@ -299,6 +312,8 @@ def test_unweight_job_exact_mode_end_to_end(tmp_path, monkeypatch):
                 "cross_section_error_pb", "naive_unweighting_efficiency", "methods"):
         assert key in report
     m = report["methods"]["flow-exact"]
+    # the generator's quadrature is the truth: the χ² below are the sample's statistics alone
+    assert report["truth"].startswith("quadrature")
     # the weighted training input itself against truth: 40 000 events, deviations of a few percent
     inp = report["training_input_vs_truth"]
     assert 0 < inp["max_bulk_deviation"] < 6 * inp["max_bulk_deviation_error"], inp["max_bulk_deviation"]
@@ -325,6 +340,7 @@ def test_unweight_job_from_weighted_lhe_with_negative_weights(tmp_path, monkeypa
     out, report = run_job(tmp_path, "fromlhe", ["data.source=lhe", f"data.files=[{path}]", "model.method=flow", "training.batch_size=512"], monkeypatch)
     assert report["training_negative_weight_fraction"] == pytest.approx(500 / 3000, abs=1e-9)
     assert report["cross_section_pb"] == pytest.approx(1000.0)
+    assert report["truth"] == "the weighted input events"
     assert "flow" in report["methods"]
     big = report["methods"]["flow"]["large_sample"]
     assert big["events"] == 20000 and set(big["observables"]) == set(report["methods"]["flow"]["observables"])

@@ -132,6 +132,21 @@ def compare_histograms(sample, reference, edges, sample_weights=None, reference_
     """Compare shapes (both normalised to unit area within the edges)."""
     hs, es = weighted_histogram(sample, edges, sample_weights)
     hr, er = weighted_histogram(reference, edges, reference_weights)
+    return _compare(hs, es, hr, er, edges, bulk_fraction)
+
+
+def compare_to_expected(sample, expected, edges, sample_weights=None, bulk_fraction: float = 0.01) -> HistogramComparison:
+    """Compare a sample's shape with an exactly known one: ``expected`` holds the
+    reference's content per bin (e.g. σ from a quadrature), without statistical error,
+    so the ratio errors and pulls are the sample's alone."""
+    hs, es = weighted_histogram(sample, edges, sample_weights)
+    hr = np.asarray(expected, dtype=float)
+    if hr.shape != hs.shape:
+        raise ValueError(f"expected has {hr.shape[0] if hr.ndim else 0} bins, the edges make {hs.shape[0]}")
+    return _compare(hs, es, hr, np.zeros_like(hr), edges, bulk_fraction)
+
+
+def _compare(hs, es, hr, er, edges, bulk_fraction) -> HistogramComparison:
     ns, nr = hs.sum(), hr.sum()
     if ns <= 0 or nr <= 0:
         raise ValueError("cannot compare empty histograms")

@@ -25,11 +25,19 @@ _COLORS = ["black", "#3f90da", "#e42536", "#964a8b", "#f89c20", "#2ca02c", "#7a5
 
 @dataclass
 class Series:
-    """One sample to draw: values, optional weights, a legend label."""
+    """One sample to draw: values, optional weights, a legend label. ``exact`` marks a
+    reference without statistical error (drawn without a band), see :meth:`histogram`."""
 
     values: np.ndarray
     label: str
     weights: np.ndarray | None = None
+    exact: bool = False
+
+    @classmethod
+    def histogram(cls, edges, contents, label: str) -> "Series":
+        """An exactly known histogram (e.g. σ per bin from a quadrature) on ``edges``."""
+        edges = np.asarray(edges, dtype=float)
+        return cls(0.5 * (edges[1:] + edges[:-1]), label, np.asarray(contents, dtype=float), exact=True)
 
 
 def _style():
@@ -59,6 +67,8 @@ def ratio_plot(
     ref_h, ref_e = None, None
     for i, s in enumerate(series):
         h, e = weighted_histogram(s.values, edges, s.weights)
+        if s.exact:
+            e = np.zeros_like(e)
         norm = max(h.sum(), 1e-300) * widths  # a sample with nothing in range draws as zero
         dens, err = h / norm, e / norm
         color = _COLORS[i % len(_COLORS)]

@@ -14,6 +14,7 @@ import torch
 from ..evaluate.metrics import (
     amplification,
     compare_histograms,
+    compare_to_expected,
     hit_or_miss,
     qmse,
     quantile_edges,
@@ -27,7 +28,7 @@ from ..models.weighted_flow import DrellYanPreprocessing, WeightedFlow
 from ..models.weighted_gan import WeightedGAN
 from ..physics import kinematics as kin
 from ..physics.pdf import from_card
-from ..simulate.weighted import CHANNELS, DrellYanGenerator, DrellYanSetup, electroweak_from_card
+from ..simulate.weighted import CHANNELS, DrellYanGenerator, DrellYanSetup, electroweak_from_card, exact_histograms
 from ..train import TrainingError, seed_everything, train
 from .common import JobError, RunFolder, atomic_write_bytes, resolve_device
 
@@ -180,13 +181,33 @@ def _exact_unweight(model, generator, n_target, batch, gen, windows):
     }, tails
 
 
-def _bulk_summary(obs, weights, truth_obs, truth_w, m_min: float) -> dict:
+class _Truth:
+    """The reference every sample is compared with, per observable: σ per bin from the
+    generator's quadrature (``exact``, no statistical error) when the generator defines
+    the process, otherwise the weighted events themselves."""
+
+    def __init__(self, obs: dict, weights: torch.Tensor, exact: dict | None = None):
+        self.obs, self.weights, self.exact = obs, weights.cpu().numpy(), exact
+        self.label = "truth (quadrature)" if exact is not None else f"truth (weighted, {len(self.weights)} ev.)"
+
+    def compare(self, name: str, values, edges, weights=None):
+        w = None if weights is None else (weights.cpu().numpy() if torch.is_tensor(weights) else weights)
+        if self.exact is not None:
+            return compare_to_expected(values, self.exact[name], edges, sample_weights=w)
+        return compare_histograms(values, self.obs[name], edges, sample_weights=w, reference_weights=self.weights)
+
+    def series(self, name: str, edges) -> Series:
+        if self.exact is not None:
+            return Series.histogram(edges, self.exact[name], self.label)
+        return Series(self.obs[name], self.label, self.weights)
+
+
+def _bulk_summary(obs, weights, truth: _Truth, m_min: float) -> dict:
     """Per observable: largest bulk deviation from truth with its statistical error, the
     largest pull, χ²/ndf and the ratio per bin; and the worst observable."""
     out = {}
     for name, (_, edges_fn, _) in OBSERVABLES.items():
-        c = compare_histograms(obs[name], truth_obs[name], edges_fn(m_min), sample_weights=None if weights is None else weights.cpu().numpy(),
-                               reference_weights=truth_w.cpu().numpy())
+        c = truth.compare(name, obs[name], edges_fn(m_min), weights)
         out[name] = {"max_bulk_deviation": c.max_bulk_deviation, "max_bulk_deviation_error": c.max_bulk_deviation_error,
                      "max_bulk_pull": c.max_bulk_pull, "chi2_ndf": c.chi2_ndf, "ratio": c.ratio, "ratio_error": c.ratio_error}
     worst = max(out, key=lambda k: out[k]["max_bulk_deviation"])
@@ -280,6 +301,14 @@ def run(card, args) -> int:
         truth_x, truth_w = x_train, w_train
     phi = lambda n: 2 * math.pi * torch.rand(n, generator=gen_cpu, dtype=torch.float64).to(device)
     truth_obs = observables(truth_x, phi(len(truth_x)), generator.lepton_mass)
+    exact = None
+    if data.source == "generator":
+        # the generator defines the process: its quadrature is a truth without statistical error
+        t0 = time.perf_counter()
+        exact = exact_histograms(generator, {name: edges_fn(setup.m_min) for name, (_, edges_fn, _) in OBSERVABLES.items()})
+        timing["exact_histograms_s"] = time.perf_counter() - t0
+    truth = _Truth(truth_obs, truth_w, exact)
+    report["truth"] = "quadrature of the generator's density (exact σ per bin)" if exact is not None else "the weighted input events"
     hm_idx = hit_or_miss(w_train, generator=gen_cpu)
     hm_x = x_train[hm_idx]
     hm_obs = observables(hm_x, phi(len(hm_x)), generator.lepton_mass)
@@ -288,7 +317,7 @@ def run(card, args) -> int:
         # the input's own fluctuations: how close to truth a network trained on it can get
         phi_train = 2 * math.pi * torch.rand(len(x_train), generator=torch.Generator().manual_seed(card.seed + 6), dtype=torch.float64)
         train_obs = observables(x_train, phi_train.to(device), generator.lepton_mass)
-        report["training_input_vs_truth"] = _bulk_summary(train_obs, w_train, truth_obs, truth_w, setup.m_min)
+        report["training_input_vs_truth"] = _bulk_summary(train_obs, w_train, truth, setup.m_min)
         del train_obs
 
     # ---- model and training ---------------------------------------------------
@@ -370,15 +399,15 @@ def run(card, args) -> int:
         label += " + classifier"
     for name, (xlabel, edges_fn, logy) in OBSERVABLES.items():
         edges = edges_fn(setup.m_min)
-        cmp = compare_histograms(gen_obs[name], truth_obs[name], edges, reference_weights=truth_w.cpu().numpy())
-        cmp_hm = compare_histograms(hm_obs[name], truth_obs[name], edges, reference_weights=truth_w.cpu().numpy())
+        cmp = truth.compare(name, gen_obs[name], edges)
+        cmp_hm = truth.compare(name, hm_obs[name], edges)
         comparisons[name] = {
             "max_bulk_deviation": cmp.max_bulk_deviation, "max_bulk_pull": cmp.max_bulk_pull, "chi2_ndf": cmp.chi2_ndf,
             "ratio": cmp.ratio, "ratio_error": cmp.ratio_error, "edges": cmp.edges,
             "hit_or_miss_max_bulk_deviation": cmp_hm.max_bulk_deviation, "hit_or_miss_chi2_ndf": cmp_hm.chi2_ndf,
         }
         written = ratio_plot(
-            [Series(truth_obs[name], "truth (weighted)", truth_w.cpu().numpy()), Series(gen_obs[name], label), Series(hm_obs[name], f"hit-or-miss ({len(hm_x)} ev.)")],
+            [truth.series(name, edges), Series(gen_obs[name], label), Series(hm_obs[name], f"hit-or-miss ({len(hm_x)} ev.)")],
             edges, xlabel, folder.path / "plots" / name, title=rf"pp$\to\mu\mu$, {card.physics.sqrt_s / 1000:g} TeV", logy=logy,
         )
         plots += [str(p.relative_to(folder.path)) for p in written]
@@ -395,7 +424,7 @@ def run(card, args) -> int:
             # the ablation: the network's own events, before the refinement
             x_raw = draw(n_tail, torch.Generator().manual_seed(card.seed + 4))
             raw_obs = observables(x_raw, phi(len(x_raw)), generator.lepton_mass)
-            method_report["large_sample_unrefined"] = {"events": n_tail, **_bulk_summary(raw_obs, None, truth_obs, truth_w, setup.m_min)}
+            method_report["large_sample_unrefined"] = {"events": n_tail, **_bulk_summary(raw_obs, None, truth, setup.m_min)}
             method_report["tails_unrefined"] = {f"{lo:g}-{hi:g}": float(((x_raw[:, 0] >= lo) & (x_raw[:, 0] < hi)).double().mean()) for lo, hi in windows}
             del x_raw, raw_obs
         else:
@@ -404,7 +433,7 @@ def run(card, args) -> int:
         # the large sample also measures the network's qMSE with little sampling noise
         big_obs = observables(x_big, phi(len(x_big)), generator.lepton_mass)
         # ... and its bulk deviations, resolved below the 10^5-event output's 2-3% per bin
-        method_report["large_sample"] = {"events": n_tail, **_bulk_summary(big_obs, None, truth_obs, truth_w, setup.m_min)}
+        method_report["large_sample"] = {"events": n_tail, **_bulk_summary(big_obs, None, truth, setup.m_min)}
         tail_fracs = {}
         for lo, hi in windows:
             k = int(((m_tail >= lo) & (m_tail < hi)).sum())

@@ -23,7 +23,7 @@ from ..physics.constants import GEV2_TO_PB, M_ELECTRON, M_MUON
 from ..physics.matrix_elements import ElectroweakParameters, drell_yan_me2
 from ..physics.phasespace import breit_wigner_map, rambo_diet
 
-__all__ = ["DrellYanSetup", "WeightedEvents", "DrellYanGenerator", "electroweak_from_card"]
+__all__ = ["DrellYanSetup", "WeightedEvents", "DrellYanGenerator", "electroweak_from_card", "exact_histograms", "EXACT_OBSERVABLES"]
 
 FLAVOURS = (1, 2, 3, 4, 5)
 LEPTON_MASS = {11: M_ELECTRON, 13: M_MUON}
@@ -308,3 +308,131 @@ class DrellYanGenerator:
         ch = self._channel_weights(x1, x2, shat, cos_theta.to(self.device, self.dtype).clamp(-1, 1)).clamp(min=0)
         total = ch.sum(1, keepdim=True)
         return torch.where(total > 0, ch / total.clamp(min=1e-300), torch.full_like(ch, 1.0 / ch.shape[1]))
+
+
+#: observables :func:`exact_histograms` integrates (the names of :meth:`WeightedEvents.observables`)
+EXACT_OBSERVABLES = ("m_ll", "y_ll", "cos_theta", "pt_lminus", "pt_lplus", "eta_lminus", "eta_lplus")
+
+
+def exact_histograms(generator: DrellYanGenerator, edges: dict, m_points: int = 8, t_points: int = 257, c_panels: int = 8, c_points: int = 16) -> dict:
+    """σ (pb) in every bin of each observable in ``edges`` (name → bin edges), by
+    quadrature of :meth:`DrellYanGenerator.density`: the noise-free truth that
+    generated or unweighted samples are compared with.
+
+    At LO the pair has no transverse momentum, so every observable is a function of
+    (m, y, cos θ*) with θ* the ℓ⁻ angle to +z in the pair frame: p_T = p*·sin θ* for both
+    leptons (p* = √(m²/4 − m_ℓ²)), η(ℓ⁻) = asinh(p_z/p_T) with p_z = E* sinh y +
+    p* cos θ* cosh y (E* = m/2; ℓ⁺: cos θ* → −cos θ*). The density is a quadratic
+    polynomial in cos θ* at fixed (m, y) (the |M|² of q q̄ → γ*/Z → ℓℓ), so its values
+    at cos θ* = −1, 0, 1 give it exactly. Per m node (Gauss–Legendre in ln m, in
+    segments that end at the m_ℓℓ bin edges, at the masses whose p* is a p_T bin edge,
+    at the Z pole and at the kinematic end) the
+    three coefficients are tabulated on ``t_points`` values of t = y/y_max and
+    integrated in y through their cubic splines; cos θ* is integrated exactly where
+    the bin limits are cos θ* intervals (cos θ*, p_T, m, y) and by Gauss–Legendre in
+    ``c_panels`` × ``c_points`` nodes for η, whose bin limits are y intervals that
+    depend on cos θ*: y(η) = asinh(p_T sinh η / R) − atanh(p* cos θ*/E*),
+    R = √(E*² − p*² cos² θ*).
+
+    The bins hold σ within their limits only (no under- or overflow).
+
+    Example:
+        >>> sigma = exact_histograms(gen, {"m_ll": np.geomspace(50, 1000, 41)})
+        >>> shape = sigma["m_ll"] / sigma["m_ll"].sum()
+    """
+    import numpy as np
+    from scipy.interpolate import CubicSpline
+
+    unknown = sorted(set(edges) - set(EXACT_OBSERVABLES))
+    if unknown:
+        raise ValueError(f"exact_histograms: no quadrature for {unknown}; known: {list(EXACT_OBSERVABLES)}")
+    setup = generator.setup
+    lo_m, hi_m = setup.m_min, generator.m_max
+    # m segments: the m_ll edges, the Z pole and its neighbourhood, then up to the kinematic end
+    breaks = {lo_m, hi_m, setup.ew.m_z, *(80.0, 88.0, 94.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 4000.0)}
+    if "m_ll" in edges:
+        breaks |= {float(e) for e in edges["m_ll"]}
+    for name in ("pt_lminus", "pt_lplus"):
+        # a p_T edge e is the Jacobian peak of the events with p* = e: their square-root
+        # edge in m must fall between segments, not inside one
+        if name in edges:
+            breaks |= {2.0 * math.hypot(float(e), generator.lepton_mass) for e in edges[name] if e > 0}
+    breaks = np.array(sorted(b for b in breaks if lo_m <= b <= hi_m))
+    xs, ws = np.polynomial.legendre.leggauss(m_points)
+    la, lb = np.log(breaks[:-1])[:, None], np.log(breaks[1:])[:, None]
+    m_nodes = np.exp(0.5 * (lb - la) * xs + 0.5 * (lb + la)).ravel()
+    m_weights = (0.5 * (lb - la) * ws).ravel() * m_nodes  # dm = m d ln m
+    n_m = len(m_nodes)
+    y_max = np.log(setup.sqrt_s / m_nodes)
+    t = np.linspace(-1.0, 1.0, t_points)
+
+    # density coefficients A + B c + C c² on the (m, t) grid
+    mm = np.repeat(m_nodes, t_points * 3)
+    yy = np.repeat((y_max[:, None] * t[None, :]).ravel(), 3)
+    cc = np.tile(np.array([-1.0, 0.0, 1.0]), n_m * t_points)
+    dens = generator.density(torch.from_numpy(mm), torch.from_numpy(yy), torch.from_numpy(cc)).cpu().numpy().reshape(n_m, t_points, 3)
+    coef = np.stack([dens[..., 1], 0.5 * (dens[..., 2] - dens[..., 0]), 0.5 * (dens[..., 2] + dens[..., 0]) - dens[..., 1]], -1)
+    # ∫ dy of each coefficient from −y_max to y, as a piecewise cubic in t (× y_max for dy = y_max dt)
+    primitive = CubicSpline(t, np.moveaxis(coef, 1, 0), axis=0).antiderivative()  # (t) → (n_m, 3)
+
+    def y_integral(j: int, y_limits: np.ndarray) -> np.ndarray:
+        """∫_{−y_max}^{y} dy (A, B, C) at m node j, for an array of y; → (..., 3)."""
+        tt = np.clip(y_limits / y_max[j], -1.0, 1.0)
+        pc = primitive.c[:, :, j, :]
+        idx = np.clip(np.searchsorted(t, tt, side="right") - 1, 0, t_points - 2)
+        dx = tt - t[idx]
+        out = pc[0, idx]
+        for k in range(1, pc.shape[0]):  # Horner: the quartic primitive of the cubic spline
+            out = out * dx[..., None] + pc[k, idx]
+        return out * y_max[j]
+
+    full = np.stack([y_integral(j, np.array([y_max[j]]))[0] for j in range(n_m)])  # (n_m, 3)
+    p_star = np.sqrt(np.clip(m_nodes**2 / 4 - generator.lepton_mass**2, 0.0, None))
+    e_star = m_nodes / 2
+    out = {}
+
+    def c_moments(c1, c2):
+        """∫ (1, c, c²) dc over [c1, c2] → (..., 3)."""
+        return np.stack([c2 - c1, (c2**2 - c1**2) / 2, (c2**3 - c1**3) / 3], -1)
+
+    for name, e in edges.items():
+        e = np.asarray(e, dtype=float)
+        if name == "m_ll":
+            per_node = m_weights * (full @ np.array([2.0, 0.0, 2.0 / 3.0]))
+            which = np.searchsorted(e, m_nodes, side="right") - 1
+            ok = (which >= 0) & (which < len(e) - 1)
+            out[name] = np.bincount(which[ok], weights=per_node[ok], minlength=len(e) - 1)[: len(e) - 1]
+        elif name == "y_ll":
+            prim = np.stack([y_integral(j, e) for j in range(n_m)])  # (n_m, edges, 3)
+            out[name] = np.einsum("j,jbk,k->b", m_weights, np.diff(prim, axis=1), np.array([2.0, 0.0, 2.0 / 3.0]))
+        elif name == "cos_theta":
+            mom = c_moments(np.clip(e[:-1], -1, 1), np.clip(e[1:], -1, 1))  # (bins, 3)
+            out[name] = np.einsum("j,jk,bk->b", m_weights, full, mom)
+        elif name in ("pt_lminus", "pt_lplus"):
+            # p_T in [a, b) ⇔ |cos θ*| in [√(1 − (b/p*)²), √(1 − (a/p*)²)]; both leptons have the same p_T
+            a, b = np.clip(e[:-1], 0, None)[None, :], np.clip(e[1:], 0, None)[None, :]
+            ps = p_star[:, None]
+            c_hi = np.sqrt(np.clip(1 - (a / ps) ** 2, 0.0, 1.0))
+            c_lo = np.sqrt(np.clip(1 - (b / ps) ** 2, 0.0, 1.0))
+            mom = c_moments(c_lo, c_hi) + c_moments(-c_hi, -c_lo)  # (n_m, bins, 3)
+            out[name] = np.einsum("j,jk,jbk->b", m_weights, full, mom)
+        else:  # eta_lminus, eta_lplus
+            sign = 1.0 if name == "eta_lminus" else -1.0
+            gx, gw = np.polynomial.legendre.leggauss(c_points)
+            pa = np.linspace(-1.0, 1.0, c_panels + 1)
+            c_nodes = (0.5 * np.diff(pa)[:, None] * gx + 0.5 * (pa[1:] + pa[:-1])[:, None]).ravel()
+            c_w = (0.5 * np.diff(pa)[:, None] * gw).ravel()
+            sh = np.sinh(e)
+            hist = np.zeros(len(e) - 1)
+            for j in range(n_m):
+                c_lep = c_nodes  # cos θ* of this lepton; the density's variable is sign · c_lep
+                pt = p_star[j] * np.sqrt(1 - c_lep**2)
+                r = np.sqrt(e_star[j] ** 2 - (p_star[j] * c_lep) ** 2)
+                delta = np.arctanh(p_star[j] * c_lep / e_star[j])
+                y_lim = np.arcsinh(pt[:, None] * sh[None, :] / r[:, None]) - delta[:, None]  # (c, edges)
+                prim = y_integral(j, y_lim)  # (c, edges, 3)
+                c_dens = sign * c_lep
+                poly = np.stack([np.ones_like(c_dens), c_dens, c_dens**2], -1)  # (c, 3)
+                hist += m_weights[j] * np.einsum("c,cbk,ck->b", c_w, np.diff(prim, axis=1), poly)
+            out[name] = hist
+    return out
