@@ -605,3 +605,47 @@ def test_coordinate_training_takes_precomputed_truth(pythia_ttbar):
         assert any(float(p.grad.abs().sum()) > 0 for p in net.parameters())
     with pytest.raises(ValueError, match="momenta"):
         MMDGAN(TopQuarkRepresentation("logpt").fit(quarks), width=8, layers=1).training_inputs(quarks)
+
+
+def test_marginal_distance_is_the_sorted_squared_difference_and_enters_the_generator_loss(pythia_ttbar):
+    """Σ_k W₂² of two batches: a shift by d in one coordinate gives d² there, equal
+    batches give 0, and the gradient moves each generated value towards the true value
+    of the same rank. In the GAN the term adds λ · W₂² to the loss and reaches the
+    generator only."""
+    from partonic.models.weighted_gan import marginal_distance
+
+    g = torch.Generator().manual_seed(3)
+    real = torch.randn(500, 3, generator=g, dtype=torch.float64)
+    assert float(marginal_distance(real, real)) == 0.0
+    shifted = real.clone()
+    shifted[:, 1] += 0.3
+    assert float(marginal_distance(shifted, real)) == pytest.approx(0.09, rel=1e-12)
+    fake = torch.randn(500, 3, generator=g, dtype=torch.float64).requires_grad_(True)
+    marginal_distance(fake, real).backward()
+    order_f, order_r = fake.detach().sort(0), real.sort(0)
+    expected = torch.empty_like(real)
+    expected.scatter_(0, order_f.indices, 2 * (order_f.values - order_r.values) / 500)
+    torch.testing.assert_close(fake.grad, expected)
+    with pytest.raises(ValueError, match="equal size"):
+        marginal_distance(fake[:10], real)
+    # weights: equal ones change nothing; true values 0 and 1 (half each) with weights 1
+    # and 3 have their weighted quantile 0 below level 1/4 and 1 above, so a batch a
+    # quarter 0 is at distance 0 and a batch half 0 at 1/4 (a quarter of the ranks off by 1)
+    torch.testing.assert_close(marginal_distance(fake.detach(), real, torch.ones(500, dtype=torch.float64)), marginal_distance(fake.detach(), real))
+    two = torch.cat([torch.zeros(200, 1), torch.ones(200, 1)]).double()
+    w = torch.cat([torch.ones(200), torch.full((200,), 3.0)]).double()
+    quarter = torch.cat([torch.zeros(100, 1), torch.ones(300, 1)]).double()
+    assert float(marginal_distance(quarter, two, w)) == pytest.approx(0.0, abs=1e-12)
+    assert float(marginal_distance(two, two, w)) == pytest.approx(0.25, rel=1e-12)
+
+    quarks = pythia_ttbar["on_shell"][:256]
+    rep = TopQuarkRepresentation("decay", angles="helicity", marginals="quantile").fit(pythia_ttbar["on_shell"])
+    outs = []
+    for weight in (0.0, 2.5):
+        torch.manual_seed(0)
+        gan = MMDGAN(rep, width=32, layers=2, generator="residual", mmd_weight=0.0, marginal_weight=weight)
+        inputs = gan.training_inputs(quarks)
+        torch.manual_seed(5)
+        outs.append(gan.loss(inputs))
+    assert "marginal_w2" not in outs[0] and float(outs[1]["marginal_w2"]) > 0
+    torch.testing.assert_close(outs[1]["loss"], outs[0]["loss"] + 2.5 * outs[1]["marginal_w2"])

@@ -119,6 +119,33 @@ def test_weighted_gan_samples_from_its_weight_average():
         WeightedGAN(Standardise(2), dim=2, ema_decay=1.0)
 
 
+def test_weighted_gan_marginal_term_uses_the_weights_and_reaches_the_generator_only():
+    """marginal_weight λ adds λ · Σ_k W₂²(generated, weighted truth) to the loss; its
+    gradient goes to the generator, not to the discriminator."""
+    from partonic.models.weighted_gan import marginal_distance
+
+    x = torch.randn(256, 2, dtype=torch.float64)
+    w = torch.rand(256, dtype=torch.float64) + 0.5
+    pre = Standardise(2).fit(x, w)
+    outs = []
+    for lam in (0.0, 3.0):
+        torch.manual_seed(0)
+        gan = WeightedGAN(pre, dim=2, latent_dim=3, width=8, layers=1, generator="residual", marginal_weight=lam)
+        torch.manual_seed(1)
+        outs.append(gan.loss((x, w)))
+    assert "marginal_w2" not in outs[0]
+    torch.testing.assert_close(outs[1]["loss"], outs[0]["loss"] + 3.0 * outs[1]["marginal_w2"])
+    # the same number from the function: the generator's batch (same noise) against the weighted truth
+    torch.manual_seed(1)
+    z = torch.randn(256, 3, dtype=torch.float32)
+    u = pre(x)[0].float()
+    torch.testing.assert_close(outs[1]["marginal_w2"], marginal_distance(gan.generator(z), u, (w / w.mean()).float()).detach())
+    gan.zero_grad()
+    (3.0 * marginal_distance(gan.generator(z), u, w.float())).backward()
+    assert all(p.grad is None for p in gan.discriminator.parameters())
+    assert any(float(p.grad.abs().sum()) > 0 for p in gan.generator.parameters())
+
+
 def test_residual_generator_starts_as_the_standard_normal_and_trains_its_correction():
     """model.generator = residual: G(z) = z[:d] + f(z) with f zero at the start, so the
     untrained GAN samples the preprocessing's analytic model exactly; one training step

@@ -304,6 +304,10 @@ class UnweightModel(Strict):
     #: coordinate) or "quantile" (each coordinate made standard normal through the
     #: weighted training sample's quantiles: a residual GAN starts with its marginals)
     marginals: Literal["standard", "quantile"] = "standard"
+    #: weight of a term in the GAN generator's loss: the distance between the generated
+    #: batch's and the weighted true batch's marginal in every network coordinate
+    #: (sorted values against weighted quantiles, 1-D Wasserstein-2; method gan; 0: off)
+    marginal_weight: NonNegFloat = 0.0
     #: "classifier": after training, a classifier between the weighted training events
     #: and the network's events gives their density ratio r(x); the network's events
     #: are unweighted again by r (arXiv:2009.03796; methods gan and flow)
@@ -397,6 +401,10 @@ class GANModel(Strict):
     #: rotate half of the training batches' events and of the output by π about x (the
     #: beams' exchange, an exact symmetry of pp): the output is forward–backward symmetric
     symmetrise: bool = False
+    #: weight of a penalty on the distance between the generated and the true batch's
+    #: marginals of every coordinate (sorted values, 1-D Wasserstein-2): with quantile
+    #: marginals the generator starts on them, and this keeps it there (0: off)
+    marginal_weight: NonNegFloat = 0.0
     ablation: bool = True
 
     @model_validator(mode="after")

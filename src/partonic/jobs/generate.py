@@ -354,7 +354,7 @@ def _build(card, rep: TopQuarkRepresentation, mmd_weight: float, steps_per_epoch
         spectral_norm=m.spectral_norm, batch_statistics=m.batch_statistics, discriminator_masses=m.discriminator_masses,
         mmd_start_step=round(m.mmd_start_epoch * steps_per_epoch), mmd_ramp_steps=round(m.mmd_ramp_epochs * steps_per_epoch),
         discriminator_lr_factor=m.discriminator_lr_factor, ema_decay=m.ema_decay, generator=m.generator,
-        symmetrise=m.symmetrise,
+        symmetrise=m.symmetrise, marginal_weight=m.marginal_weight,
     )
 
 

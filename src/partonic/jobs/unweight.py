@@ -325,7 +325,8 @@ def run(card, args) -> int:
     pre = network_preprocessing(generator, m.rapidity, m.marginals).fit(x_train.cpu(), w_train.cpu()).to(device)
     if method == "gan":
         model = WeightedGAN(pre, dim=3, latent_dim=m.latent_dim, width=m.width, layers=m.layers, gradient_penalty=m.gradient_penalty,
-                            discriminator_lr_factor=m.discriminator_lr_factor, ema_decay=m.ema_decay, generator=m.generator)
+                            discriminator_lr_factor=m.discriminator_lr_factor, ema_decay=m.ema_decay, generator=m.generator,
+                            marginal_weight=m.marginal_weight)
     else:
         model = WeightedFlow(pre, dim=3, blocks=m.blocks, bins=m.bins, width=m.width, layers=m.layers)
     perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(card.seed + 2)).to(device)
