@@ -358,14 +358,19 @@ def _build(card, rep: TopQuarkRepresentation, mmd_weight: float, steps_per_epoch
     )
 
 
-def _train(card, args, rep, mmd_weight, folder: Path, x_train, x_val, device, label) -> tuple[MMDGAN, dict]:
+def _train(card, args, rep, mmd_weight, folder: Path, x_train, x_val, device, label, inputs: dict | None = None) -> tuple[MMDGAN, dict]:
+    """Train one GAN. ``inputs`` (a dict, filled on the first call) keeps the truth's
+    coordinates and masses for the next model: both models share the representation."""
     seed_everything(card.seed)
     gan = _build(card, rep, mmd_weight, steps_per_epoch=max(len(x_train) // min(card.training.batch_size, len(x_train)), 1))
     if rep.coordinate_training:
-        # the truth's coordinates and masses once, not at every step
+        # the truth's coordinates and masses once, not at every step nor for every model
         gan.to(device)
-        x_train = gan.training_inputs(x_train)
-        x_val = gan.training_inputs(x_val) if x_val is not None and len(x_val) > 1 else None
+        inputs = {} if inputs is None else inputs
+        if not inputs:
+            inputs["train"] = gan.training_inputs(x_train)
+            inputs["val"] = gan.training_inputs(x_val) if x_val is not None and len(x_val) > 1 else None
+        x_train, x_val = inputs["train"], inputs["val"]
     else:
         x_train = (x_train,)
         x_val = (x_val,) if x_val is not None and len(x_val) > 1 else None
@@ -429,11 +434,12 @@ def run(card, args) -> int:
     runs = {"generated": card.model.mmd_weight}
     if card.model.ablation and card.model.mmd_weight > 0:
         runs["generated_no_mmd"] = 0.0
-    models, train_info = {}, {}
+    models, train_info, inputs = {}, {}, {}
     t0 = time.perf_counter()
     for key, weight in runs.items():
         label = "GAN + MMD" if weight > 0 else "GAN without MMD"
-        models[key], train_info[key] = _train(card, args, rep, weight, folder.path / ("train_mmd" if key == "generated" else "train_no_mmd"), x_train, x_val, device, label)
+        models[key], train_info[key] = _train(card, args, rep, weight, folder.path / ("train_mmd" if key == "generated" else "train_no_mmd"),
+                                              x_train, x_val, device, label, inputs)
     timing["train_s"] = time.perf_counter() - t0
     timing["train_s_per_epoch"] = train_info["generated"]["s_per_epoch"]
     report["training"] = train_info

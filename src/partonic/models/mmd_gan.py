@@ -635,4 +635,3 @@ class MMDGAN(nn.Module):
         if self.symmetrise:
             events = swap_beams(events, torch.rand(len(events), generator=generator) < 0.5)
         return events
-
