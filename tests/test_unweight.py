@@ -146,6 +146,67 @@ def test_weighted_gan_marginal_term_uses_the_weights_and_reaches_the_generator_o
     assert any(float(p.grad.abs().sum()) > 0 for p in gan.generator.parameters())
 
 
+def test_sample_quantiles_give_the_expected_order_statistics_of_a_batch():
+    """SampleQuantiles of the standard normal: its targets for a batch of n are the mean
+    sorted values of n normal draws (Blom's levels; Monte Carlo, 4000 batches); the
+    levels (i − ½)/n put the outermost ones more than five standard errors further out."""
+    from partonic.models.weighted_gan import SampleQuantiles
+
+    q = SampleQuantiles(1, levels=8192)
+    levels = (torch.arange(8192, dtype=torch.float64) + 0.5) / 8192
+    q.quantiles[:, 0] = torch.special.ndtri(levels)
+    n = 256
+    targets = q.order_statistics(n)[:, 0]
+    draws = torch.sort(torch.randn(4000, n, dtype=torch.float64, generator=torch.Generator().manual_seed(3)), dim=1).values
+    mean, err = draws.mean(0), draws.std(0) / math.sqrt(4000)
+    assert torch.all(torch.diff(targets) > 0)
+    assert float(((targets - mean) / err).abs().max()) < 4.5
+    naive = torch.special.ndtri((torch.arange(n, dtype=torch.float64) + 0.5) / n)
+    assert float((naive[0] - mean[0]) / err[0]) < -5 and float((naive[-1] - mean[-1]) / err[-1]) > 5
+
+
+@pytest.mark.parametrize("negative_fraction", [0.0, 0.5])
+def test_sample_quantiles_of_a_weighted_sample_follow_its_net_distribution(negative_fraction):
+    """Fitted on the weighted camel (negative weights included), the quantile at level p
+    has camel CDF p within five standard errors of the weighted CDF estimate there."""
+    from partonic.models.weighted_gan import SampleQuantiles
+
+    x, w = weighted_camel(200_000, seed=4, negative_fraction=negative_fraction)
+    q = SampleQuantiles(1, levels=64).fit(x, w)
+    levels = (np.arange(64) + 0.5) / 64
+    xq = q.quantiles[:, 0].numpy()
+    xs, ws = x[:, 0].numpy(), w.numpy()
+    below = xs[None, :] < xq[:, None]
+    f_hat = (below * ws).sum(1) / ws.sum()
+    sigma = np.sqrt(((below - f_hat[:, None]) ** 2 * ws**2).sum(1)) / ws.sum()
+    pulls = (camel_cdf(xq) - levels) / sigma
+    assert np.abs(pulls).max() < 5.0, np.round(pulls, 2)
+
+
+def test_weighted_gan_marginal_target_input_uses_the_whole_input():
+    """marginal_target = "input": the marginal term compares the generated batch with the
+    expected sorted values of the whole weighted input, not with the step's batch."""
+    from partonic.models.weighted_gan import marginal_distance
+
+    x = torch.randn(5000, 2, dtype=torch.float64)
+    w = torch.rand(5000, dtype=torch.float64) + 0.5
+    pre = Standardise(2).fit(x, w)
+    torch.manual_seed(0)
+    gan = WeightedGAN(pre, dim=2, latent_dim=3, width=8, layers=1, generator="residual", marginal_weight=2.0, marginal_target="input")
+    gan.fit_marginal_targets(x, w)
+    torch.testing.assert_close(gan.input_quantiles.quantiles, type(gan.input_quantiles)(2).fit(pre(x)[0], w).quantiles)
+    assert "input_quantiles.quantiles" in gan.state_dict()
+    torch.manual_seed(1)
+    out = gan.loss((x[:128], w[:128]))
+    torch.manual_seed(1)  # the same noise as inside the loss
+    fake = gan.generator(torch.randn(128, 3))
+    torch.testing.assert_close(out["marginal_w2"], marginal_distance(fake, gan.input_quantiles.order_statistics(128).float()).detach())
+    with pytest.raises(ValueError, match="marginal_target"):
+        WeightedGAN(pre, dim=2, marginal_target="data")
+    with pytest.raises(ValueError, match="marginal_target='input'"):
+        WeightedGAN(pre, dim=2).fit_marginal_targets(x, w)
+
+
 def test_residual_generator_starts_as_the_standard_normal_and_trains_its_correction():
     """model.generator = residual: G(z) = z[:d] + f(z) with f zero at the start, so the
     untrained GAN samples the preprocessing's analytic model exactly; one training step
@@ -376,7 +437,7 @@ def test_unweight_job_from_weighted_lhe_with_negative_weights(tmp_path, monkeypa
 
 def test_unweight_job_gan_with_classifier_refinement(tmp_path, monkeypatch):
     out, report = run_job(tmp_path, "refined", ["model.method=gan", "model.refine=classifier", "model.refine_epochs=2", "model.generator=residual",
-                                                "model.rapidity=bounded"], monkeypatch)
+                                                "model.rapidity=bounded", "model.marginal_weight=0.5", "model.marginal_target=input"], monkeypatch)
     m = report["methods"]["gan"]
     assert report["refine"]["data_events"] == report["training_events"] and report["refine"]["best_epoch"] in (1, 2)
     assert 0 < m["refine"]["efficiency"] <= 1 and m["refine"]["r_max"] == pytest.approx(report["refine"]["r_max"])
@@ -384,6 +445,12 @@ def test_unweight_job_gan_with_classifier_refinement(tmp_path, monkeypatch):
     assert raw["events"] == big["events"] and set(raw["observables"]) == set(big["observables"])
     assert set(m["tails_unrefined"]) == set(m["tails"]) and all(v["ratio"] >= 0 for v in m["tails_unrefined"].values())
     saved = torch.load(out / "model.pt", weights_only=False)
+    # the marginal targets came from the whole training input (quantiles of near-normal coordinates)
+    qs = saved["state_dict"]["input_quantiles.quantiles"]
+    assert torch.all(torch.diff(qs, dim=0) >= 0) and torch.all(qs[0] < -2.5) and torch.all(qs[-1] > 2.5)
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged and all(rec["marginal_w2"] >= 0 for rec in logged if "loss_d" in rec)
+    assert any("marginal_w2" in rec for rec in logged)
     assert "r_max" in saved["refiner"] and float(saved["refiner"]["r_max"]) == pytest.approx(report["refine"]["r_max"])
 
 

@@ -326,12 +326,14 @@ def run(card, args) -> int:
     if method == "gan":
         model = WeightedGAN(pre, dim=3, latent_dim=m.latent_dim, width=m.width, layers=m.layers, gradient_penalty=m.gradient_penalty,
                             discriminator_lr_factor=m.discriminator_lr_factor, ema_decay=m.ema_decay, generator=m.generator,
-                            marginal_weight=m.marginal_weight)
+                            marginal_weight=m.marginal_weight, marginal_target=m.marginal_target)
     else:
         model = WeightedFlow(pre, dim=3, blocks=m.blocks, bins=m.bins, width=m.width, layers=m.layers)
     perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(card.seed + 2)).to(device)
     n_val = int(card.training.validation_fraction * len(perm))
     val_idx, tr_idx = perm[:n_val], perm[n_val:]
+    if method == "gan" and m.marginal_target == "input":
+        model.fit_marginal_targets(x_train[tr_idx], w_train[tr_idx])
     try:
         result = train(
             model, lambda mod, batch: mod.loss(batch), (x_train[tr_idx], w_train[tr_idx]), card.training, folder.path,
