@@ -308,9 +308,9 @@ class UnweightModel(Strict):
     #: batch's and the weighted true batch's marginal in every network coordinate
     #: (sorted values against weighted quantiles, 1-D Wasserstein-2; method gan; 0: off)
     marginal_weight: NonNegFloat = 0.0
-    #: what marginal_weight holds the generated marginals on: "batch", the weighted true
-    #: batch of the same step, or "input", the quantiles of the whole weighted training
-    #: input (computed once; free of the batch's noise)
+    #: what marginal_weight holds the generated marginals on: "batch", W₂² to the weighted
+    #: true batch of the same step, or "input", the Cramér distance to the quantiles of
+    #: the whole weighted training input (computed once; free of the batch's noise)
     marginal_target: Literal["batch", "input"] = "batch"
     #: "classifier": after training, a classifier between the weighted training events
     #: and the network's events gives their density ratio r(x); the network's events
