@@ -12,12 +12,12 @@ from partonic.cards import CardError, TrainingSection, parse_card
 from partonic.cli import main
 from partonic.evaluate.metrics import compare_histograms, compare_to_expected
 from partonic.io.lhe import LHEInit, LHEProcess, read_lhe, write_lhe
-from partonic.jobs.unweight import kinematics_from_leptons, leptons_from_kinematics, unweight_with_copies
+from partonic.jobs.unweight import kinematics_from_leptons, leptons_from_kinematics, training_weights, unweight_with_copies
 from partonic.models.refine import ClassifierRefiner
 from partonic.models.weighted_flow import DrellYanPreprocessing, Standardise, WeightedFlow
 from partonic.models.weighted_gan import WeightedGAN
 from partonic.simulate.pythia import shower_lhe
-from partonic.train import train
+from partonic.train import _batch_order, train
 
 # camel back: 0.5 N(−1.5, 0.5) + 0.5 N(1.0, 0.3)
 MODES = ((0.5, -1.5, 0.5), (0.5, 1.0, 0.3))
@@ -64,19 +64,48 @@ def check_against_camel(samples, train_x, train_w, edges, max_pull):
     return pulls
 
 
-@pytest.mark.parametrize("negative_fraction", [0.0, 0.5])
-def test_weighted_flow_reproduces_camel(negative_fraction, tmp_path):
+@pytest.mark.parametrize("negative_fraction, batch_weights", [(0.0, "loss"), (0.5, "loss"), (0.5, "resample")])
+def test_weighted_flow_reproduces_camel(negative_fraction, batch_weights, tmp_path):
     x, w = weighted_camel(60_000, seed=1, negative_fraction=negative_fraction)
     if negative_fraction:
         assert (w < 0).double().mean() > 0.2
     torch.manual_seed(0)
     model = WeightedFlow(Standardise(1).fit(x, w.clamp(min=0)), dim=1, bins=16, blocks=4)
     cfg = TrainingSection(batch_size=2048, epochs=60, optimizer={"lr": 1e-2}, log_every=100)
-    train(model, lambda m, b: m.loss(b), (x, w), cfg, tmp_path, seed=1, progress=False)
+    w_fit, draw = training_weights(w, batch_weights)
+    train(model, lambda m, b: m.loss(b), (x, w_fit), cfg, tmp_path, seed=1, progress=False, sample_weights=draw)
     samples, _ = model.sample(400_000, generator=torch.Generator().manual_seed(2))
     edges = np.linspace(-3.0, 2.0, 26)
     # 17 bulk bins: 4.5 standard errors
     check_against_camel(samples[:, 0].numpy(), x[:, 0].numpy(), w.numpy(), edges, max_pull=4.5)
+
+
+def test_resampled_batches_have_the_weighted_expectation_and_full_effective_size():
+    """Batches drawn in proportion to |w| with sign(w) in the loss estimate the weighted
+    mean of any function, negative weights included, and each batch event counts fully."""
+    x, w = weighted_camel(200_000, seed=5, negative_fraction=0.5)
+    s, draw = training_weights(w, "resample")
+    assert torch.equal(s.abs(), torch.ones_like(s)) and torch.equal(draw, w.abs())
+    assert training_weights(w, "loss") == (w, None)
+    with pytest.raises(ValueError, match="resample"):
+        training_weights(w, "sample")
+    idx = _batch_order(len(w), 0, seed=1, epoch=0, weights=draw)  # the trainer's draws: one epoch of n
+    edges = np.linspace(-3.0, 2.0, 11)
+    f = torch.from_numpy(np.digitize(x[:, 0].numpy(), edges))
+    bins = range(1, len(edges))
+    weighted = np.array([float((w * (f == b)).sum() / w.sum()) for b in bins])
+    xi, si = f[idx], s[idx]
+    resampled = np.array([float((si * (xi == b)).sum() / si.sum()) for b in bins])
+    # error of the resampled estimate: multinomial draws of ±1 ratios, n = 2·10⁵
+    n = len(idx)
+    pos = np.array([float(((si > 0) & (xi == b)).double().mean()) for b in bins])
+    neg = np.array([float(((si < 0) & (xi == b)).double().mean()) for b in bins])
+    norm = float(si.double().mean())
+    err = np.sqrt((pos + neg) / n) / norm
+    assert np.all(np.abs(resampled - weighted) < 4 * err), np.round((resampled - weighted) / err, 2)
+    # the weighted input's effective size is a fraction of n; a resampled batch has no zero weights
+    ess = float(w.sum()) ** 2 / float((w**2).sum()) / len(w)
+    assert ess < 0.5
 
 
 def test_weighted_gan_reproduces_camel_modes(tmp_path):
@@ -433,8 +462,11 @@ def test_unweight_job_from_weighted_lhe_with_negative_weights(tmp_path, monkeypa
     ev = drell_yan_lhe_events(3000)
     ev.weight = torch.where(torch.arange(3000) % 6 == 0, -1.0, 1.0).double() * 100.0
     path = write_lhe(tmp_path / "nlo_like.lhe", ev, LHEInit(weighting=-4, processes=[LHEProcess(1000.0, 10.0, 100.0, 1)]))
-    out, report = run_job(tmp_path, "fromlhe", ["data.source=lhe", f"data.files=[{path}]", "model.method=flow", "training.batch_size=512"], monkeypatch)
+    out, report = run_job(tmp_path, "fromlhe", ["data.source=lhe", f"data.files=[{path}]", "model.method=flow", "training.batch_size=512",
+                                                        "model.batch_weights=resample"], monkeypatch)
     assert report["training_negative_weight_fraction"] == pytest.approx(500 / 3000, abs=1e-9)
+    # ±100 weights: (Σw)²/(nΣw²) = (1 − 2·1/6)²; resampled batches draw every event equally often
+    assert report["training_batches"] == {"batch_weights": "resample", "input_effective_fraction": pytest.approx((2 / 3) ** 2, rel=0.02)}
     assert report["cross_section_pb"] == pytest.approx(1000.0)
     assert report["truth"] == "the weighted input events"
     assert "flow" in report["methods"]

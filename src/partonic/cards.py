@@ -316,6 +316,12 @@ class UnweightModel(Strict):
     #: and the network's events gives their density ratio r(x); the network's events
     #: are unweighted again by r (arXiv:2009.03796; methods gan and flow)
     refine: Literal["none", "classifier"] = "none"
+    #: how the training batches carry the event weights (methods gan and flow): "loss",
+    #: batches drawn uniformly and every event's weight in the loss (arXiv:2012.07873,
+    #: 2011.13445), or "resample", batches drawn with replacement in proportion to |w|
+    #: and only sign(w) in the loss: the same expected loss, but every batch event
+    #: counts fully (a batch's effective size is n, not n(Σw)²/(nΣw²))
+    batch_weights: Literal["loss", "resample"] = "loss"
     refine_epochs: PositiveInt = 20
     refine_width: Annotated[int, Field(ge=4, le=4096)] = 128
     refine_layers: Annotated[int, Field(ge=1, le=16)] = 3

@@ -32,7 +32,7 @@ from ..simulate.weighted import CHANNELS, DrellYanGenerator, DrellYanSetup, elec
 from ..train import TrainingError, seed_everything, train
 from .common import JobError, RunFolder, atomic_write_bytes, resolve_device
 
-__all__ = ["run", "drell_yan_setup", "network_preprocessing", "observables", "leptons_from_kinematics", "kinematics_from_leptons", "lhe_events_from_kinematics", "unweight_with_copies"]
+__all__ = ["run", "training_weights", "drell_yan_setup", "network_preprocessing", "observables", "leptons_from_kinematics", "kinematics_from_leptons", "lhe_events_from_kinematics", "unweight_with_copies"]
 
 OBSERVABLES = {
     "m_ll": (r"$m_{\mu\mu}$ [GeV]", lambda m_min: np.geomspace(m_min, 1000.0, 41), True),
@@ -230,6 +230,20 @@ def network_preprocessing(generator: DrellYanGenerator, rapidity: str, marginals
     return DrellYanPreprocessing(setup.m_min, generator.m_max, setup.ew.m_z, setup.ew.gamma_z, sqrt_s=setup.sqrt_s, rapidity=rapidity, marginals=marginals)
 
 
+def training_weights(w: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weights the loss sees, weights the batches are drawn with) for event weights w.
+
+    "loss": (w, None), uniform batches of weighted events. "resample": (sign w, |w|),
+    batches drawn with replacement in proportion to |w|: E[sign(w) f(x)] over such draws
+    is Σ w f / Σ|w|, the weighted mean up to the constant Σw/Σ|w| that every loss
+    normalises away, and no batch event has a weight near zero."""
+    if mode == "loss":
+        return w, None
+    if mode == "resample":
+        return torch.sign(w), w.abs()
+    raise ValueError(f"unknown batch_weights {mode!r}; allowed: 'loss', 'resample'")
+
+
 def run(card, args) -> int:
     device = resolve_device(card.device)
     folder = RunFolder.create(card, device, args.output, args.resume)
@@ -276,6 +290,10 @@ def run(card, args) -> int:
         "cross_section_pb": sigma, "cross_section_error_pb": sigma_err,
         "naive_unweighting_efficiency": eff.efficiency, "naive_unweighting": eff.as_dict(),
         "training_events": int(len(w_train)), "training_negative_weight_fraction": float((w_train < 0).double().mean()),
+        # the input's effective size (Σw)²/(nΣw²) as a fraction of n: what a uniform batch of
+        # weighted events is worth; a resampled batch is worth its size
+        "training_batches": {"batch_weights": card.model.batch_weights,
+                             "input_effective_fraction": float(w_train.double().sum() ** 2 / (w_train.double() ** 2).sum() / len(w_train))},
     })
     if data.source == "generator":
         report["cross_section_quadrature_pb"] = generator.integrate()
@@ -334,11 +352,12 @@ def run(card, args) -> int:
     val_idx, tr_idx = perm[:n_val], perm[n_val:]
     if method == "gan" and m.marginal_target == "input":
         model.fit_marginal_targets(x_train[tr_idx], w_train[tr_idx])
+    w_fit, draw_weights = training_weights(w_train[tr_idx], m.batch_weights)
     try:
         result = train(
-            model, lambda mod, batch: mod.loss(batch), (x_train[tr_idx], w_train[tr_idx]), card.training, folder.path,
+            model, lambda mod, batch: mod.loss(batch), (x_train[tr_idx], w_fit), card.training, folder.path,
             seed=card.seed, device=device, val_data=(x_train[val_idx], w_train[val_idx]) if n_val else None,
-            resume=args.resume, description=f"training {method}",
+            resume=args.resume, description=f"training {method}", sample_weights=draw_weights,
         )
     except TrainingError as exc:
         raise JobError(str(exc)) from None
