@@ -224,6 +224,13 @@ class CINNModel(Strict):
     condition_width: Annotated[int, Field(ge=4, le=4096)] = 256
     condition_dim: Annotated[int, Field(ge=1, le=1024)] = 64
     clamp: PositiveFloat = 2.0
+    #: the coupling blocks: FrEIA AllInOneBlocks (affine, the paper's) or rational-quadratic
+    #: spline couplings, each followed by a random permutation
+    coupling: Literal["affine", "spline"] = "affine"
+    #: spline pieces and the interval [−bound, bound] of the standardised coordinates
+    #: that the splines cover (identity outside); only with coupling: spline
+    spline_bins: Annotated[int, Field(ge=2, le=128)] = 10
+    spline_bound: Annotated[float, Field(gt=0.0, le=50.0)] = 5.0
     #: decay coordinates of every jet pair in the condition, not only of the leading
     #: pair and the pair closest to m_W (with ISR jets the W is any of them)
     pair_features: bool = False

@@ -457,6 +457,13 @@ class ConditionalINN(nn.Module):
         blocks, subnet_layers, subnet_width: the coupling stack and its subnets.
         condition_layers, condition_width, condition_dim: the condition network.
         clamp: soft clamping of the affine coefficients (FrEIA ``affine_clamping``).
+        coupling: "affine", FrEIA ``AllInOneBlock``s (affine couplings with soft
+            permutations, the paper's), or "spline", rational-quadratic spline
+            couplings (:class:`~partonic.models.spline_coupling.SplineCouplingBlock`)
+            each followed by a random permutation (FrEIA ``PermuteRandom``): a spline
+            bends a coordinate into any monotone shape, so a posterior mixed over jet
+            pairings needs fewer blocks.
+        spline_bins, spline_bound: the splines' pieces and interval [−bound, bound].
 
     Example:
         >>> inn = ConditionalINN(10, 30)
@@ -474,10 +481,18 @@ class ConditionalINN(nn.Module):
         condition_width: int = 256,
         condition_dim: int = 64,
         clamp: float = 2.0,
+        coupling: str = "affine",
+        spline_bins: int = 10,
+        spline_bound: float = 5.0,
     ):
         super().__init__()
         import FrEIA.framework as Ff
         import FrEIA.modules as Fm
+
+        from partonic.models.spline_coupling import SplineCouplingBlock
+
+        if coupling not in ("affine", "spline"):
+            raise ValueError(f"coupling must be 'affine' or 'spline', got {coupling!r}")
 
         self.dim = dim
         self.condition_net = _mlp(condition_in, condition_dim, condition_width, condition_layers)
@@ -492,7 +507,11 @@ class ConditionalINN(nn.Module):
         np.random.seed(int(torch.randint(0, 2**31 - 1, (1,))))
         try:
             for _ in range(blocks):
-                self.inn.append(Fm.AllInOneBlock, cond=0, cond_shape=(condition_dim,), subnet_constructor=subnet, affine_clamping=clamp, permute_soft=True)
+                if coupling == "affine":
+                    self.inn.append(Fm.AllInOneBlock, cond=0, cond_shape=(condition_dim,), subnet_constructor=subnet, affine_clamping=clamp, permute_soft=True)
+                else:
+                    self.inn.append(SplineCouplingBlock, cond=0, cond_shape=(condition_dim,), subnet_constructor=subnet, bins=spline_bins, bound=spline_bound)
+                    self.inn.append(Fm.PermuteRandom)
         finally:
             np.random.set_state(saved)
 
@@ -571,6 +590,9 @@ class Unfolder(nn.Module):
             condition_width=model.condition_width,
             condition_dim=model.condition_dim,
             clamp=model.clamp,
+            coupling=getattr(model, "coupling", "affine"),
+            spline_bins=getattr(model, "spline_bins", 10),
+            spline_bound=getattr(model, "spline_bound", 5.0),
         )
         self.mmd_weight = float(model.mmd.weight)
         self.mmd_widths = list(model.mmd.widths)
