@@ -75,6 +75,8 @@ def main() -> None:
         torch.cuda.synchronize()
     per_step = (time.perf_counter() - t0) / args.steps
     n_train = int(0.15 * d.n_events * (1 - d.test_fraction) * (1 - card.training.validation_fraction))
+    # every further detector realisation adds about as many events; the rotation doubles them
+    n_train *= (1 + d.resmear) * (2 if d.symmetrise else 1)
     result["train_step_s"] = per_step
     result["train_events_assumed"] = n_train
     result["train_s_per_epoch"] = per_step * (n_train // bs)

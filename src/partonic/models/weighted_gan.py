@@ -260,12 +260,16 @@ def weight_average(generator: nn.Module, decay: float) -> nn.Module | None:
 
 @torch.no_grad()
 def update_weight_average(average: nn.Module | None, live: nn.Module, decay: float) -> None:
-    """ā ← d ā + (1 − d) a for every parameter (called once per training step, with
-    the weights the previous optimizer step left)."""
+    """ā ← d ā + (1 − d) a for every floating-point parameter (called once per training
+    step, with the weights the previous optimizer step left). Integer parameters, such
+    as the index permutations of FrEIA's ``PermuteRandom``, are fixed and copied."""
     if average is None:
         return
     for avg, p in zip(average.parameters(), live.parameters()):
-        avg.lerp_(p, 1.0 - decay)
+        if avg.is_floating_point():
+            avg.lerp_(p, 1.0 - decay)
+        else:
+            avg.copy_(p)
 
 
 def latent_batches(net: nn.Module, latent_dim: int, n: int, generator: torch.Generator | None, batch_size: int):
