@@ -3,7 +3,8 @@
 References: Bellagente et al., "Invertible networks or partons to detector and
 back again", arXiv:2006.06685 (the cINN, its condition network and the ISR
 study); Ardizzone et al., arXiv:1907.02392 (conditional INNs); FrEIA 0.2
-(``SequenceINN`` of ``AllInOneBlock``).
+(``SequenceINN`` of ``AllInOneBlock``s, or of the project's spline couplings,
+:mod:`partonic.models.spline_coupling`).
 
 The parton level is the hard process ℓ⁻ ℓ⁺ q q̄, taken massless (quark and
 antiquark are not told apart: the jets cannot). Its transverse
