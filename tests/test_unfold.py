@@ -491,7 +491,7 @@ name: zw_tiny
 seed: 2
 device: cpu
 data: {{n_events: {n}, workers: 1, test_fraction: 0.3, channel_balance: 1.0, resmear: 1}}
-model: {{blocks: 3, subnet_width: 24, condition_width: 24, condition_dim: 8}}
+model: {{coupling: spline, blocks: 3, subnet_width: 24, condition_width: 24, condition_dim: 8}}
 training: {{batch_size: 64, epochs: 2, checkpoint_every: 1000}}
 evaluation: {{samples_per_event: 16, bins: 8}}
 """
