@@ -191,6 +191,23 @@ def test_calibration_noise_floor_is_the_95_percent_point_for_calibrated_posterio
     assert 1 <= exceed <= 20
 
 
+def _train_toy_inn(inn, x, c, epochs=12, batch=256, lr=2e-3):
+    """Maximum likelihood for a toy cINN: Adam with a cosine schedule, shuffled batches."""
+    n = len(x)
+    opt = torch.optim.Adam(inn.parameters(), lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * math.ceil(n / batch))
+    for _ in range(epochs):
+        perm = torch.randperm(n)
+        for i in range(0, n, batch):
+            idx = perm[i : i + batch]
+            z, lj = inn(x[idx], c[idx])
+            loss = (0.5 * (z**2).sum(-1) - lj).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+
+
 def test_cinn_learns_a_known_gaussian_posterior_and_is_calibrated():
     """Detector = parton + Gaussian noise: x ~ N(0, 1), c = x + N(0, σ²) per component,
     so the posterior is N(c/(1 + σ²), σ²/(1 + σ²)) exactly."""
@@ -199,19 +216,7 @@ def test_cinn_learns_a_known_gaussian_posterior_and_is_calibrated():
     x = torch.randn(n, 2)
     c = x + sigma * torch.randn(n, 2)
     inn = ConditionalINN(2, 2, blocks=4, subnet_layers=2, subnet_width=32, condition_layers=2, condition_width=32, condition_dim=8)
-    opt = torch.optim.Adam(inn.parameters(), 2e-3)
-    epochs = 12
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * math.ceil(n / 256))
-    for epoch in range(epochs):
-        perm = torch.randperm(n)
-        for i in range(0, n, 256):
-            idx = perm[i : i + 256]
-            z, lj = inn(x[idx], c[idx])
-            loss = (0.5 * (z**2).sum(-1) - lj).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+    _train_toy_inn(inn, x, c)
     n_test, s = 2000, 200
     x_t = torch.randn(n_test, 2)
     c_t = x_t + sigma * torch.randn(n_test, 2)
@@ -246,19 +251,7 @@ def test_spline_cinn_learns_a_two_mode_posterior():
 
     x, c = data(n)
     inn = ConditionalINN(2, 2, blocks=4, subnet_layers=2, subnet_width=32, condition_layers=2, condition_width=32, condition_dim=8, coupling="spline", spline_bins=8, spline_bound=4.0)
-    opt = torch.optim.Adam(inn.parameters(), 2e-3)
-    epochs = 12
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * math.ceil(n / 256))
-    for epoch in range(epochs):
-        perm = torch.randperm(n)
-        for i in range(0, n, 256):
-            idx = perm[i : i + 256]
-            z, lj = inn(x[idx], c[idx])
-            loss = (0.5 * (z**2).sum(-1) - lj).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+    _train_toy_inn(inn, x, c)
     n_test, s = 2000, 200
     x_t, c_t = data(n_test)
     with torch.no_grad():
