@@ -11,6 +11,7 @@ import torch
 
 from partonic.cards import CINNModel, DetectorSection
 from partonic.cli import main
+from partonic.jobs.unfold import lepton_veto_cuts
 from partonic.evaluate.calibration import calibration, noise_floor, quantile_ranks
 from partonic.io.lhe import read_lhe
 from partonic.models import cinn
@@ -475,6 +476,30 @@ def test_pythia_zw_resumes_from_finished_chunks(zw_particle_level):
     assert len(list(scratch.glob("chunk_*.npz"))) == 2
     again, _ = simulate_zw(600, 5, {"sqrt_s": 13000.0}, {"radius": 0.4}, workers=1, chunk_size=300, progress=False, scratch=scratch)
     assert np.array_equal(again["partons"], arrays["partons"]) and np.array_equal(again["jets"], arrays["jets"])
+
+
+def test_lepton_veto_keeps_every_event_the_detector_can_select(zw_particle_level, tmp_path):
+    """data.lepton_veto drops the particle-level objects of events whose Z leptons fail
+    the lepton cuts: the events it keeps are bit for bit those of the run without it
+    (the veto acts after Pythia's event, so the random sequence is unchanged), and no
+    vetoed event is ever selected by the detector of the run without it."""
+    arrays, _, _ = zw_particle_level
+    detector = DetectorSection()
+    cuts = lepton_veto_cuts(detector)
+    assert 0.8 * detector.lepton_pt_min < cuts["pt_min"] < detector.lepton_pt_min and cuts["eta_max"] == detector.lepton_eta_max
+    vetoed, _ = simulate_zw(600, 5, {"sqrt_s": 13000.0}, {"radius": 0.4, "lepton_veto": cuts}, workers=1, chunk_size=300, progress=False, scratch=tmp_path)
+    keep = ~vetoed["vetoed"]
+    assert not arrays["vetoed"].any() and 0.3 < vetoed["vetoed"].mean() < 0.7
+    for name in ("partons", "parton_ids", "leptons", "lepton_ids", "jets"):
+        assert np.array_equal(vetoed[name][keep], arrays[name][keep])
+    assert np.array_equal(vetoed["partons"], arrays["partons"])
+    assert not vetoed["leptons"][~keep].any() and not vetoed["jets"][~keep].any()
+    selected = 0
+    for s in range(10):
+        _, rows = apply_detector(arrays["leptons"], arrays["lepton_ids"], arrays["jets"], detector, np.random.default_rng([s, 17]), return_rows=True)
+        selected += len(rows)
+        assert keep[rows].all()
+    assert selected > 500
 
 
 # ---------------------------------------------------------------- the job

@@ -199,6 +199,14 @@ class UnfoldData(Strict):
     #: (smearing, efficiencies and selection drawn anew; parton and particle level
     #: fixed); the events behind the validation and test sets are left out (source pythia)
     resmear: Annotated[int, Field(ge=0, le=16)] = 0
+    #: skip the particle-level objects (the loop over the hadrons, lepton isolation,
+    #: jet clustering) of events whose two Z-decay leptons, after QED radiation, fail
+    #: |η| < detector.lepton_eta_max or lie 6 standard deviations of the lepton pT
+    #: resolution below detector.lepton_pt_min (jobs/unfold.py, lepton_veto_cuts): the
+    #: detector leaves lepton directions alone, so they cannot be selected; the events
+    #: kept are unchanged and the simulation is faster (source pythia; the cuts are
+    #: part of the cache key)
+    lepton_veto: bool = True
     detector: DetectorSection = DetectorSection()
 
     @model_validator(mode="after")

@@ -32,7 +32,7 @@ from partonic.io.store import DatasetCache, cache_key
 from partonic.jobs.common import JobError, RunFolder, atomic_write_bytes, resolve_device
 from partonic.models.cinn import Unfolder, parton_observables
 from partonic.physics.constants import M_ELECTRON, M_MUON
-from partonic.simulate.detector import CHANNELS, DetectorEvents, DetectorInputError, apply_detector
+from partonic.simulate.detector import CHANNELS, DetectorEvents, DetectorInputError, apply_detector, lepton_pt_resolution
 from partonic.train import TrainingError, load_checkpoint, seed_everything, train
 
 __all__ = ["run", "load_events", "OBSERVABLES", "CALIBRATED", "detector_observables"]
@@ -58,11 +58,24 @@ CALIBRATED = ("pt_q1", "pt_q2", "eta_q1", "m_jj", "pt_l1")
 #: IBU comparison: parton observable → its detector-level proxy (same name in detector_observables)
 IBU_OBSERVABLES = ("m_jj", "pt_q1")
 CHANNEL_NAMES = ("inclusive",) + CHANNELS
+#: data.lepton_veto: a Z-decay lepton counts as failing the detector's pT threshold
+#: only this many standard deviations of the lepton pT resolution below it
+LEPTON_VETO_SIGMAS = 6.0
 #: default Pythia8 PDF (PDF:pSet = 13) is this set
 _PYTHIA_DEFAULT_PDF = ("NNPDF23_lo_as_0130_qed", 0)
 
 
 # --------------------------------------------------------------------- data
+def lepton_veto_cuts(detector) -> dict:
+    """The cuts of ``data.lepton_veto``: |η| < the detector's lepton acceptance (which
+    the response does not change: it scales lepton momenta), and pT above the lepton
+    threshold less LEPTON_VETO_SIGMAS of the worst relative pT resolution there."""
+    pt = np.array([detector.lepton_pt_min] * 2)
+    worst = float(lepton_pt_resolution(pt, np.array([0.0, np.inf]), detector.lepton_resolution_barrel,
+                                       detector.lepton_resolution_endcap, detector.lepton_barrel_eta).max())
+    return {"pt_min": detector.lepton_pt_min * max(0.0, 1.0 - LEPTON_VETO_SIGMAS * worst), "eta_max": detector.lepton_eta_max}
+
+
 def _pythia_events(card, progress: bool) -> tuple[DetectorEvents, dict]:
     from partonic.physics.pdf import PDFError, find_pdf_member
     from partonic.simulate.pythia import simulate_zw
@@ -75,6 +88,8 @@ def _pythia_events(card, progress: bool) -> tuple[DetectorEvents, dict]:
     # what the generator does beyond the card (changes here must change the cache key)
     key_extra = {"w_decay": "ud,us,cd,cs"}
     objects = {"radius": d.detector.jet_radius, "isolation_dr": d.detector.isolation_dr, "isolation_ratio": d.detector.isolation_ratio}
+    if d.lepton_veto:
+        objects["lepton_veto"] = lepton_veto_cuts(d.detector)
     pdf = (card.physics.pdf.set, card.physics.pdf.member)
     key = cache_key("zw_particle_level", {"generator": generator, "objects": objects, "pdf": pdf, "n_events": d.n_events, **key_extra}, card.seed)
     cache = DatasetCache()
@@ -99,6 +114,8 @@ def _pythia_events(card, progress: bool) -> tuple[DetectorEvents, dict]:
         partons=arrays["partons"], parton_ids=arrays["parton_ids"], return_rows=True,
     )
     meta["cache_key"] = key
+    if "vetoed" in arrays:
+        meta["lepton_vetoed"] = int(arrays["vetoed"].sum())
     meta["particle_level"] = {"arrays": arrays, "rows": rows}  # for data.resmear; not reported
     return events, meta
 
@@ -449,7 +466,7 @@ def run(card, args) -> int:
     if meta.get("sigma_pb"):
         report["cross_section_pb"] = float(meta["sigma_pb"])
         report["fiducial_cross_section_pb"] = float(meta["sigma_pb"]) * len(events) / max(1, events.n_generated or len(events))
-    report["data"] = {k: v for k, v in meta.items() if k in ("cache_key", "cached", "files", "n_failed", "errors", "workers")}
+    report["data"] = {k: v for k, v in meta.items() if k in ("cache_key", "cached", "files", "n_failed", "errors", "workers", "lepton_vetoed")}
     particle = meta.pop("particle_level", None)
     if len(events) < 50:
         raise JobError(f"only {len(events)} events pass the selection; raise data.n_events")

@@ -277,16 +277,44 @@ def _pythia_events(settings: list[str], n: int, process: str, record) -> dict:
     return {"sigma_pb": sigma_pb, "n_failed": failed, "errors": errors, "seconds": time.perf_counter() - start}
 
 
+def _z_leptons_accepted(event, pt_min: float, eta_max: float) -> int:
+    """How many of the two Z-decay leptons, followed through QED radiation to their
+    final copies in Pythia's event record, have pT > ``pt_min`` and |η| < ``eta_max``.
+    Returns 2 (no veto) when the record does not show one Z with two lepton daughters."""
+    import math
+
+    z = [i for i in range(3, min(event.size(), 8)) if event[i].id() == 23]
+    if len(z) != 1:
+        return 2
+    last = event[event[z[0]].iBotCopyId()]
+    daughters = range(last.daughter1(), last.daughter2() + 1)
+    if last.daughter1() <= 0 or len(daughters) != 2:
+        return 2
+    accepted = 0
+    for d in daughters:
+        p = event[event[d].iBotCopyId()]
+        if abs(p.id()) not in (11, 13) or not p.isFinal():
+            return 2
+        pt = math.hypot(p.px(), p.py())
+        accepted += pt > pt_min and abs(math.asinh(p.pz() / pt)) < eta_max
+    return accepted
+
+
 def zw_chunk(task: dict) -> dict:
     """Generate one chunk of pp → ZW events (one process, one Pythia instance).
 
     ``task`` holds ``n_events``, ``seed``, ``settings`` (from :func:`zw_settings`)
     and the particle-level object options ``objects`` (keyword arguments of
     :func:`partonic.simulate.detector.particle_level_objects`, whose objects it makes;
-    the jets of all its events in one FastJet call at the end). Returns arrays
-    ``partons`` (n, 4, 4), ``parton_ids`` (n, 4), ``leptons`` (n, L, 4),
-    ``lepton_ids`` (n, L), ``jets`` (n, K, 4), and ``sigma_pb``, ``n_failed``,
-    ``errors`` (Pythia's error statistics), ``seconds``."""
+    the jets of all its events in one FastJet call at the end), optionally with
+    ``lepton_veto`` = {"pt_min": …, "eta_max": …}: an event whose two Z-decay leptons
+    cannot both pass these cuts (:func:`_z_leptons_accepted`) keeps its partons but no
+    particle-level objects (zero leptons and jets), which saves the loop over its
+    hadrons, the isolation and the clustering. Returns arrays ``partons`` (n, 4, 4),
+    ``parton_ids`` (n, 4), ``leptons`` (n, L, 4), ``lepton_ids`` (n, L), ``jets``
+    (n, K, 4), ``vetoed`` (n,), and ``sigma_pb``, ``n_failed``, ``errors`` (Pythia's
+    error statistics), ``seconds``. The veto acts after ``Pythia.next()``, so it leaves
+    Pythia's random sequence, and every event it keeps, unchanged."""
     import time
 
     import numpy as np
@@ -295,6 +323,7 @@ def zw_chunk(task: dict) -> dict:
 
     n = task["n_events"]
     objects = dict(task["objects"])
+    veto = objects.pop("lepton_veto", None)
     n_lep, n_jet = objects.get("max_leptons", 4), objects.pop("max_jets", 8)
     radius, jet_pt_min = objects.pop("radius"), objects.pop("jet_pt_min", 10.0)
     jet_inputs, counts = [], np.zeros(n, dtype=np.int64)
@@ -304,6 +333,7 @@ def zw_chunk(task: dict) -> dict:
         "leptons": np.zeros((n, n_lep, 4)),
         "lepton_ids": np.zeros((n, n_lep), dtype=np.int64),
         "jets": np.zeros((n, n_jet, 4)),
+        "vetoed": np.zeros(n, dtype=bool),
     }
 
     def record(py, k: int) -> bool:
@@ -311,6 +341,9 @@ def zw_chunk(task: dict) -> dict:
         if hard is None:
             return False
         out["partons"][k], out["parton_ids"][k] = hard
+        if veto is not None and _z_leptons_accepted(py.event, **veto) < 2:
+            out["vetoed"][k] = True
+            return True  # no particle-level objects: counts[k] = 0, leptons and jets zero
         final = [(p.e(), p.px(), p.py(), p.pz(), p.id()) for p in py.event if p.isFinal() and p.isVisible()]
         arr = np.asarray(final, dtype=np.float64).reshape(-1, 5)
         out["leptons"][k], out["lepton_ids"][k], isolated = isolated_leptons(arr[:, :4], arr[:, 4].astype(np.int64), **objects)
