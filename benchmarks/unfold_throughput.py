@@ -1,7 +1,7 @@
 """Throughput of the unfolding chain, CPU and GPU when present:
 
 - Pythia8 pp → ZW with ISR/FSR/hadronisation + FastJet + isolation on one core
-  (events/s), and the vectorised detector response and selection (events/s);
+  (events/s, with and without data.lepton_veto), and the vectorised detector response and selection (events/s);
 - cINN training time per epoch at a card's network size (for the card's
   training-set size, measured over a number of steps on real selected events);
 - unfolding throughput in parton-level samples/s at that size, in large batches.
@@ -19,6 +19,7 @@ import torch
 
 from _common import device_description, write_result
 from partonic.cards import load_card
+from partonic.jobs.unfold import lepton_veto_cuts
 from partonic.models.cinn import Unfolder
 from partonic.simulate.detector import apply_detector
 from partonic.simulate.pythia import zw_chunk, zw_settings
@@ -38,9 +39,17 @@ def main() -> None:
     result: dict = {"card": args.card, "device": device_description(args.device)}
 
     # ---- Pythia8 + FastJet on one core ---------------------------------------
+    # with and without data.lepton_veto (the same events: the veto leaves Pythia's random
+    # sequence alone); the card's setting is the one that goes on below
     objects = {"radius": d.detector.jet_radius, "isolation_dr": d.detector.isolation_dr, "isolation_ratio": d.detector.isolation_ratio}
-    chunk = zw_chunk({"n_events": args.events, "settings": zw_settings(card.seed, sqrt_s=card.physics.sqrt_s), "objects": objects})
-    result["pythia_fastjet_events_per_s_one_core"] = args.events / chunk["seconds"]
+    for veto in (False, True):
+        extra = {"lepton_veto": lepton_veto_cuts(d.detector)} if veto else {}
+        run = zw_chunk({"n_events": args.events, "settings": zw_settings(card.seed, sqrt_s=card.physics.sqrt_s), "objects": {**objects, **extra}})
+        result[f"pythia_fastjet_events_per_s_one_core{'_lepton_veto' if veto else ''}"] = args.events / run["seconds"]
+        if veto:
+            result["lepton_vetoed_fraction"] = float(run["vetoed"].mean())
+        if veto == d.lepton_veto:
+            chunk = run
     t0 = time.perf_counter()
     reps = 20
     for k in range(reps):
