@@ -377,14 +377,11 @@ def test_pair_features_hold_every_jet_pair_and_zero_for_absent_jets():
     assert bool((c1[n_jets < 3][:, block[(0, 2)]] == 0).all()) and bool((mask[n_jets >= 3][:, block[(0, 2)]] == 1).all())
 
 
-def test_jets_of_many_events_in_one_fastjet_call_equal_the_per_event_jets():
-    """cluster_jets_many (FastJet's array interface, what zw_chunk uses) gives every
-    event the jets of cluster_jets (one ClusterSequence of PseudoJets per event): on
-    the visible final states of Pythia8 ZW events (isolated leptons left out, as in the
-    simulation), and on events with no particles or no jet above threshold."""
+@pytest.fixture(scope="module")
+def zw_final_states():
+    """The visible final states (E, px, py, pz, id) of 40 Pythia8 ZW events."""
     import pythia8mc
 
-    from partonic.simulate.detector import cluster_jets, cluster_jets_many, isolated_leptons
     from partonic.simulate.pythia import capture_c_stdout, zw_settings
 
     events = []
@@ -394,10 +391,19 @@ def test_jets_of_many_events_in_one_fastjet_call_equal_the_per_event_jets():
             py.readString(line)
         assert py.init()
         while len(events) < 40:
-            if not py.next():
-                continue
-            arr = np.asarray([(p.e(), p.px(), p.py(), p.pz(), p.id()) for p in py.event if p.isFinal() and p.isVisible()]).reshape(-1, 5)
-            events.append(arr[~isolated_leptons(arr[:, :4], arr[:, 4].astype(np.int64))[2], :4])
+            if py.next():
+                events.append(np.asarray([(p.e(), p.px(), p.py(), p.pz(), p.id()) for p in py.event if p.isFinal() and p.isVisible()]).reshape(-1, 5))
+    return events
+
+
+def test_jets_of_many_events_in_one_fastjet_call_equal_the_per_event_jets(zw_final_states):
+    """cluster_jets_many (FastJet's array interface, what zw_chunk uses) gives every
+    event the jets of cluster_jets (one ClusterSequence of PseudoJets per event): on
+    the visible final states of Pythia8 ZW events (isolated leptons left out, as in the
+    simulation), and on events with no particles or no jet above threshold."""
+    from partonic.simulate.detector import cluster_jets, cluster_jets_many, isolated_leptons
+
+    events = [arr[~isolated_leptons(arr[:, :4], arr[:, 4].astype(np.int64))[2], :4] for arr in zw_final_states]
     events.insert(3, np.zeros((0, 4)))
     events.insert(7, events[5][:2] * 1e-3)  # two soft particles: no jet
     counts = np.array([len(e) for e in events])
@@ -408,6 +414,39 @@ def test_jets_of_many_events_in_one_fastjet_call_equal_the_per_event_jets():
     assert not many[3].any() and not many[7].any()
     with pytest.raises(ValueError, match="counts"):
         cluster_jets_many(np.concatenate(events), counts + 1, 0.4, 10.0, 6)
+
+
+def test_isolated_leptons_of_many_events_at_once_equal_the_per_event_ones(zw_final_states):
+    """isolated_leptons_many (what zw_chunk uses) finds the leptons, ids and isolation
+    mask of isolated_leptons event by event: on Pythia8 ZW final states, an empty
+    event, and made-up events with a lepton inside a jet, two leptons in one cone and
+    more leptons than slots."""
+    from partonic.simulate.detector import isolated_leptons, isolated_leptons_many
+
+    rng = np.random.default_rng(4)
+
+    def particle(pid, pt, eta, phi):
+        return [pt * np.cosh(eta), pt * np.cos(phi), pt * np.sin(phi), pt * np.sinh(eta), pid]
+
+    made_up = [
+        np.array([particle(13, 40.0, 0.1, 0.2), particle(211, 30.0, 0.2, 0.3), particle(-13, 35.0, -1.0, 2.5)]),  # μ⁻ in a jet
+        np.array([particle(11, 50.0, 0.0, 0.0), particle(-11, 45.0, 0.2, 0.1), particle(22, 1.0, 0.1, 0.0)]),  # e⁺e⁻ in one cone
+        np.array([particle(rng.choice([11, -11, 13, -13]), 20.0 + 10 * k, rng.uniform(-2, 2), k * 1.0) for k in range(6)]),
+    ]
+    events = list(zw_final_states[:20]) + [np.zeros((0, 5))] + made_up + list(zw_final_states[20:])
+    counts = np.array([len(e) for e in events])
+    final = np.concatenate(events)
+    leptons, ids, isolated = isolated_leptons_many(final[:, :4], final[:, 4].astype(np.int64), counts, max_leptons=4)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    found = 0
+    for k, e in enumerate(events):
+        lep, lid, iso = isolated_leptons(e[:, :4], e[:, 4].astype(np.int64), max_leptons=4)
+        assert np.array_equal(leptons[k], lep) and np.array_equal(ids[k], lid)
+        assert np.array_equal(isolated[offsets[k]:offsets[k + 1]], iso)
+        found += int((lid != 0).sum())
+    assert found >= 40 and (ids[21] != 0).sum() == 1 and (ids[22] == 0).all() and (ids[23] != 0).all()
+    with pytest.raises(ValueError, match="counts"):
+        isolated_leptons_many(final[:, :4], final[:, 4].astype(np.int64), counts + 1)
 
 
 def test_detector_events_hdf5_round_trip_and_errors(tmp_path):
