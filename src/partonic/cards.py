@@ -206,7 +206,7 @@ class UnfoldData(Strict):
     #: detector leaves lepton directions alone, so such an event is selected only when
     #: another isolated lepton (from a hadron decay) stands in for a Z lepton, 1 of the
     #: 59 755 selected events of cards/zw.yaml. The events kept are unchanged and the
-    #: simulation 1.7 times faster (source pythia; the cuts are part of the cache key)
+    #: simulation about 1.4 times faster (source pythia; the cuts are part of the cache key)
     lepton_veto: bool = True
     detector: DetectorSection = DetectorSection()
 
