@@ -324,17 +324,11 @@ def zw_chunk(task: dict) -> dict:
     n = task["n_events"]
     objects = dict(task["objects"])
     veto = objects.pop("lepton_veto", None)
-    n_lep, n_jet = objects.get("max_leptons", 4), objects.pop("max_jets", 8)
+    n_jet = objects.pop("max_jets", 8)
     radius, jet_pt_min = objects.pop("radius"), objects.pop("jet_pt_min", 10.0)
     finals, counts = [], np.zeros(n, dtype=np.int64)
-    out = {
-        "partons": np.zeros((n, 4, 4)),
-        "parton_ids": np.zeros((n, 4), dtype=np.int64),
-        "leptons": np.zeros((n, n_lep, 4)),
-        "lepton_ids": np.zeros((n, n_lep), dtype=np.int64),
-        "jets": np.zeros((n, n_jet, 4)),
-        "vetoed": np.zeros(n, dtype=bool),
-    }
+    # leptons, lepton ids and jets are made for the whole chunk after the loop
+    out = {"partons": np.zeros((n, 4, 4)), "parton_ids": np.zeros((n, 4), dtype=np.int64), "vetoed": np.zeros(n, dtype=bool)}
 
     def record(py, k: int) -> bool:
         hard = _hard_partons(py.process)
