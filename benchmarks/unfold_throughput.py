@@ -60,15 +60,15 @@ def main() -> None:
     # ---- training step time at the card's size ---------------------------------
     torch.manual_seed(card.seed)
     unfolder = Unfolder(d.detector.max_jets, card.model).fit(events)
-    cond, x, _ = unfolder.features(events)
+    data = unfolder.training_data(events)
     unfolder.to(args.device)
     opt = torch.optim.Adam([p for p in unfolder.parameters() if p.requires_grad], card.training.optimizer.lr)
     bs = card.training.batch_size
-    idx = torch.randint(0, len(x), (args.steps + 10, bs))
-    xd, cd = x.to(args.device), cond.to(args.device)
+    idx = torch.randint(0, len(data[0]), (args.steps + 10, bs))
+    on_device = [d.to(args.device) for d in data]
 
     def step(i):
-        out = unfolder.loss((xd[idx[i]], cd[idx[i]]))
+        out = unfolder.loss([d[idx[i]] for d in on_device])
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
@@ -95,13 +95,16 @@ def main() -> None:
     unfolder.eval()
     s = card.evaluation.samples_per_event
     n_ev = max(1, args.samples // s)
-    c = cond[torch.randint(0, len(cond), (n_ev,))]
+    pick = torch.randint(0, len(data[1]), (n_ev,))
+    c = data[1][pick]
+    valid = data[3][pick] if unfolder.pairs else None
     gen = torch.Generator(device=args.device).manual_seed(1)
-    unfolder.sample_features(c[: max(1, n_ev // 20)], s, card.evaluation.batch_size, gen)  # warm-up
+    m = max(1, n_ev // 20)
+    unfolder.sample_features(c[:m], s, card.evaluation.batch_size, gen, valid=None if valid is None else valid[:m])  # warm-up
     if args.device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    unfolder.sample_features(c, s, card.evaluation.batch_size, gen)
+    unfolder.sample_features(c, s, card.evaluation.batch_size, gen, valid=valid)
     if args.device == "cuda":
         torch.cuda.synchronize()
     result["unfold_samples_per_s"] = n_ev * s / (time.perf_counter() - t0)

@@ -827,7 +827,7 @@ def test_cinn_weight_average_follows_the_training_steps_and_unfolds(coupling):
     for e, a in zip(expected, unfolder.cinn_ema.parameters()):
         torch.testing.assert_close(a, e)
     gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
-    averaged = unfolder.sample_features(cond[:5], 3, generator=gen())
+    averaged, _ = unfolder.sample_features(cond[:5], 3, generator=gen())
     z = torch.randn(15, unfolder.cinn.dim, generator=gen())
     torch.testing.assert_close(averaged.reshape(15, -1), unfolder.cinn_ema.inverse(z, cond[:5].repeat_interleave(3, 0))[0].detach())
     assert not torch.allclose(averaged.reshape(15, -1), unfolder.cinn.inverse(z, cond[:5].repeat_interleave(3, 0))[0].detach())

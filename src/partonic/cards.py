@@ -243,6 +243,14 @@ class CINNModel(Strict):
     #: decay coordinates of every jet pair in the condition, not only of the leading
     #: pair and the pair closest to m_W (with ISR jets the W is any of them)
     pair_features: bool = False
+    #: how the condition meets the ambiguity of which jets are the W's: "candidate",
+    #: one reference pair (the pair of jets closest to m_W) for every event; or
+    #: "classifier", a classifier over the pairs of jet slots gives p(k | detector),
+    #: and the cINN, given pair k (one-hot and its decay coordinates), learns the
+    #: partons with pair k's decay axis as reference; training labels k by the pair
+    #: whose decay axis is nearest the quarks' (models/cinn.py, pairing_labels).
+    #: Implies pair_features
+    pairing: Literal["candidate", "classifier"] = "candidate"
     #: the W decay azimuth as an interval [−π, π) or as a point on the plane
     #: (cos φ, sin φ), which has no seam for posteriors with modes at 0 and π
     azimuth: Literal["interval", "plane"] = "plane"

@@ -488,16 +488,13 @@ def run(card, args) -> int:
 
     seed_everything(card.seed)
     unfolder = Unfolder(card.data.detector.max_jets, card.model).fit(train_ev)
-    cond, x, _ = unfolder.features(train_ev)
-    val = None
-    if len(val_ev):
-        vc, vx, _ = unfolder.features(val_ev)
-        val = (vx, vc)
+    data = unfolder.training_data(train_ev)
+    val = unfolder.training_data(val_ev) if len(val_ev) else None
     weights = channel_weights(train_ev.n_jets, card.data.channel_balance)
     if weights is not None:
         report["training_channel_share"] = _channel_share(train_ev.n_jets, weights)
     try:
-        result = train(unfolder, lambda m, b: m.loss(b), (x, cond), card.training, folder.path, seed=card.seed, device=device,
+        result = train(unfolder, lambda m, b: m.loss(b), data, card.training, folder.path, seed=card.seed, device=device,
                        val_data=val, resume=args.resume, description="training cINN", sample_weights=weights)
     except TrainingError as exc:
         raise JobError(str(exc)) from None

@@ -39,6 +39,9 @@ from partonic.models.weighted_gan import update_weight_average, weight_average
 
 __all__ = [
     "PartonRepresentation",
+    "jet_pairs",
+    "pair_axes",
+    "pairing_labels",
     "DetectorRepresentation",
     "ConditionalINN",
     "Unfolder",
@@ -180,6 +183,41 @@ def _w_candidate(jets: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tenso
     second = torch.tensor([j for _, j in pairs], device=jets.device)[best]
     rows = torch.arange(jets.shape[0], device=jets.device)
     return jets[rows, first], jets[rows, second]
+
+
+def jet_pairs(max_jets: int) -> list[tuple[int, int]]:
+    """The pairs (i, j), i < j, of jet slots: the W hypotheses of ``model.pairing``."""
+    return [(i, j) for i in range(max_jets) for j in range(i + 1, max_jets)]
+
+
+def pair_axes(jets: torch.Tensor, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decay azimuth and cos θ of the harder jet in each pair's helicity frame, (N, P)
+    each, and whether both jets are present (N, P); absent pairs get φ = 0, cos θ = 1."""
+    present = jets[..., 0] > 0
+    phi, cos, valid = [], [], []
+    for i, j in pairs:
+        both = present[:, i] & present[:, j]
+        _, _, atanh_cos, c, s = _decay_coordinates(jets[:, i], jets[:, j])
+        phi.append(torch.where(both, torch.atan2(s, c), 0.0))
+        cos.append(torch.where(both, torch.tanh(atanh_cos), 1.0))
+        valid.append(both)
+    return torch.stack(phi, 1), torch.stack(cos, 1), torch.stack(valid, 1)
+
+
+def pairing_labels(partons: torch.Tensor, phi: torch.Tensor, cos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The W hypothesis whose decay axis is nearest the quarks': the present jet pair
+    whose harder jet's direction in the pair's helicity frame makes the smallest angle
+    (up to sign, as the jets cannot tell quark from antiquark) with the harder quark's
+    direction in the W's helicity frame. A function of truth and detector, so
+    p(x | d) = Σ_k p(k | d) p(x | d, k) holds exactly with these labels, and given k the
+    decay axis lies in the cell of directions nearest pair k's."""
+    w = partons[:, 2] + partons[:, 3]
+    harder = torch.where((partons[:, 2, 0] >= partons[:, 3, 0])[:, None], partons[:, 2], partons[:, 3])
+    c, azimuth = _decay_angles(harder, w)
+    s = (1 - c**2).clamp(min=0.0).sqrt()
+    s_k = (1 - cos**2).clamp(min=0.0).sqrt()
+    score = (c[:, None] * cos + s[:, None] * s_k * torch.cos(azimuth[:, None] - phi)).abs()
+    return torch.where(valid, score, -1.0).argmax(1)
 
 
 class PartonRepresentation(nn.Module):
@@ -579,11 +617,20 @@ class Unfolder(nn.Module):
     def __init__(self, max_jets: int, model):
         super().__init__()
         leptons = getattr(model, "leptons", "momenta")
+        pairing = getattr(model, "pairing", "candidate")
+        if pairing not in ("candidate", "classifier"):
+            raise ValueError(f"pairing must be 'candidate' or 'classifier', not {pairing!r}")
         self.parton = PartonRepresentation(azimuth=getattr(model, "azimuth", "interval"), quark_label=getattr(model, "quark_label", "energy"), leptons=leptons)
-        self.detector = DetectorRepresentation(max_jets, pair_features=getattr(model, "pair_features", False), lepton_system=leptons == "system")
+        # the hypotheses' own decay coordinates enter the condition through the pair features
+        self.detector = DetectorRepresentation(max_jets, pair_features=getattr(model, "pair_features", False) or pairing == "classifier", lepton_system=leptons == "system")
+        #: W hypotheses (pairs of jet slots) of ``pairing: classifier``; empty otherwise
+        self.pairs = jet_pairs(max_jets) if pairing == "classifier" else []
+        n_hyp = len(self.pairs)
+        #: p(k | detector) over the hypotheses, or None
+        self.classifier = _mlp(self.detector.dim, n_hyp, model.condition_width, model.condition_layers) if n_hyp else None
         self.cinn = ConditionalINN(
             self.parton.dim,
-            self.detector.dim,
+            self.detector.dim + (n_hyp + 5 if n_hyp else 0),
             blocks=model.blocks,
             subnet_layers=model.subnet_layers,
             subnet_width=model.subnet_width,
@@ -614,22 +661,65 @@ class Unfolder(nn.Module):
             out["partons"] = massless(torch.as_tensor(events.partons, dtype=torch.float64))
         return out
 
+    def _hypotheses(self, t: dict, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """References of every W hypothesis (N, P, 5): the event's, with the decay azimuth
+        and cos θ of that pair; which hypotheses exist (N, P); the truth's label (N,) or None."""
+        phi, cos, valid = pair_axes(t["jets"][:, : self.detector.max_jets], self.pairs)
+        refs = ref[:, None, :].repeat(1, len(self.pairs), 1)
+        refs[..., 1], refs[..., 2] = phi, cos
+        label = pairing_labels(t["partons"], phi, cos, valid) if "partons" in t else None
+        return refs, valid, label
+
     def fit(self, events) -> "Unfolder":
         """Fit both standardisations on training events (double precision)."""
         t = self.tensors(events)
         self.detector.double().fit(t["leptons"], t["jets"], t["n_jets"], t["flavour"])
         _, ref = self.detector(t["leptons"], t["jets"], t["n_jets"], t["flavour"])
+        if self.pairs:
+            refs, _, label = self._hypotheses(t, ref)
+            ref = refs[torch.arange(len(label)), label]
         self.parton.double().fit(t["partons"], ref)
         self.detector.float()
         self.parton.float()
         return self
 
-    def features(self, events) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(condition features, parton features or None, reference azimuths (N, 2)), float32."""
+    def _condition(self, events):
         t = self.tensors(events)
         cond, ref = _cpu64(self.detector)(t["leptons"], t["jets"], t["n_jets"], t["flavour"])
+        refs = valid = label = None
+        if self.pairs:
+            refs, valid, label = self._hypotheses(t, ref)
+            if label is not None:
+                ref = refs[torch.arange(len(label)), label]
+        return t, cond, ref, refs, valid, label
+
+    def features(self, events) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(condition features, parton features or None, references (N, 5)), float32.
+
+        With ``pairing: classifier`` and truth, the references (and so the parton
+        features) are those of the truth's W hypothesis (:func:`pairing_labels`)."""
+        t, cond, ref, _, _, _ = self._condition(events)
         x = _cpu64(self.parton)(t["partons"], ref).float() if "partons" in t else None
         return cond.float(), x, ref
+
+    def training_data(self, events) -> tuple[torch.Tensor, ...]:
+        """The tensors :meth:`loss` takes: (parton features, condition), and with
+        ``pairing: classifier`` the truth's hypothesis (N,) and the present ones (N, P)."""
+        t, cond, ref, _, valid, label = self._condition(events)
+        x = _cpu64(self.parton)(t["partons"], ref).float()
+        return (x, cond.float()) if not self.pairs else (x, cond.float(), label, valid)
+
+    def _hypothesis_condition(self, cond: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """The condition with the hypothesis: one-hot k and pair k's five standardised
+        decay coordinates (from the pair features)."""
+        n_hyp = len(self.pairs)
+        first = self.detector.n_continuous - 5 * n_hyp
+        cols = first + 5 * label[:, None] + torch.arange(5, device=cond.device)
+        return torch.cat([cond, nn.functional.one_hot(label, n_hyp).to(cond.dtype), cond.gather(1, cols)], -1)
+
+    def pairing_logits(self, cond: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """log p(k | detector) up to a constant, −inf for absent pairs."""
+        return self.classifier(cond).masked_fill(~valid, -math.inf)
 
     def loss(self, batch: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         """NLL per physical dimension (+ weight × MMD² of m_jj between samples and truth).
@@ -640,6 +730,11 @@ class Unfolder(nn.Module):
         representations up to the interval's standardisation of φ (log σ_φ).
         """
         x, cond = batch[0], batch[1]
+        ce = None
+        if self.pairs:
+            label, valid = batch[2], batch[3]
+            ce = nn.functional.cross_entropy(self.pairing_logits(cond, valid), label, reduction="none")
+            cond = self._hypothesis_condition(cond, label)
         if self.parton.plane:
             r2 = -2.0 * torch.log1p(-torch.rand(x.shape[0], device=x.device, dtype=x.dtype))
             x = torch.cat([x[:, :9], x[:, 9:] * r2.sqrt()[:, None]], -1)
@@ -647,8 +742,13 @@ class Unfolder(nn.Module):
         nll = 0.5 * (z**2).sum(-1) - log_jac
         if self.parton.plane:
             nll = nll - 0.5 * r2
+        out = {}
+        if ce is not None:
+            # −log p(x | d) = −log p(k | d) − log p(x | d, k): k is a function of x and d
+            nll = nll + ce
+            out["pairing_ce"] = ce.mean()
         nll = nll.mean() / self.parton.physical_dim
-        out = {"nll": nll}
+        out["nll"] = nll
         loss = nll
         if self.mmd_weight > 0:
             zero = torch.zeros(x.shape[0], device=x.device)
@@ -664,32 +764,50 @@ class Unfolder(nn.Module):
         return out
 
     @torch.no_grad()
-    def sample_features(self, cond: torch.Tensor, n_samples: int, batch_size: int = 100_000, generator: torch.Generator | None = None, progress=None) -> torch.Tensor:
-        """(N, n_samples, dim) parton features for N conditions, in batches of events × samples."""
+    def sample_features(self, cond: torch.Tensor, n_samples: int, batch_size: int = 100_000, generator: torch.Generator | None = None, progress=None,
+                        valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N, n_samples, dim) parton features for N conditions, in batches of events × samples,
+        and with ``pairing: classifier`` the W hypothesis of each sample (N, n_samples),
+        drawn from the classifier (``valid``: the present hypotheses, (N, P)); else None."""
         device = next(self.parameters()).device
         n = cond.shape[0]
+        if self.pairs and valid is None:
+            raise ValueError("pairing: classifier samples need the present hypotheses (valid)")
         out = torch.empty(n, n_samples, self.cinn.dim)
+        labels = torch.empty(n, n_samples, dtype=torch.long) if self.pairs else None
         per = max(1, batch_size // n_samples)
+        inn = self.cinn_ema if self.cinn_ema is not None else self.cinn
         for lo in range(0, n, per):
             c = cond[lo : lo + per].to(device)
             c_rep = c.repeat_interleave(n_samples, 0)
+            if self.pairs:
+                probs = torch.softmax(self.pairing_logits(c, valid[lo : lo + per].to(device)), -1)
+                k = torch.multinomial(probs, n_samples, replacement=True, generator=generator)
+                labels[lo : lo + per] = k.cpu()
+                c_rep = self._hypothesis_condition(c_rep, k.reshape(-1))
             z = torch.randn(c_rep.shape[0], self.cinn.dim, device=device, generator=generator)
-            x, _ = (self.cinn_ema if self.cinn_ema is not None else self.cinn).inverse(z, c_rep)
+            x, _ = inn.inverse(z, c_rep)
             out[lo : lo + per] = x.view(-1, n_samples, self.cinn.dim).cpu()
             if progress is not None:
                 progress.update(len(c))
-        return out
+        return out, labels
 
     def to_partons(self, features: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        """(N, S, dim) features → (N, S, 4, 4) massless partons (ℓ⁻, ℓ⁺, q, q̄)."""
+        """(N, S, dim) features → (N, S, 4, 4) massless partons (ℓ⁻, ℓ⁺, q, q̄); the
+        references per event (N, 5) or per sample (N, S, 5)."""
         n, s, d = features.shape
         rep = _cpu64(self.parton)
-        return rep.inverse(features.reshape(-1, d).cpu().double(), ref.cpu().double().repeat_interleave(s, 0)).view(n, s, 4, 4)
+        ref = ref.cpu().double()
+        ref = ref.reshape(n * s, -1) if ref.dim() == 3 else ref.repeat_interleave(s, 0)
+        return rep.inverse(features.reshape(-1, d).cpu().double(), ref).view(n, s, 4, 4)
 
     def unfold(self, events, n_samples: int = 100, batch_size: int = 100_000, seed: int | None = None, progress=None) -> torch.Tensor:
         """Posterior samples (N, n_samples, 4, 4) of the partons of each detector event."""
-        cond, _, ref = self.features(events)
+        _, cond, ref, refs, valid, _ = self._condition(events)
         device = next(self.parameters()).device
         gen = torch.Generator(device=device)
         gen.manual_seed(int(seed if seed is not None else np.random.SeedSequence().entropy % 2**63))
-        return self.to_partons(self.sample_features(cond, n_samples, batch_size, gen, progress), ref)
+        features, labels = self.sample_features(cond.float(), n_samples, batch_size, gen, progress, valid=valid)
+        if labels is not None:
+            ref = refs[torch.arange(len(labels))[:, None], labels]
+        return self.to_partons(features, ref)
