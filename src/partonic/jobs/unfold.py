@@ -508,6 +508,8 @@ def run(card, args) -> int:
 
     unfolder.eval()
     samples = _unfold(unfolder, test_ev, card, timing)
+    if unfolder.pairs:
+        report["pairing"] = unfolder.pairing_summary(test_ev)
     plots = evaluate(test_ev, samples, card, folder.path, report, train_events=train_ev)
     _save_samples(folder.path / "unfolded.h5", test_ev, samples)
     report["outputs"]["samples"] = "unfolded.h5"

@@ -173,12 +173,18 @@ def _decay_coordinates(a: torch.Tensor, b: torch.Tensor):
     return torch.log(m), y, torch.atanh(cos), torch.cos(azimuth), torch.sin(azimuth)
 
 
-def _w_candidate(jets: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pair of present jets (pT-ordered) whose mass is closest to m_W."""
+def w_candidate_index(jets: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Index in ``jet_pairs(jets.shape[1])`` of the pair of present jets whose mass is closest to m_W."""
     pairs = [(i, j) for i in range(jets.shape[1]) for j in range(i + 1, jets.shape[1])]
     dist = torch.stack([(_mass(jets[:, i] + jets[:, j]) - M_W).abs() for i, j in pairs], 1)
     ok = torch.stack([present[:, i] & present[:, j] for i, j in pairs], 1)
-    best = torch.where(ok, dist, torch.full_like(dist, math.inf)).argmin(1)
+    return torch.where(ok, dist, torch.full_like(dist, math.inf)).argmin(1)
+
+
+def _w_candidate(jets: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pair of present jets (pT-ordered) whose mass is closest to m_W."""
+    pairs = [(i, j) for i in range(jets.shape[1]) for j in range(i + 1, jets.shape[1])]
+    best = w_candidate_index(jets, present)
     first = torch.tensor([i for i, _ in pairs], device=jets.device)[best]
     second = torch.tensor([j for _, j in pairs], device=jets.device)[best]
     rows = torch.arange(jets.shape[0], device=jets.device)
@@ -716,6 +722,29 @@ class Unfolder(nn.Module):
         first = self.detector.n_continuous - 5 * n_hyp
         cols = first + 5 * label[:, None] + torch.arange(5, device=cond.device)
         return torch.cat([cond, nn.functional.one_hot(label, n_hyp).to(cond.dtype), cond.gather(1, cols)], -1)
+
+    @torch.no_grad()
+    def pairing_summary(self, events) -> dict[str, dict[str, float]]:
+        """How well the classifier names the W hypothesis of events with truth, per jet
+        channel: the share of events whose most probable hypothesis is the truth's label
+        (``accuracy``), the mean probability it gives that hypothesis (equal to the
+        accuracy when the classifier is calibrated), its cross-entropy, and the share
+        for the pair of jets closest to m_W (``candidate_accuracy``)."""
+        t, cond, _, _, valid, label = self._condition(events)
+        device = next(self.parameters()).device
+        probs = torch.softmax(self.pairing_logits(cond.float().to(device), valid.to(device)), -1).cpu().double()
+        top = probs.max(1)
+        jets = t["jets"][:, : self.detector.max_jets]
+        candidate = w_candidate_index(jets, jets[..., 0] > 0)
+        ce = -torch.log(probs.gather(1, label[:, None])[:, 0].clamp(min=1e-300))
+        channel = t["n_jets"].clamp(2, 4)
+        out = {}
+        for name, mask in [("inclusive", torch.ones_like(channel, dtype=torch.bool))] + [(f"{c}j", channel == c) for c in (2, 3, 4)]:
+            if mask.any():
+                out[name] = {"events": int(mask.sum()), "accuracy": float((top.indices == label)[mask].double().mean()),
+                             "mean_top_probability": float(top.values[mask].mean()), "cross_entropy": float(ce[mask].mean()),
+                             "candidate_accuracy": float((candidate == label)[mask].double().mean())}
+        return out
 
     def pairing_logits(self, cond: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """log p(k | detector) up to a constant, −inf for absent pairs."""
