@@ -248,9 +248,16 @@ class CINNModel(Strict):
     #: "classifier", a classifier over the pairs of jet slots gives p(k | detector),
     #: and the cINN, given pair k (one-hot and its decay coordinates), learns the
     #: partons with pair k's decay axis as reference; training labels k by the pair
-    #: whose decay axis is nearest the quarks' (models/cinn.py, pairing_labels).
+    #: of jets nearest the quarks in ΔR (models/cinn.py, pairing_labels).
     #: Implies pair_features
     pairing: Literal["candidate", "classifier"] = "candidate"
+    #: the pairing classifier: hidden layers and width; it is fitted alone before the
+    #: cINN, for pairing_epochs epochs with dropout pairing_dropout, keeping the epoch
+    #: with the lowest validation cross-entropy
+    pairing_layers: Annotated[int, Field(ge=1, le=8)] = 2
+    pairing_width: Annotated[int, Field(ge=4, le=4096)] = 256
+    pairing_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.3
+    pairing_epochs: Annotated[int, Field(ge=1, le=1000)] = 12
     #: the W decay azimuth as an interval [−π, π) or as a point on the plane
     #: (cos φ, sin φ), which has no seam for posteriors with modes at 0 and π
     azimuth: Literal["interval", "plane"] = "plane"
@@ -279,6 +286,12 @@ class UnfoldCard(CommonCard):
     data: UnfoldData = UnfoldData()
     model: CINNModel = CINNModel()
     evaluation: UnfoldEvaluation = UnfoldEvaluation()
+
+    @model_validator(mode="after")
+    def _pairing_needs_validation(self):
+        if self.model.pairing == "classifier" and self.training.validation_fraction == 0:
+            raise ValueError("model.pairing = classifier keeps the classifier's epoch with the lowest validation cross-entropy, so it needs training.validation_fraction > 0")
+        return self
 
 
 # ------------------------------------------------------------------ unweight

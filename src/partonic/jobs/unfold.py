@@ -490,6 +490,15 @@ def run(card, args) -> int:
     unfolder = Unfolder(card.data.detector.max_jets, card.model).fit(train_ev)
     data = unfolder.training_data(train_ev)
     val = unfolder.training_data(val_ev) if len(val_ev) else None
+    pairing_fit = None
+    if unfolder.pairs:
+        if val is None:
+            raise JobError("model.pairing = classifier needs validation events (training.validation_fraction > 0)")
+        t0 = time.perf_counter()
+        m = card.model
+        pairing_fit = unfolder.fit_pairing(data, val, epochs=m.pairing_epochs, dropout=m.pairing_dropout, batch_size=card.training.batch_size,
+                                           seed=card.seed, device=device)
+        timing["pairing_fit_s"] = time.perf_counter() - t0
     weights = channel_weights(train_ev.n_jets, card.data.channel_balance)
     if weights is not None:
         report["training_channel_share"] = _channel_share(train_ev.n_jets, weights)
@@ -509,7 +518,7 @@ def run(card, args) -> int:
     unfolder.eval()
     samples = _unfold(unfolder, test_ev, card, timing)
     if unfolder.pairs:
-        report["pairing"] = unfolder.pairing_summary(test_ev)
+        report["pairing"] = {"fit": pairing_fit, "test": unfolder.pairing_summary(test_ev)}
     plots = evaluate(test_ev, samples, card, folder.path, report, train_events=train_ev)
     _save_samples(folder.path / "unfolded.h5", test_ev, samples)
     report["outputs"]["samples"] = "unfolded.h5"

@@ -42,6 +42,7 @@ __all__ = [
     "jet_pairs",
     "pair_axes",
     "pairing_labels",
+    "PairingClassifier",
     "DetectorRepresentation",
     "ConditionalINN",
     "Unfolder",
@@ -210,20 +211,37 @@ def pair_axes(jets: torch.Tensor, pairs: list[tuple[int, int]]) -> tuple[torch.T
     return torch.stack(phi, 1), torch.stack(cos, 1), torch.stack(valid, 1)
 
 
-def pairing_labels(partons: torch.Tensor, phi: torch.Tensor, cos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """The W hypothesis whose decay axis is nearest the quarks': the present jet pair
-    whose harder jet's direction in the pair's helicity frame makes the smallest angle
-    (up to sign, as the jets cannot tell quark from antiquark) with the harder quark's
-    direction in the W's helicity frame. A function of truth and detector, so
-    p(x | d) = Σ_k p(k | d) p(x | d, k) holds exactly with these labels, and given k the
-    decay axis lies in the cell of directions nearest pair k's."""
-    w = partons[:, 2] + partons[:, 3]
-    harder = torch.where((partons[:, 2, 0] >= partons[:, 3, 0])[:, None], partons[:, 2], partons[:, 3])
-    c, azimuth = _decay_angles(harder, w)
-    s = (1 - c**2).clamp(min=0.0).sqrt()
-    s_k = (1 - cos**2).clamp(min=0.0).sqrt()
-    score = (c[:, None] * cos + s[:, None] * s_k * torch.cos(azimuth[:, None] - phi)).abs()
-    return torch.where(valid, score, -1.0).argmax(1)
+def pairing_labels(partons: torch.Tensor, jets: torch.Tensor, valid: torch.Tensor, pairs: list[tuple[int, int]]) -> torch.Tensor:
+    """The W hypothesis of the truth: the present pair of jets nearest the two quarks,
+    by the smaller of ΔR(q, jᵢ) + ΔR(q̄, jⱼ) and ΔR(q, jⱼ) + ΔR(q̄, jᵢ). A function of
+    truth and detector, so p(x | d) = Σ_k p(k | d) p(x | d, k) holds exactly with these
+    labels. (Labelling by the nearest decay axis in the helicity frames instead made
+    the label harder to predict from the detector: on the CPU card's 3-jet events a
+    classifier reached a cross-entropy of 0.91 against 0.76 with this one, ln 3 = 1.10.)"""
+    _, q_eta, q_phi = _pt_eta_phi(partons[:, 2:4])
+    _, j_eta, j_phi = _pt_eta_phi(jets)
+    dr = torch.hypot(q_eta[:, :, None] - j_eta[:, None, :], _wrap(q_phi[:, :, None] - j_phi[:, None, :]))
+    score = torch.stack([torch.minimum(dr[:, 0, i] + dr[:, 1, j], dr[:, 0, j] + dr[:, 1, i]) for i, j in pairs], 1)
+    return torch.where(valid, score, math.inf).argmin(1)
+
+
+class PairingClassifier(nn.Module):
+    """p(k | detector) over the W hypotheses: an MLP on the condition features, with
+    dropout only where :meth:`Unfolder.fit_pairing` asks for it (the labels are noisy:
+    without it the classifier learns its training events by heart)."""
+
+    def __init__(self, n_in: int, n_out: int, width: int, layers: int):
+        super().__init__()
+        self.hidden = nn.ModuleList(nn.Linear(n_in if k == 0 else width, width) for k in range(layers))
+        self.out = nn.Linear(width, n_out)
+
+    def forward(self, x: torch.Tensor, dropout: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        for layer in self.hidden:
+            x = torch.relu(layer(x))
+            if dropout > 0:
+                keep = torch.bernoulli(torch.full_like(x, 1 - dropout), generator=generator)
+                x = x * keep / (1 - dropout)
+        return self.out(x)
 
 
 class PartonRepresentation(nn.Module):
@@ -633,7 +651,7 @@ class Unfolder(nn.Module):
         self.pairs = jet_pairs(max_jets) if pairing == "classifier" else []
         n_hyp = len(self.pairs)
         #: p(k | detector) over the hypotheses, or None
-        self.classifier = _mlp(self.detector.dim, n_hyp, model.condition_width, model.condition_layers) if n_hyp else None
+        self.classifier = PairingClassifier(self.detector.dim, n_hyp, getattr(model, "pairing_width", 256), getattr(model, "pairing_layers", 2)) if n_hyp else None
         self.cinn = ConditionalINN(
             self.parton.dim,
             self.detector.dim + (n_hyp + 5 if n_hyp else 0),
@@ -670,10 +688,11 @@ class Unfolder(nn.Module):
     def _hypotheses(self, t: dict, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """References of every W hypothesis (N, P, 5): the event's, with the decay azimuth
         and cos θ of that pair; which hypotheses exist (N, P); the truth's label (N,) or None."""
-        phi, cos, valid = pair_axes(t["jets"][:, : self.detector.max_jets], self.pairs)
+        jets = t["jets"][:, : self.detector.max_jets]
+        phi, cos, valid = pair_axes(jets, self.pairs)
         refs = ref[:, None, :].repeat(1, len(self.pairs), 1)
         refs[..., 1], refs[..., 2] = phi, cos
-        label = pairing_labels(t["partons"], phi, cos, valid) if "partons" in t else None
+        label = pairing_labels(t["partons"], jets, valid, self.pairs) if "partons" in t else None
         return refs, valid, label
 
     def fit(self, events) -> "Unfolder":
@@ -746,6 +765,46 @@ class Unfolder(nn.Module):
                              "candidate_accuracy": float((candidate == label)[mask].double().mean())}
         return out
 
+    def fit_pairing(self, data: Sequence[torch.Tensor], val_data: Sequence[torch.Tensor], epochs: int = 12, dropout: float = 0.3, lr: float = 1e-3,
+                    batch_size: int = 512, seed: int = 0, device: torch.device | str = "cpu", progress: bool | None = None) -> dict:
+        """Fit the pairing classifier alone, before the cINN (their parameters and losses
+        are separate): Adam on the cross-entropy of the events with more than one
+        hypothesis, dropout in the hidden layers, and the parameters of the epoch with
+        the lowest validation cross-entropy kept. ``data``, ``val_data``: what
+        :meth:`training_data` returns. Returns the validation cross-entropy per epoch
+        and the epoch kept."""
+        from tqdm.auto import tqdm
+
+        gen = torch.Generator(device=device).manual_seed(int(seed))
+        clf = self.classifier.to(device)
+
+        def multi(d):
+            keep = d[3].sum(1) > 1
+            return d[1][keep].to(device), d[2][keep].to(device), d[3][keep].to(device)
+
+        cond, label, valid = multi(data)
+        v_cond, v_label, v_valid = multi(val_data)
+        if len(cond) == 0 or len(v_cond) == 0:
+            return {"val_cross_entropy": [], "best_epoch": None}
+        opt = torch.optim.Adam(clf.parameters(), lr)
+        history, best, state = [], math.inf, None
+        for epoch in tqdm(range(epochs), desc="training pairing classifier", unit="epoch", disable=progress is False):
+            order = torch.randperm(len(cond), generator=gen, device=device)
+            for lo in range(0, len(cond), batch_size):
+                b = order[lo : lo + batch_size]
+                logits = clf(cond[b], dropout, gen).masked_fill(~valid[b], -math.inf)
+                loss = nn.functional.cross_entropy(logits, label[b])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                ce = float(nn.functional.cross_entropy(self.pairing_logits(v_cond, v_valid), v_label))
+            history.append(ce)
+            if ce < best:
+                best, state = ce, copy.deepcopy(clf.state_dict())
+        clf.load_state_dict(state)
+        return {"val_cross_entropy": history, "best_epoch": int(np.argmin(history)) + 1, "events": len(cond)}
+
     def pairing_logits(self, cond: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """log p(k | detector) up to a constant, −inf for absent pairs."""
         return self.classifier(cond).masked_fill(~valid, -math.inf)
@@ -762,7 +821,8 @@ class Unfolder(nn.Module):
         ce = None
         if self.pairs:
             label, valid = batch[2], batch[3]
-            ce = nn.functional.cross_entropy(self.pairing_logits(cond, valid), label, reduction="none")
+            with torch.no_grad():  # the classifier has its own fit (fit_pairing)
+                ce = nn.functional.cross_entropy(self.pairing_logits(cond, valid), label, reduction="none")
             cond = self._hypothesis_condition(cond, label)
         if self.parton.plane:
             r2 = -2.0 * torch.log1p(-torch.rand(x.shape[0], device=x.device, dtype=x.dtype))
