@@ -682,7 +682,7 @@ name: zw_tiny
 seed: 2
 device: cpu
 data: {{n_events: {n}, workers: 1, test_fraction: 0.3, channel_balance: 1.0, resmear: 1}}
-model: {{coupling: spline, blocks: 3, subnet_width: 24, condition_width: 24, condition_dim: 8}}
+model: {{coupling: spline, blocks: 3, subnet_width: 24, condition_width: 24, condition_dim: 8, pairing: classifier, pairing_width: 16, pairing_epochs: 3}}
 training: {{batch_size: 64, epochs: 2, checkpoint_every: 1000}}
 evaluation: {{samples_per_event: 16, bins: 8}}
 """
@@ -722,6 +722,11 @@ def test_unfold_job_end_to_end(tiny_run):
         assert set(report["ibu_comparison"][obs]) >= {"cinn_chi2_ndf", "ibu_chi2_ndf"}
     for peak in ("m_jj_peak", "m_ll_peak"):
         assert set(report[peak]) >= {"truth_fwhm", "unfolded_fwhm", "width_ratio", "detector_fwhm"}
+    # pairing: classifier, fitted for its 3 epochs before the cINN, and scored on the test events
+    pairing = report["pairing"]
+    assert len(pairing["fit"]["val_cross_entropy"]) == 3 and 1 <= pairing["fit"]["best_epoch"] <= 3
+    assert pairing["test"]["inclusive"]["events"] == report["test_events"] and pairing["test"]["2j"]["accuracy"] == 1.0
+    assert report["timing"]["pairing_fit_s"] > 0
     # channel_balance 1: each jet channel drawn equally often in training
     assert report["training_channel_share"] == pytest.approx({"2j": 1 / 3, "3j": 1 / 3, "4j": 1 / 3}, abs=1e-12)
     # one more detector realisation of the events outside the validation and test sets
