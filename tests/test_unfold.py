@@ -453,6 +453,8 @@ def test_pairing_classifier_loss_is_the_mixture_nll_and_samples_present_pairs():
     # the quark pair is at m_W ± 3 GeV, so the candidate is mostly right, the untrained classifier not
     assert summary["4j"]["candidate_accuracy"] > 0.6 > summary["4j"]["accuracy"]
     blind = DetectorEvents(ev.leptons, ev.lepton_flavour, ev.jets, ev.n_jets)
+    with pytest.raises(ValueError, match="parton truth"):
+        unfolder.pairing_summary(blind)
     samples = unfolder.unfold(blind, 5, seed=3)
     assert samples.shape == (240, 5, 4, 4) and bool(torch.isfinite(samples).all())
     assert torch.allclose(samples[..., 1:3].sum(2), torch.zeros(240, 5, 2, dtype=torch.float64), atol=1e-6)

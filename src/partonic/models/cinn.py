@@ -750,6 +750,8 @@ class Unfolder(nn.Module):
         accuracy when the classifier is calibrated), its cross-entropy, and the share
         for the pair of jets closest to m_W (``candidate_accuracy``)."""
         t, cond, _, _, valid, label = self._condition(events)
+        if label is None:
+            raise ValueError("pairing_summary needs events with parton truth")
         device = next(self.parameters()).device
         probs = torch.softmax(self.pairing_logits(cond.float().to(device), valid.to(device)), -1).cpu().double()
         top = probs.max(1)
