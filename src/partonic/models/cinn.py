@@ -174,9 +174,14 @@ def _decay_coordinates(a: torch.Tensor, b: torch.Tensor):
     return torch.log(m), y, torch.atanh(cos), torch.cos(azimuth), torch.sin(azimuth)
 
 
+def jet_pairs(max_jets: int) -> list[tuple[int, int]]:
+    """The pairs (i, j), i < j, of jet slots: the W hypotheses of ``model.pairing``."""
+    return [(i, j) for i in range(max_jets) for j in range(i + 1, max_jets)]
+
+
 def w_candidate_index(jets: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """Index in ``jet_pairs(jets.shape[1])`` of the pair of present jets whose mass is closest to m_W."""
-    pairs = [(i, j) for i in range(jets.shape[1]) for j in range(i + 1, jets.shape[1])]
+    pairs = jet_pairs(jets.shape[1])
     dist = torch.stack([(_mass(jets[:, i] + jets[:, j]) - M_W).abs() for i, j in pairs], 1)
     ok = torch.stack([present[:, i] & present[:, j] for i, j in pairs], 1)
     return torch.where(ok, dist, torch.full_like(dist, math.inf)).argmin(1)
@@ -184,17 +189,9 @@ def w_candidate_index(jets: torch.Tensor, present: torch.Tensor) -> torch.Tensor
 
 def _w_candidate(jets: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The pair of present jets (pT-ordered) whose mass is closest to m_W."""
-    pairs = [(i, j) for i in range(jets.shape[1]) for j in range(i + 1, jets.shape[1])]
-    best = w_candidate_index(jets, present)
-    first = torch.tensor([i for i, _ in pairs], device=jets.device)[best]
-    second = torch.tensor([j for _, j in pairs], device=jets.device)[best]
+    slots = torch.tensor(jet_pairs(jets.shape[1]), device=jets.device)[w_candidate_index(jets, present)]
     rows = torch.arange(jets.shape[0], device=jets.device)
-    return jets[rows, first], jets[rows, second]
-
-
-def jet_pairs(max_jets: int) -> list[tuple[int, int]]:
-    """The pairs (i, j), i < j, of jet slots: the W hypotheses of ``model.pairing``."""
-    return [(i, j) for i in range(max_jets) for j in range(i + 1, max_jets)]
+    return jets[rows, slots[:, 0]], jets[rows, slots[:, 1]]
 
 
 def pair_axes(jets: torch.Tensor, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -435,7 +432,7 @@ class DetectorRepresentation(nn.Module):
         self.max_jets = max_jets
         self.pair_features = bool(pair_features)
         self.lepton_system = bool(lepton_system)
-        self.pairs = [(i, j) for i in range(max_jets) for j in range(i + 1, max_jets)] if pair_features else []
+        self.pairs = jet_pairs(max_jets) if pair_features else []
         self.n_continuous = 2 + 4 + 5 * max_jets + 10 + 5 * len(self.pairs) + 5 * self.lepton_system
         self.dim = self.n_continuous + 3 + 1
         self.register_buffer("mean", torch.zeros(self.n_continuous))
@@ -804,6 +801,8 @@ class Unfolder(nn.Module):
             history.append(ce)
             if ce < best:
                 best, state = ce, copy.deepcopy(clf.state_dict())
+        if state is None:
+            raise ValueError(f"the pairing classifier's validation cross-entropy is not finite in any epoch ({history})")
         clf.load_state_dict(state)
         return {"val_cross_entropy": history, "best_epoch": int(np.argmin(history)) + 1, "events": len(cond)}
 
