@@ -79,19 +79,22 @@ def _balanced_events(n, seed=0):
     return torch.stack([*decay(z, mz), *decay(w, mw)], 1)
 
 
-@pytest.mark.parametrize("azimuth,quark_label,leptons", [("interval", "energy", "momenta"), ("plane", "energy", "momenta"),
-                                                           ("plane", "jet", "momenta"), ("plane", "jet", "system")])
+@pytest.mark.parametrize("azimuth,quark_label,leptons,decay_angle", [
+    ("interval", "energy", "momenta", "atanh"), ("plane", "energy", "momenta", "atanh"), ("plane", "jet", "momenta", "atanh"),
+    ("plane", "jet", "system", "atanh"), ("interval", "energy", "momenta", "probit"), ("plane", "jet", "system", "probit"),
+])
 @pytest.mark.parametrize("references", [1, 2, 5])
-def test_parton_representation_round_trip_and_momentum_balance(references, azimuth, quark_label, leptons):
+def test_parton_representation_round_trip_and_momentum_balance(references, azimuth, quark_label, leptons, decay_angle):
     """With one reference (the ℓ⁻ azimuth), two (and the jets' decay azimuth) or all
     five (and the jets' cos θ, the lepton pair's φ and decay azimuth); the decay
     azimuth as an interval or as a unit vector on the plane; the decay axis from
-    the harder quark or from the jets; the leptons as momenta or as the Z system."""
+    the harder quark or from the jets; the leptons as momenta or as the Z system;
+    cos θ through atanh or the probit."""
     p = _balanced_events(500)
     phi_ref = 2 * math.pi * torch.rand(500, references, dtype=torch.float64).squeeze(1) - math.pi
     if references == 5:
         phi_ref[:, 2] = torch.rand(500, dtype=torch.float64)
-    rep = PartonRepresentation(azimuth=azimuth, quark_label=quark_label, leptons=leptons).double().fit(p, phi_ref)
+    rep = PartonRepresentation(azimuth=azimuth, quark_label=quark_label, leptons=leptons, decay_angle=decay_angle).double().fit(p, phi_ref)
     f = rep(p, phi_ref)
     dim = 11 if azimuth == "plane" else 10
     assert f.shape == (500, dim)
@@ -122,6 +125,28 @@ def test_parton_representation_round_trip_and_momentum_balance(references, azimu
         m_z, gamma_z = float(rep.m_z), float(rep.gamma_z)  # 91.188, 2.4414 GeV, as stored (float32)
         u = torch.atan((kin.mass2(p[:, 0] + p[:, 1]) - m_z**2) / (m_z * gamma_z)) / math.pi + 0.5
         assert torch.allclose(rep.raw(p, phi_ref)[:, 0], torch.log(u / (1 - u)), atol=1e-7)
+
+
+@pytest.mark.parametrize("quark_label,leptons", [("energy", "system"), ("jet", "system")])
+def test_probit_decay_angle_is_the_normal_quantile_of_the_same_cos_theta(quark_label, leptons):
+    """decay_angle="probit" changes only the coordinate of both cos θ: Φ⁻¹((1 + cos θ)/2)
+    of the same cos θ that atanh sees (an independent evaluation through scipy's
+    normal quantile), every other coordinate unchanged; an unknown name is refused."""
+    from scipy.stats import norm
+
+    p = _balanced_events(300)
+    ref = torch.stack([2 * math.pi * torch.rand(300, dtype=torch.float64) - math.pi, torch.zeros(300, dtype=torch.float64),
+                       torch.rand(300, dtype=torch.float64), torch.zeros(300, dtype=torch.float64), torch.zeros(300, dtype=torch.float64)], -1)
+    a = PartonRepresentation(azimuth="plane", quark_label=quark_label, leptons=leptons).double().raw(p, ref)
+    b = PartonRepresentation(azimuth="plane", quark_label=quark_label, leptons=leptons, decay_angle="probit").double().raw(p, ref)
+    angles = [4, 8]  # the ℓ⁻'s cos θ in the Z frame, the quark's in the W frame
+    for k in angles:
+        expected = norm.ppf(0.5 * (1 + np.tanh(a[:, k].numpy())))
+        np.testing.assert_allclose(b[:, k].numpy(), expected, atol=1e-6)
+    others = [k for k in range(a.shape[1]) if k not in angles]
+    assert torch.equal(a[:, others], b[:, others])
+    with pytest.raises(ValueError, match="decay_angle must be 'atanh' or 'probit'"):
+        PartonRepresentation(decay_angle="logit")
 
 
 def test_jet_label_takes_the_quark_nearer_the_jets_decay_axis():

@@ -267,6 +267,9 @@ class CINNModel(Strict):
     #: the leptons as two momenta (log pT, η, Δφ each) or as the Z system (m_ℓℓ, y,
     #: pT, φ) and the ℓ⁻'s decay angles: m_ℓℓ then is a coordinate and keeps the Z peak
     leptons: Literal["momenta", "system"] = "system"
+    #: the coordinate of the W's and the Z's decay cos θ: atanh cos θ (exponential
+    #: tails) or Φ⁻¹((1 + cos θ)/2) (Gaussian tails, as the flow's base density)
+    decay_angle: Literal["atanh", "probit"] = "atanh"
     #: decay per step of a moving average of the cINN's weights that then unfolds
     #: (0: the last iterate)
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0

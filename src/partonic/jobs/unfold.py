@@ -547,7 +547,7 @@ def _unfold(unfolder: Unfolder, events: DetectorEvents, card, timing: dict) -> t
 
 #: the parton representation of models saved before ``model.azimuth``, ``quark_label``
 #: and ``leptons`` existed (their defaults have changed since)
-_LEGACY_REPRESENTATION = {"azimuth": "interval", "quark_label": "energy", "leptons": "momenta"}
+_LEGACY_REPRESENTATION = {"azimuth": "interval", "quark_label": "energy", "leptons": "momenta", "decay_angle": "atanh"}
 
 
 def load_model(path: str | Path, device: torch.device) -> tuple[Unfolder, object]:

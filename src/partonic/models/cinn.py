@@ -288,6 +288,14 @@ class PartonRepresentation(nn.Module):
     calibrated, but m_ℓℓ, a function of all six, comes out about twice as wide as
     the Z.
 
+    With ``decay_angle="probit"`` both decay angles enter as Φ⁻¹((1 + cos θ)/2)
+    instead of atanh cos θ = ½ logit((1 + cos θ)/2). A density that stays finite at
+    cos θ = ±1 has exponential tails in atanh cos θ and Gaussian ones in the probit,
+    the tails of the flow's base density. Strongly asymmetric W decays (the softer
+    quark below about 10 GeV) sit at cos θ → ±1: 10% of those events lie beyond four
+    standard deviations of the standardised atanh coordinate, where the flow has to
+    stretch a Gaussian into an exponential.
+
     Arguments:
         m_w, gamma_w: Breit–Wigner used to flatten m_jj (any values near the truth work).
         azimuth: ``"interval"`` (10 features) or ``"plane"`` (11).
@@ -295,14 +303,18 @@ class PartonRepresentation(nn.Module):
             ``"jet"`` (axis of the quark nearer the jets' decay axis).
         leptons: ``"momenta"`` (log pT, η, Δφ of each) or ``"system"`` (the Z and its decay).
         m_z, gamma_z: Breit–Wigner used to flatten m_ℓℓ.
+        decay_angle: ``"atanh"`` or ``"probit"``: the coordinate of both cos θ.
     """
 
     #: coordinates of the parton level (4 massless momenta, Σ pT = 0, the W's pT known)
     physical_dim = 10
 
     def __init__(self, m_w: float = 80.419, gamma_w: float = 2.0476, azimuth: str = "interval", quark_label: str = "energy",
-                 leptons: str = "momenta", m_z: float = 91.188, gamma_z: float = 2.4414):
+                 leptons: str = "momenta", m_z: float = 91.188, gamma_z: float = 2.4414, decay_angle: str = "atanh"):
         super().__init__()
+        if decay_angle not in ("atanh", "probit"):
+            raise ValueError(f"decay_angle must be 'atanh' or 'probit', not {decay_angle!r}")
+        self.probit = decay_angle == "probit"
         if leptons not in ("momenta", "system"):
             raise ValueError(f"leptons must be 'momenta' or 'system', not {leptons!r}")
         self.z_system = leptons == "system"
@@ -319,6 +331,15 @@ class PartonRepresentation(nn.Module):
         self.register_buffer("m_w", torch.tensor(float(m_w)))
         self.register_buffer("gamma_w", torch.tensor(float(gamma_w)))
         self.standardise = Standardise(self.dim)
+
+    def _cos_to_t(self, cos):
+        """The decay coordinate of cos θ: atanh(cos θ) (exponential tails) or, with
+        ``decay_angle="probit"``, Φ⁻¹((1 + cos θ)/2) (Gaussian tails, like the base density)."""
+        cos = cos.clamp(-1 + _COS_EPS, 1 - _COS_EPS)
+        return torch.special.ndtri(0.5 * (1 + cos)) if self.probit else torch.atanh(cos)
+
+    def _t_to_cos(self, t):
+        return 2 * torch.special.ndtr(t) - 1 if self.probit else torch.tanh(t)
 
     def _mass_to_xi(self, m, z: bool = False):
         m0, g0 = (self.m_z, self.gamma_z) if z else (self.m_w, self.gamma_w)
@@ -343,7 +364,7 @@ class PartonRepresentation(nn.Module):
         m, y = _mass_rapidity(z, floor=1e-12)
         cos, azimuth = _decay_angles(partons[:, 0], z)
         return [self._mass_to_xi(m, z=True), y, torch.log(torch.hypot(z[:, 1], z[:, 2]).clamp(min=1e-6)), _wrap(kin.phi(z) - phi_z_ref),
-                torch.atanh(cos.clamp(-1 + _COS_EPS, 1 - _COS_EPS)), _wrap(azimuth - lepton_azimuth_ref)]
+                self._cos_to_t(cos), _wrap(azimuth - lepton_azimuth_ref)]
 
     def _leptons(self, raw, phi_ref, phi_z_ref, lepton_azimuth_ref):
         if not self.z_system:
@@ -355,7 +376,7 @@ class PartonRepresentation(nn.Module):
         m = self._xi_to_mass(raw[:, 0], z=True)
         pt, phi = torch.exp(raw[:, 2].clamp(max=12.0)), phi_z_ref + raw[:, 3]
         z = _system(m, raw[:, 1].clamp(-_ETA_LIMIT, _ETA_LIMIT), pt * torch.cos(phi), pt * torch.sin(phi))
-        return _decay_products(z, m, torch.tanh(raw[:, 4]), raw[:, 5] + lepton_azimuth_ref)
+        return _decay_products(z, m, self._t_to_cos(raw[:, 4]), raw[:, 5] + lepton_azimuth_ref)
 
     def raw(self, partons: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         phi_ref, azimuth_ref, cos_ref, phi_z_ref, lepton_azimuth_ref = _references(ref)
@@ -372,7 +393,7 @@ class PartonRepresentation(nn.Module):
             azimuth = torch.where(flip, azimuth + math.pi, azimuth)
         else:
             cos = cos.clamp(_COS_EPS, 1 - _COS_EPS)
-        cols += [self._mass_to_xi(m), y, torch.atanh(cos)]
+        cols += [self._mass_to_xi(m), y, self._cos_to_t(cos)]
         if self.plane:
             cols += [torch.cos(azimuth - azimuth_ref), torch.sin(azimuth - azimuth_ref)]
         else:
@@ -399,7 +420,7 @@ class PartonRepresentation(nn.Module):
         y = raw[:, 7].clamp(-_ETA_LIMIT, _ETA_LIMIT)
         w = _system(m, y, -(lm[:, 1] + lp[:, 1]), -(lm[:, 2] + lp[:, 2]))
         # folded: a sample that leaks below 0 is the same decay seen from the other side
-        cos = torch.tanh(raw[:, 8] if self.jet_label else raw[:, 8].abs())
+        cos = self._t_to_cos(raw[:, 8] if self.jet_label else raw[:, 8].abs())
         azimuth = (torch.atan2(raw[:, 10], raw[:, 9]) if self.plane else raw[:, 9]) + azimuth_ref
         return torch.stack([lm, lp, *_decay_products(w, m, cos, azimuth)], 1)
 
@@ -641,7 +662,8 @@ class Unfolder(nn.Module):
         pairing = getattr(model, "pairing", "candidate")
         if pairing not in ("candidate", "classifier"):
             raise ValueError(f"pairing must be 'candidate' or 'classifier', not {pairing!r}")
-        self.parton = PartonRepresentation(azimuth=getattr(model, "azimuth", "interval"), quark_label=getattr(model, "quark_label", "energy"), leptons=leptons)
+        self.parton = PartonRepresentation(azimuth=getattr(model, "azimuth", "interval"), quark_label=getattr(model, "quark_label", "energy"), leptons=leptons,
+                                           decay_angle=getattr(model, "decay_angle", "atanh"))
         # the hypotheses' own decay coordinates enter the condition through the pair features
         self.detector = DetectorRepresentation(max_jets, pair_features=getattr(model, "pair_features", False) or pairing == "classifier", lepton_system=leptons == "system")
         #: W hypotheses (pairs of jet slots) of ``pairing: classifier``; empty otherwise
