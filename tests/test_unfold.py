@@ -744,7 +744,12 @@ def test_unfold_job_end_to_end(tiny_run):
         assert entry["noise_floor"] == report["calibration_noise_floor"]["inclusive"]
         # near the Kolmogorov 95% point 1.36/√n: lowered by the 21-point q grid, raised by the rank discreteness
         assert 0.9 < entry["noise_floor"] * math.sqrt(entry["n_events"]) < 1.36 + 0.5
-        assert "max_bulk_deviation" in report["ratio_to_truth"]["inclusive"][obs]
+        ratio = report["ratio_to_truth"]["inclusive"][obs]
+        assert set(ratio) >= {"max_bulk_deviation", "max_bulk_deviation_error", "max_bulk_pull", "ratio", "ratio_error", "edges"}
+        assert len(ratio["ratio_error"]) == len(ratio["ratio"]) == len(ratio["edges"]) - 1
+        if math.isfinite(ratio["max_bulk_deviation"]):
+            worst = [k for k, r in enumerate(ratio["ratio"]) if math.isclose(abs(r - 1), ratio["max_bulk_deviation"])]
+            assert worst and any(math.isclose(ratio["ratio_error"][k], ratio["max_bulk_deviation_error"]) for k in worst)
     for obs in ("m_jj", "pt_q1"):
         assert set(report["ibu_comparison"][obs]) >= {"cinn_chi2_ndf", "ibu_chi2_ndf"}
     for peak in ("m_jj_peak", "m_ll_peak"):

@@ -240,10 +240,12 @@ def evaluate(events: DetectorEvents, samples: torch.Tensor, card, out: Path, rep
             cmp = compare_histograms(gen[name][mask].reshape(-1), truth[name][mask], edges, sample_weights=np.full(mask.sum() * s, 1.0 / s))
             ratio_report[channel][name] = {
                 "max_bulk_deviation": cmp.max_bulk_deviation, "chi2_ndf": cmp.chi2_ndf,
+                # the statistical error of the ratio in that bin, and the largest |pull| of a bulk bin
+                "max_bulk_deviation_error": cmp.max_bulk_deviation_error, "max_bulk_pull": cmp.max_bulk_pull,
                 # the truth histogram's own relative error in the smallest bulk bin: the
                 # floor below which max_bulk_deviation cannot be resolved with this test set
                 "statistical_floor": float(1.0 / np.sqrt(max(1.0, 0.01 * mask.sum()))),
-                "ratio": cmp.ratio, "edges": cmp.edges,
+                "ratio": cmp.ratio, "ratio_error": cmp.ratio_error, "edges": cmp.edges,
             }
             label, logy = OBSERVABLES[name]
             written = ratio_plot(
