@@ -547,8 +547,8 @@ def _unfold(unfolder: Unfolder, events: DetectorEvents, card, timing: dict) -> t
     return samples
 
 
-#: the parton representation of models saved before ``model.azimuth``, ``quark_label``
-#: and ``leptons`` existed (their defaults have changed since)
+#: the parton representation of models saved before ``model.azimuth``, ``quark_label``,
+#: ``leptons`` and ``decay_angle`` existed (the first three defaults have changed since)
 _LEGACY_REPRESENTATION = {"azimuth": "interval", "quark_label": "energy", "leptons": "momenta", "decay_angle": "atanh"}
 
 

@@ -389,7 +389,7 @@ class PartonRepresentation(nn.Module):
             # the other quark (−n) when n points away from the jets' decay axis
             sin, sin_ref = (1 - cos**2).clamp(min=0.0).sqrt(), (1 - cos_ref**2).clamp(min=0.0).sqrt()
             flip = sin * sin_ref * torch.cos(azimuth - azimuth_ref) + cos * cos_ref < 0
-            cos = torch.where(flip, -cos, cos).clamp(-1 + _COS_EPS, 1 - _COS_EPS)
+            cos = torch.where(flip, -cos, cos)  # clamped in _cos_to_t
             azimuth = torch.where(flip, azimuth + math.pi, azimuth)
         else:
             cos = cos.clamp(_COS_EPS, 1 - _COS_EPS)
