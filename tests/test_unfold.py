@@ -709,7 +709,8 @@ name: zw_tiny
 seed: 2
 device: cpu
 data: {{n_events: {n}, workers: 1, test_fraction: 0.3, channel_balance: 1.0, resmear: 1}}
-model: {{coupling: spline, blocks: 3, subnet_width: 24, condition_width: 24, condition_dim: 8, pairing: classifier, pairing_width: 16, pairing_epochs: 3}}
+model: {{coupling: spline, blocks: 3, subnet_width: 24, condition_width: 24, condition_dim: 8, pairing: classifier, pairing_width: 16, pairing_epochs: 3,
+        refine: {{method: classifier, epochs: 2, width: 16, layers: 2}}}}
 training: {{batch_size: 64, epochs: 2, checkpoint_every: 1000}}
 evaluation: {{samples_per_event: 16, bins: 8}}
 """
@@ -759,6 +760,15 @@ def test_unfold_job_end_to_end(tiny_run):
     assert len(pairing["fit"]["val_cross_entropy"]) == 3 and 1 <= pairing["fit"]["best_epoch"] <= 3
     assert pairing["test"]["inclusive"]["events"] == report["test_events"] and pairing["test"]["2j"]["accuracy"] == 1.0
     assert report["timing"]["pairing_fit_s"] > 0
+    # refine: classifier, fitted for its 2 epochs on the training events (2 cINN samples each),
+    # the test posteriors resampled, and the figures before resampling reported
+    refine = report["refine"]
+    assert len(refine["fit"]["val_loss"]) == 2 and refine["fit"]["generated_events"] == 2 * refine["fit"]["data_events"]
+    assert 1.0 <= refine["test"]["effective_samples_min"] <= refine["test"]["effective_samples_mean"] <= 16.0
+    unrefined = refine["unrefined"]["inclusive"]
+    assert set(unrefined["max_bulk_deviation"]) == {"pt_q1", "pt_q2", "m_jj"} and set(unrefined["coverage_68"]) == {"pt_q1", "pt_q2", "eta_q1", "m_jj", "pt_l1"}
+    assert 0.0 <= unrefined["max_calibration_deviation"] <= 1.0
+    assert report["timing"]["refine_fit_s"] > 0 and report["timing"]["refine_s"] > 0
     # channel_balance 1: each jet channel drawn equally often in training
     assert report["training_channel_share"] == pytest.approx({"2j": 1 / 3, "3j": 1 / 3, "4j": 1 / 3}, abs=1e-12)
     # one more detector realisation of the events outside the validation and test sets
@@ -836,6 +846,8 @@ def test_unfold_new_data_with_a_trained_model(tiny_run, tmp_path):
         assert report["test_events"] == 40 and outputs[name][1].shape == (40, 16, 4, 4)
         assert report["input_has_truth"] == (name != "data.root")
         assert ("calibration" in report) == (name != "data.root")
+        # the saved refiner resamples the new events' posteriors too
+        assert ("unrefined" in report["refine"]) == (name != "data.root") and report["refine"]["test"]["samples_per_event"] == 16
         assert (out / report["outputs"]["lhe"]).is_file()
 
     reference = outputs["new.h5"]
@@ -1001,3 +1013,27 @@ def test_cinn_weight_average_follows_the_training_steps_and_unfolds(coupling):
     torch.testing.assert_close(averaged.reshape(15, -1), unfolder.cinn_ema.inverse(z, cond[:5].repeat_interleave(3, 0))[0].detach())
     assert not torch.allclose(averaged.reshape(15, -1), unfolder.cinn.inverse(z, cond[:5].repeat_interleave(3, 0))[0].detach())
     assert Unfolder(4, CINNModel(blocks=2, subnet_width=16, condition_width=16, condition_dim=4)).cinn_ema is None
+
+
+def test_systematic_resampling_keeps_equal_weights_and_follows_the_weights():
+    from partonic.models.refine import systematic_resample
+
+    gen = torch.Generator().manual_seed(4)
+    # equal weights: every draw exactly once
+    idx = systematic_resample(torch.zeros(50, 16), gen)
+    assert torch.equal(idx.sort(1).values, torch.arange(16).expand(50, -1))
+    # draw k kept ⌊S w_k⌋ or ⌈S w_k⌉ times
+    log_w = torch.randn(200, 16, generator=gen, dtype=torch.float64)
+    counts = torch.nn.functional.one_hot(systematic_resample(log_w, gen), 16).sum(1).double()
+    expected = 16 * torch.softmax(log_w, 1)
+    assert bool(((counts >= expected.floor()) & (counts <= expected.ceil())).all())
+    # N(0, 1) draws weighted by N(μ, 1)/N(0, 1): the resampled mean is the weighted mean up
+    # to the resampling noise (below 1/√(N S)), and near μ up to the self-normalised
+    # estimate's bias −μ e^(μ²)/S and its error √(e^(μ²)/(N S))
+    n, s, mu = 1000, 200, 0.5
+    x = torch.randn(n, s, generator=gen, dtype=torch.float64)
+    log_w = mu * x - 0.5 * mu**2
+    resampled = x.gather(1, systematic_resample(log_w, gen))
+    weighted = float((torch.softmax(log_w, 1) * x).sum(1).mean())
+    assert abs(float(resampled.mean()) - weighted) < 4 / math.sqrt(n * s)
+    assert abs(weighted - (mu - mu * math.exp(mu**2) / s)) < 4 * math.sqrt(math.exp(mu**2) / (n * s))

@@ -225,6 +225,19 @@ class MMDSection(Strict):
     widths: list[PositiveFloat] = [2.0, 8.0, 25.0, 67.0]
 
 
+class RefineSection(Strict):
+    #: "none", or "classifier": a classifier between the training events' parton truth
+    #: and the cINN's own samples for the same detector events gives the density ratio
+    #: r = p_truth / p_cINN of a parton configuration; unfolding then resamples each
+    #: event's posterior samples in proportion to r (models/cinn.py, Unfolder.fit_refiner)
+    method: Literal["none", "classifier"] = "none"
+    #: cINN samples per training event in the classifier's "generated" class
+    samples: Annotated[int, Field(ge=1, le=64)] = 2
+    epochs: Annotated[int, Field(ge=1, le=1000)] = 20
+    width: Annotated[int, Field(ge=4, le=4096)] = 256
+    layers: Annotated[int, Field(ge=1, le=8)] = 3
+
+
 class CINNModel(Strict):
     blocks: Annotated[int, Field(ge=1, le=64)] = 12
     subnet_layers: Annotated[int, Field(ge=1, le=8)] = 2
@@ -274,6 +287,7 @@ class CINNModel(Strict):
     #: (0: the last iterate)
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     mmd: MMDSection = MMDSection()
+    refine: RefineSection = RefineSection()
 
 
 class UnfoldEvaluation(Strict):

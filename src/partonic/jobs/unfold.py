@@ -214,6 +214,49 @@ def _edges(values: np.ndarray, name: str, bins: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------- evaluation
+def _posterior_figures(gen: np.ndarray, truth: np.ndarray, truth_all: np.ndarray, name: str, bins: int):
+    """The calibration of samples ``gen`` (N, S) against ``truth`` (N,), the binning of the
+    observable (from ``truth_all``, every channel's truth) and the ratio to truth."""
+    n, s = gen.shape
+    cal = calibration(gen, truth)
+    edges = _edges(truth_all, name, bins)
+    cmp = compare_histograms(gen.reshape(-1), truth, edges, sample_weights=np.full(n * s, 1.0 / s))
+    ratio = {
+        "max_bulk_deviation": cmp.max_bulk_deviation, "chi2_ndf": cmp.chi2_ndf,
+        # the statistical error of the ratio in that bin, and the largest |pull| of a bulk bin
+        "max_bulk_deviation_error": cmp.max_bulk_deviation_error, "max_bulk_pull": cmp.max_bulk_pull,
+        # the truth histogram's own relative error in the smallest bulk bin: the
+        # floor below which max_bulk_deviation cannot be resolved with this test set
+        "statistical_floor": float(1.0 / np.sqrt(max(1.0, 0.01 * n))),
+        "ratio": cmp.ratio, "ratio_error": cmp.ratio_error, "edges": cmp.edges,
+    }
+    return cal, edges, ratio
+
+
+def posterior_summary(events: DetectorEvents, samples: torch.Tensor, bins: int) -> dict:
+    """The headline figures of unfolded ``samples`` without plots, per channel: the
+    largest calibration deviation over the calibrated observables, the coverage of
+    their central 68% and 95% intervals, and the largest bulk deviation of the
+    ratio to truth of pT,q1, pT,q2 and m_jj (the report's ablation of the refiner)."""
+    n, s = samples.shape[:2]
+    gen = {k: v.view(n, s).numpy() for k, v in parton_observables(samples.reshape(-1, 4, 4)).items()}
+    truth = {k: v.numpy() for k, v in parton_observables(Unfolder.tensors(events)["partons"]).items()}
+    out = {}
+    for channel in CHANNEL_NAMES:
+        mask = events.channel_mask(channel)
+        if mask.sum() < 20:
+            continue
+        entry = {"max_calibration_deviation": 0.0, "coverage_68": {}, "coverage_95": {}, "max_bulk_deviation": {}}
+        for name in CALIBRATED:
+            cal, _, ratio = _posterior_figures(gen[name][mask], truth[name][mask], truth[name], name, bins)
+            entry["max_calibration_deviation"] = max(entry["max_calibration_deviation"], cal.max_deviation)
+            entry["coverage_68"][name], entry["coverage_95"][name] = cal.coverage_68, cal.coverage_95
+            if name in ("pt_q1", "pt_q2", "m_jj"):
+                entry["max_bulk_deviation"][name] = ratio["max_bulk_deviation"]
+        out[channel] = entry
+    return out
+
+
 def evaluate(events: DetectorEvents, samples: torch.Tensor, card, out: Path, report: dict, train_events: DetectorEvents | None = None) -> list[str]:
     """Calibration, ratios to truth, m_jj width, IBU comparison and plots for unfolded ``samples``."""
     n, s = samples.shape[:2]
@@ -232,21 +275,11 @@ def evaluate(events: DetectorEvents, samples: torch.Tensor, card, out: Path, rep
         cal_report[channel], ratio_report[channel] = {}, {}
         curves = {}
         for name in OBSERVABLES:
-            cal = calibration(gen[name][mask], truth[name][mask])
+            cal, edges, ratio = _posterior_figures(gen[name][mask], truth[name][mask], truth[name], name, bins)
             cal_report[channel][name] = cal.as_dict()
+            ratio_report[channel][name] = ratio
             if name in CALIBRATED:
                 curves[name] = (np.asarray(cal.q), np.asarray(cal.coverage))
-            edges = _edges(truth[name], name, bins)
-            cmp = compare_histograms(gen[name][mask].reshape(-1), truth[name][mask], edges, sample_weights=np.full(mask.sum() * s, 1.0 / s))
-            ratio_report[channel][name] = {
-                "max_bulk_deviation": cmp.max_bulk_deviation, "chi2_ndf": cmp.chi2_ndf,
-                # the statistical error of the ratio in that bin, and the largest |pull| of a bulk bin
-                "max_bulk_deviation_error": cmp.max_bulk_deviation_error, "max_bulk_pull": cmp.max_bulk_pull,
-                # the truth histogram's own relative error in the smallest bulk bin: the
-                # floor below which max_bulk_deviation cannot be resolved with this test set
-                "statistical_floor": float(1.0 / np.sqrt(max(1.0, 0.01 * mask.sum()))),
-                "ratio": cmp.ratio, "ratio_error": cmp.ratio_error, "edges": cmp.edges,
-            }
             label, logy = OBSERVABLES[name]
             written = ratio_plot(
                 [Series(truth[name][mask], "parton truth"), Series(gen[name][mask].reshape(-1), f"cINN unfolded ({s}/event)", np.full(mask.sum() * s, 1.0 / s)),
@@ -483,6 +516,9 @@ def run(card, args) -> int:
         train_ev = _concatenate([train_ev, extra])
         report["training_events_resmeared"] = len(extra)
     del particle
+    # the refiner learns from these (without the rotated copies: half the time, and the
+    # rotation is a symmetry the cINN's samples already share)
+    refine_ev = train_ev
     if card.data.symmetrise:
         train_ev = _concatenate([train_ev, train_ev.rotated()])
         report["training_events_symmetrised"] = len(train_ev)
@@ -512,13 +548,19 @@ def run(card, args) -> int:
     timing["train_s"] = result.train_s
     timing["train_s_per_epoch"] = result.train_s / max(result.epochs, 1e-9)
     report["training"] = result.summary(kept_best=card.training.keep_best)
+    if unfolder.refiner is not None:
+        unfolder.eval()
+        r = card.model.refine
+        t0 = time.perf_counter()
+        report["refine"] = {"fit": unfolder.fit_refiner(refine_ev, r.samples, r.epochs, seed=card.seed + 53, batch_size=card.evaluation.batch_size)}
+        timing["refine_fit_s"] = time.perf_counter() - t0
     buffer = io.BytesIO()
     torch.save({"kind": "partonic-unfold-cinn", "state_dict": unfolder.state_dict(), "card": report["card"], "version": report["partonic_version"]}, buffer)
     atomic_write_bytes(folder.path / "model.pt", buffer.getvalue())
     report["outputs"]["model"] = "model.pt"
 
     unfolder.eval()
-    samples = _unfold(unfolder, test_ev, card, timing)
+    samples = _unfold(unfolder, test_ev, card, timing, report)
     if unfolder.pairs:
         report["pairing"] = {"fit": pairing_fit, "test": unfolder.pairing_summary(test_ev)}
     plots = evaluate(test_ev, samples, card, folder.path, report, train_events=train_ev)
@@ -532,18 +574,29 @@ def run(card, args) -> int:
     return 0
 
 
-def _unfold(unfolder: Unfolder, events: DetectorEvents, card, timing: dict) -> torch.Tensor:
+def _unfold(unfolder: Unfolder, events: DetectorEvents, card, timing: dict, report: dict) -> torch.Tensor:
+    """Unfold ``events``; with a fitted refiner, resample and record in ``report["refine"]``
+    the weights' spread and, with truth, the figures of the samples before resampling."""
     s = card.evaluation.samples_per_event
     device = next(unfolder.parameters()).device
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     with tqdm(total=len(events), unit="ev", desc=f"unfolding ({s} samples/event)") as bar:
-        samples = unfolder.unfold(events, s, batch_size=card.evaluation.batch_size, seed=card.seed + 101, progress=bar)
+        samples = unfolder.unfold(events, s, batch_size=card.evaluation.batch_size, seed=card.seed + 101, progress=bar, refine=False)
     if device.type == "cuda":
         torch.cuda.synchronize()
     timing["sample_s"] = time.perf_counter() - t0
     timing["unfold_samples_per_s"] = len(events) * s / timing["sample_s"]
+    if unfolder.refined:
+        t0 = time.perf_counter()
+        raw = samples
+        samples, weights = unfolder.refine_samples(events, raw, seed=card.seed + 103)
+        timing["refine_s"] = time.perf_counter() - t0
+        refine = report.setdefault("refine", {})
+        refine["test"] = weights
+        if events.has_truth:
+            refine["unrefined"] = posterior_summary(events, raw, card.evaluation.bins)
     return samples
 
 
@@ -597,7 +650,7 @@ def apply_model(card, args) -> int:
     report["test_events"] = len(events)
     report["input_has_truth"] = events.has_truth
     report["samples_per_event"] = card.evaluation.samples_per_event
-    samples = _unfold(unfolder, events, card, report["timing"])
+    samples = _unfold(unfolder, events, card, report["timing"], report)
     plots = evaluate(events, samples, card, folder.path, report) if events.has_truth else []
     _save_samples(folder.path / "unfolded.h5", events, samples)
     report["outputs"]["samples"] = "unfolded.h5"

@@ -30,7 +30,19 @@ from torch import nn
 from ..evaluate.metrics import unweighting_efficiency
 from .flows import mlp
 
-__all__ = ["ClassifierRefiner", "unweight_with_copies"]
+__all__ = ["ClassifierRefiner", "systematic_resample", "unweight_with_copies"]
+
+
+def systematic_resample(log_weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Indices (N, S) that resample each row of S weighted draws, log-weights (N, S),
+    into S unweighted ones: systematic resampling (one uniform u per row, the points
+    (u + k)/S, k = 0 … S − 1, on the cumulative normalised weights), so draw k is kept
+    ⌊S w_k⌋ or ⌈S w_k⌉ times: the least added noise of the unbiased schemes, and every
+    draw kept once when the weights are equal."""
+    n, s = log_weights.shape
+    w = torch.softmax(log_weights.double(), 1)
+    u = (torch.rand(n, 1, generator=generator, dtype=torch.float64, device=generator.device) + torch.arange(s, dtype=torch.float64, device=generator.device)) / s
+    return torch.searchsorted(w.to(u.device).cumsum(1), u).clamp(max=s - 1)
 
 
 def unweight_with_copies(weights: torch.Tensor, w_max: float, gen: torch.Generator) -> torch.Tensor:
