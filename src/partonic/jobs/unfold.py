@@ -442,6 +442,13 @@ def _summary(report: dict, path: Path) -> str:
         floor = report.get("calibration_noise_floor", {})
         dev = ", ".join(f"{c} {v:.3f}" + (f" (noise {floor[c]:.3f})" if c in floor else "") for c, v in report["max_calibration_deviation"].items())
         lines.append(f"  calibration, max |coverage − q| over {', '.join(CALIBRATED)}: {dev}")
+    refine = report.get("refine", {})
+    if "test" in refine:
+        t = refine["test"]
+        lines.append(f"  refinement: {t['effective_samples_mean']:.1f} effective samples of {t['samples_per_event']} per event (fewest {t['effective_samples_min']:.1f})")
+    if "unrefined" in refine:
+        dev = ", ".join(f"{c} {v['max_calibration_deviation']:.3f}" for c, v in refine["unrefined"].items())
+        lines.append(f"    before it, max |coverage − q|: {dev}")
     for name in ("m_jj", "m_ll"):
         if f"{name}_peak" in report:
             pk = report[f"{name}_peak"]
