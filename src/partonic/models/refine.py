@@ -37,7 +37,7 @@ def systematic_resample(log_weights: torch.Tensor, generator: torch.Generator) -
     """Indices (N, S) that resample each row of S weighted draws, log-weights (N, S),
     into S unweighted ones: systematic resampling (one uniform u per row, the points
     (u + k)/S, k = 0 … S − 1, on the cumulative normalised weights), so draw k is kept
-    ⌊S w_k⌋ or ⌈S w_k⌉ times: the least added noise of the unbiased schemes, and every
+    ⌊S w_k⌋ or ⌈S w_k⌉ times: less added noise than multinomial resampling, and every
     draw kept once when the weights are equal."""
     n, s = log_weights.shape
     w = torch.softmax(log_weights.double(), 1)
