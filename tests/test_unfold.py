@@ -485,6 +485,38 @@ def test_pairing_classifier_loss_is_the_mixture_nll_and_samples_present_pairs():
     assert torch.allclose(samples[..., 1:3].sum(2), torch.zeros(240, 5, 2, dtype=torch.float64), atol=1e-6)
 
 
+@pytest.mark.parametrize("pairing", ["candidate", "classifier"])
+def test_sampling_with_the_condition_network_once_per_event_equals_the_direct_inverse(pairing, monkeypatch):
+    """sample_features runs the condition network once per event (and W hypothesis) and
+    the inverse in passes of CPU_PASS samples; its samples equal the cINN's inverse given
+    each sample's full condition, drawn from the same random numbers."""
+    ev, _, _ = _events_with_isr_jets(60, seed=5)
+    torch.manual_seed(4)
+    model = CINNModel(blocks=2, subnet_width=16, condition_width=16, condition_dim=4, pairing=pairing, coupling="spline")
+    unfolder = Unfolder(4, model).fit(ev).eval()
+    for p in unfolder.parameters():  # away from the identity the blocks start as
+        if p.is_floating_point():
+            p.data.add_(0.3 * torch.randn_like(p))
+    data = unfolder.training_data(ev)
+    cond, valid = data[1], (data[3] if pairing == "classifier" else None)
+    monkeypatch.setattr(Unfolder, "CPU_PASS", 7)  # passes that split events' samples
+    x, k = unfolder.sample_features(cond, 9, batch_size=90, generator=torch.Generator().manual_seed(8), valid=valid)
+    gen = torch.Generator().manual_seed(8)
+    expected = []
+    for lo in range(0, 60, 10):  # batch_size // samples events at a time, as sample_features
+        c = cond[lo : lo + 10].repeat_interleave(9, 0)
+        if pairing == "classifier":
+            probs = torch.softmax(unfolder.pairing_logits(cond[lo : lo + 10], valid[lo : lo + 10]), -1)
+            kk = torch.multinomial(probs, 9, replacement=True, generator=gen)
+            assert torch.equal(kk, k[lo : lo + 10])
+            c = unfolder._hypothesis_condition(c, kk.reshape(-1))
+        z = torch.randn(len(c), unfolder.cinn.dim, generator=gen)
+        expected.append(unfolder.cinn.inverse(z, c)[0].detach().view(10, 9, -1))
+    # float32 rounding, which the steep random splines amplify; a wrong condition moves samples by O(1)
+    torch.testing.assert_close(x, torch.cat(expected), rtol=1e-3, atol=5e-4)
+    assert (k is None) == (pairing == "candidate")
+
+
 def test_pairing_classifier_fit_learns_the_pair_at_the_w_mass_and_keeps_its_best_epoch():
     """The quark pair sits at m_W ± 3 GeV, the other pairs anywhere: fitted alone, the
     classifier names it in most 3- and 4-jet events, with calibrated confidence. With a
