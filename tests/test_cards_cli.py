@@ -52,6 +52,10 @@ def test_wrong_type_and_range_name_field_value_and_rule():
         load_card("cards/drell_yan.yaml", ["model.rapidity=eta"])
     with pytest.raises(CardError, match="training.keep_best = true .* needs training.validation_fraction > 0"):
         load_card("cards/zw.yaml", ["training.keep_best=true", "training.validation_fraction=0"])
+    with pytest.raises(CardError, match="model.refine.independent_events simulates events for the refiner, so it needs data.source = pythia, not 'hdf5'"):
+        load_card("cards/zw.yaml", ["model.refine.independent_events=1000", "data.resmear=0", "data.source=hdf5", "data.files=[a.h5]"])
+    with pytest.raises(CardError, match="model.refine.independent_events are events for the refiner: set model.refine.method = classifier"):
+        load_card("cards/zw.yaml", ["model.refine.independent_events=1000", "model.refine.method=none"])
 
 
 def test_job_and_cross_field_checks():

@@ -742,7 +742,7 @@ seed: 2
 device: cpu
 data: {{n_events: {n}, workers: 1, test_fraction: 0.3, channel_balance: 1.0, resmear: 1}}
 model: {{coupling: spline, blocks: 3, subnet_width: 24, condition_width: 24, condition_dim: 8, pairing: classifier, pairing_width: 16, pairing_epochs: 3,
-        refine: {{method: classifier, epochs: 2, width: 16, layers: 2}}}}
+        refine: {{method: classifier, epochs: 2, width: 16, layers: 2, independent_events: 1200}}}}
 training: {{batch_size: 64, epochs: 2, checkpoint_every: 1000}}
 evaluation: {{samples_per_event: 16, bins: 8}}
 """
@@ -796,6 +796,11 @@ def test_unfold_job_end_to_end(tiny_run):
     # the test posteriors resampled, and the figures before resampling reported
     refine = report["refine"]
     assert len(refine["fit"]["val_loss"]) == 2 and refine["fit"]["generated_events"] == 2 * refine["fit"]["data_events"]
+    # ... on refine.independent_events: 1200 more generated events of seed 2 + 10⁶, twice through the detector
+    events = refine["events"]
+    assert events["source"] == "independent" and events["seed"] == 1_000_002 and events["generated"] == 1200 and events["realisations"] == 2
+    assert refine["fit"]["data_events"] == events["events"] and 0.2 * 1200 < events["events"] < 2 * 0.3 * 1200
+    assert report["timing"]["refine_simulate_s"] > 0
     assert 1.0 <= refine["test"]["effective_samples_min"] <= refine["test"]["effective_samples_mean"] <= 16.0
     unrefined = refine["unrefined"]["inclusive"]
     assert set(unrefined["max_bulk_deviation"]) == {"pt_q1", "pt_q2", "m_jj"} and set(unrefined["coverage_68"]) == {"pt_q1", "pt_q2", "eta_q1", "m_jj", "pt_l1"}

@@ -236,6 +236,11 @@ class RefineSection(Strict):
     epochs: Annotated[int, Field(ge=1, le=1000)] = 20
     width: Annotated[int, Field(ge=4, le=4096)] = 256
     layers: Annotated[int, Field(ge=1, le=8)] = 3
+    #: the events the classifier learns from: 0, the cINN's training events (with their
+    #: data.resmear realisations); N > 0, N more generated events simulated for it alone
+    #: (data.source = pythia; seed + 10⁶, data.resmear + 1 detector realisations each),
+    #: which the cINN has never seen (docs/results.md, "Sampling: the condition network")
+    independent_events: NonNegInt = 0
 
 
 class CINNModel(Strict):
@@ -308,6 +313,10 @@ class UnfoldCard(CommonCard):
     def _pairing_needs_validation(self):
         if self.model.pairing == "classifier" and self.training.validation_fraction == 0:
             raise ValueError("model.pairing = classifier keeps the classifier's epoch with the lowest validation cross-entropy, so it needs training.validation_fraction > 0")
+        if self.model.refine.independent_events and self.data.source != "pythia":
+            raise ValueError(f"model.refine.independent_events simulates events for the refiner, so it needs data.source = pythia, not {self.data.source!r}")
+        if self.model.refine.independent_events and self.model.refine.method == "none":
+            raise ValueError("model.refine.independent_events are events for the refiner: set model.refine.method = classifier, or independent_events = 0")
         return self
 
 

@@ -141,6 +141,29 @@ def resmeared_events(arrays: dict, detector, seed: int, realisations: int, exclu
     return _concatenate(parts), np.concatenate(rows)
 
 
+#: the seed of model.refine.independent_events is the card's plus this
+REFINE_SEED_OFFSET = 1_000_000
+
+
+def independent_refine_events(card, progress: bool = True) -> tuple[DetectorEvents, dict]:
+    """Events for the refiner alone (``model.refine.independent_events``): that many more
+    generated events, simulated and cached like the card's own with the seed
+    card.seed + :data:`REFINE_SEED_OFFSET`, the card's detector applied ``data.resmear``
+    + 1 times. The cINN has never seen them, so the classifier learns the cINN's error
+    on new events, not on the events it was trained on. Returns the selected events and
+    their description for the report."""
+    seed = card.seed + REFINE_SEED_OFFSET
+    extra_card = card.model_copy(update={"seed": seed, "data": card.data.model_copy(update={"n_events": card.model.refine.independent_events})})
+    events, meta = load_events(extra_card, progress)
+    particle = meta.pop("particle_level")
+    parts = [events]
+    if card.data.resmear:
+        parts.append(resmeared_events(particle["arrays"], card.data.detector, seed, card.data.resmear, exclude=np.zeros(0, dtype=np.int64))[0])
+    out = _concatenate(parts)
+    return out, {"source": "independent", "seed": seed, "generated": card.model.refine.independent_events, "realisations": card.data.resmear + 1,
+                 "events": len(out), "cached": bool(meta.get("cached"))}
+
+
 def _concatenate(parts: list[DetectorEvents]) -> DetectorEvents:
     if len(parts) == 1:
         return parts[0]
@@ -445,7 +468,9 @@ def _summary(report: dict, path: Path) -> str:
     refine = report.get("refine", {})
     if "test" in refine:
         t = refine["test"]
-        lines.append(f"  refinement: {t['effective_samples_mean']:.1f} effective samples of {t['samples_per_event']} per event (fewest {t['effective_samples_min']:.1f})")
+        ev = refine.get("events", {})
+        learnt = f"; learnt from {ev['events']} {ev['source']} events" if ev else ""
+        lines.append(f"  refinement: {t['effective_samples_mean']:.1f} effective samples of {t['samples_per_event']} per event (fewest {t['effective_samples_min']:.1f}){learnt}")
     if "unrefined" in refine:
         dev = ", ".join(f"{c} {v['max_calibration_deviation']:.3f}" for c, v in refine["unrefined"].items())
         lines.append(f"    before it, max |coverage − q|: {dev}")
@@ -558,8 +583,13 @@ def run(card, args) -> int:
     if unfolder.refiner is not None:
         unfolder.eval()
         r = card.model.refine
+        events_info: dict = {"source": "training", "events": len(refine_ev)}
+        if r.independent_events:
+            t0 = time.perf_counter()
+            refine_ev, events_info = independent_refine_events(card)
+            timing["refine_simulate_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        report["refine"] = {"fit": unfolder.fit_refiner(refine_ev, r.samples, r.epochs, seed=card.seed + 53, batch_size=card.evaluation.batch_size)}
+        report["refine"] = {"events": events_info, "fit": unfolder.fit_refiner(refine_ev, r.samples, r.epochs, seed=card.seed + 53, batch_size=card.evaluation.batch_size)}
         timing["refine_fit_s"] = time.perf_counter() - t0
     buffer = io.BytesIO()
     torch.save({"kind": "partonic-unfold-cinn", "state_dict": unfolder.state_dict(), "card": report["card"], "version": report["partonic_version"]}, buffer)
