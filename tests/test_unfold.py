@@ -424,6 +424,70 @@ def _events_with_isr_jets(n, seed=0):
     return ev, n_jets, slots
 
 
+def test_balance_reference_is_the_hard_z_azimuth_and_each_hypothesis_has_its_own():
+    """model.z_azimuth = balance: the Z azimuth's reference is φ(p_ℓℓ − p_jj), for the
+    W candidate in the detector's references and for each pair in its hypothesis's. In
+    a hard process (p_W = −p_Z) with the quarks as jets the truth's pair gives the Z's
+    azimuth itself; every other present pair its own p_ℓℓ − p_jj; absent pairs keep
+    the candidate's; the lepton pair's azimuth stays the reference otherwise."""
+    ev, _, _ = _events_with_isr_jets(200, seed=11)
+    t = Unfolder.tensors(ev)
+    z = t["leptons"][:, 0] + t["leptons"][:, 1]
+    parton_z = t["partons"][:, 0] + t["partons"][:, 1]
+    torch.testing.assert_close(cinn.z_balance_azimuth(parton_z, t["partons"][:, 2] + t["partons"][:, 3]), kin.phi(parton_z), rtol=0, atol=1e-9)
+    by = {}
+    for option in ("leptons", "balance"):
+        unfolder = Unfolder(4, CINNModel(blocks=1, subnet_width=8, condition_width=8, condition_dim=4, pairing="classifier", z_azimuth=option)).fit(ev)
+        det = unfolder.detector.double()
+        _, ref = det(t["leptons"], t["jets"], t["n_jets"], t["flavour"])
+        refs, valid, label = unfolder._hypotheses(t, ref)
+        by[option] = (ref, refs, valid, label)
+    ref, refs, valid, label = by["balance"]
+    a, b = cinn._w_candidate(t["jets"], t["jets"][..., 0] > 0)
+    torch.testing.assert_close(ref[:, 3], cinn.z_balance_azimuth(z, a + b), rtol=0, atol=1e-12)
+    torch.testing.assert_close(by["leptons"][0][:, 3], kin.phi(z), rtol=0, atol=1e-12)
+    truth_pair = refs[torch.arange(len(label)), label, 3]
+    assert float(_wrap_diff(truth_pair, kin.phi(parton_z)).abs().max()) < 1e-9
+    for k, (i, j) in enumerate(cinn.jet_pairs(4)):
+        want = torch.where(valid[:, k], cinn.z_balance_azimuth(z, t["jets"][:, i] + t["jets"][:, j]), ref[:, 3])
+        torch.testing.assert_close(refs[:, k, 3], want, rtol=0, atol=1e-12)
+        # the other references are the leptons-option's
+        torch.testing.assert_close(refs[:, k, [0, 1, 2, 4]], by["leptons"][1][:, k, [0, 1, 2, 4]])
+    assert bool((~valid).any()) and bool((refs[..., 3] != by["leptons"][1][..., 3]).all(1).any())
+
+
+def test_quark_jet_distances_are_the_nearest_present_jet_of_each_pt_ordered_quark():
+    """Against a loop over events, samples and jets; absent jet slots (zero momenta) are
+    never the nearest; samples (N, S, 4, 4) and truth (N, 4, 4) give the same per row."""
+    ev, n_jets, _ = _events_with_isr_jets(40, seed=3)
+    jets = torch.as_tensor(ev.jets)
+    g = torch.Generator().manual_seed(1)
+    samples = torch.as_tensor(ev.partons)[:, None].repeat(1, 3, 1, 1)
+    samples[..., 2:4, 1:] += 5.0 * torch.randn(40, 3, 2, 3, generator=g, dtype=torch.float64)
+    samples[..., 0] = samples[..., 1:].norm(dim=-1)
+    got = cinn.quark_jet_distances(samples, jets, chunk=7)
+    for e in range(40):
+        for s in range(3):
+            q = samples[e, s, 2:4]
+            pts = torch.hypot(q[:, 1], q[:, 2])
+            order = [0, 1] if pts[0] >= pts[1] else [1, 0]
+            for name, k in zip(("dr_q1_jet", "dr_q2_jet"), order):
+                eta, phi = torch.asinh(q[k, 3] / pts[k]), torch.atan2(q[k, 2], q[k, 1])
+                best = min(math.hypot(float(eta - torch.asinh(j[3] / torch.hypot(j[1], j[2]))), float(_wrap_diff(phi, torch.atan2(j[2], j[1]))))
+                           for j in jets[e, : int(n_jets[e])])
+                assert math.isclose(float(got[name][e, s]), best, rel_tol=1e-9, abs_tol=1e-12)
+    truth = cinn.quark_jet_distances(samples[:, 1], jets)
+    assert truth["dr_q1_jet"].shape == (40,)
+    torch.testing.assert_close(truth["dr_q2_jet"], got["dr_q2_jet"][:, 1], rtol=0, atol=0)
+    # the quarks are jets of their own events here: zero distance to the nearest
+    exact = cinn.quark_jet_distances(torch.as_tensor(ev.partons), jets)
+    assert float(exact["dr_q1_jet"].abs().max()) < 1e-9 and float(exact["dr_q2_jet"].abs().max()) < 1e-9
+
+
+def _wrap_diff(a, b):
+    return torch.remainder(a - b + math.pi, 2 * math.pi) - math.pi
+
+
 def test_pairing_labels_are_the_slots_of_the_quark_jets():
     """When two jets are the quarks themselves, the hypothesis nearest the quarks is
     their pair, whatever slots they sit in and however many other jets there are."""
@@ -783,6 +847,11 @@ def test_unfold_job_end_to_end(tiny_run):
         if math.isfinite(ratio["max_bulk_deviation"]):
             worst = [k for k, r in enumerate(ratio["ratio"]) if math.isclose(abs(r - 1), ratio["max_bulk_deviation"])]
             assert worst and any(math.isclose(ratio["ratio_error"][k], ratio["max_bulk_deviation_error"]) for k in worst)
+    # the quarks' distance to the nearest jet: calibration only, in every channel's report
+    for channel, worst in report["max_jet_distance_calibration_deviation"].items():
+        entries = [report["calibration"][channel][obs] for obs in ("dr_q1_jet", "dr_q2_jet")]
+        assert worst == max(e["max_deviation"] for e in entries) and all(len(e["q"]) == len(e["coverage"]) for e in entries)
+    assert "dr_q1_jet" not in report["ratio_to_truth"]["inclusive"]
     for obs in ("m_jj", "pt_q1"):
         assert set(report["ibu_comparison"][obs]) >= {"cinn_chi2_ndf", "ibu_chi2_ndf"}
     for peak in ("m_jj_peak", "m_ll_peak"):

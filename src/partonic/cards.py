@@ -288,6 +288,10 @@ class CINNModel(Strict):
     #: the coordinate of the W's and the Z's decay cos θ: atanh cos θ (exponential
     #: tails) or Φ⁻¹((1 + cos θ)/2) (Gaussian tails, as the flow's base density)
     decay_angle: Literal["atanh", "probit"] = "atanh"
+    #: the azimuth from which the Z's (and so the W's: pT balance) is measured: the
+    #: lepton pair's, or that of p_ℓℓ − p_jj of the W candidate (each hypothesis's
+    #: pair), which the ISR recoil moves less
+    z_azimuth: Literal["leptons", "balance"] = "leptons"
     #: decay per step of a moving average of the cINN's weights that then unfolds
     #: (0: the last iterate)
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
@@ -317,6 +321,8 @@ class UnfoldCard(CommonCard):
             raise ValueError(f"model.refine.independent_events simulates events for the refiner, so it needs data.source = pythia, not {self.data.source!r}")
         if self.model.refine.independent_events and self.model.refine.method == "none":
             raise ValueError("model.refine.independent_events are events for the refiner: set model.refine.method = classifier, or independent_events = 0")
+        if self.model.z_azimuth != "leptons" and self.model.leptons != "system":
+            raise ValueError(f"model.z_azimuth = {self.model.z_azimuth!r} is the reference of the Z system's azimuth: it needs model.leptons = system, not {self.model.leptons!r}")
         return self
 
 

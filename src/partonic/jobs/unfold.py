@@ -30,7 +30,7 @@ from partonic.evaluate.plots import Series, calibration_plot, ratio_plot
 from partonic.io.lhe import LHEEvents, LHEInit, LHEProcess, write_lhe
 from partonic.io.store import DatasetCache, cache_key
 from partonic.jobs.common import JobError, RunFolder, atomic_write_bytes, resolve_device
-from partonic.models.cinn import Unfolder, parton_observables
+from partonic.models.cinn import Unfolder, parton_observables, quark_jet_distances
 from partonic.physics.constants import M_ELECTRON, M_MUON
 from partonic.simulate.detector import CHANNELS, DetectorEvents, DetectorInputError, apply_detector, lepton_pt_resolution
 from partonic.train import TrainingError, load_checkpoint, seed_everything, train
@@ -55,6 +55,9 @@ OBSERVABLES = {
 }
 #: the observables with a calibration target (ARCHITECTURE.md report contract)
 CALIBRATED = ("pt_q1", "pt_q2", "eta_q1", "m_jj", "pt_l1")
+#: functions of partons and detector (ΔR of each quark to the nearest jet): calibration
+#: only, no ratio; they test where the posteriors put the quarks relative to the jets
+JET_RELATIVE = ("dr_q1_jet", "dr_q2_jet")
 #: IBU comparison: parton observable → its detector-level proxy (same name in detector_observables)
 IBU_OBSERVABLES = ("m_jj", "pt_q1")
 CHANNEL_NAMES = ("inclusive",) + CHANNELS
@@ -263,13 +266,17 @@ def posterior_summary(events: DetectorEvents, samples: torch.Tensor, bins: int) 
     ratio to truth of pT,q1, pT,q2 and m_jj (the report's ablation of the refiner)."""
     n, s = samples.shape[:2]
     gen = {k: v.view(n, s).numpy() for k, v in parton_observables(samples.reshape(-1, 4, 4)).items()}
-    truth = {k: v.numpy() for k, v in parton_observables(Unfolder.tensors(events)["partons"]).items()}
+    t = Unfolder.tensors(events)
+    truth = {k: v.numpy() for k, v in parton_observables(t["partons"]).items()}
+    rel_gen = {k: v.numpy() for k, v in quark_jet_distances(samples, t["jets"]).items()}
+    rel_truth = {k: v.numpy() for k, v in quark_jet_distances(t["partons"], t["jets"]).items()}
     out = {}
     for channel in CHANNEL_NAMES:
         mask = events.channel_mask(channel)
         if mask.sum() < 20:
             continue
-        entry = {"max_calibration_deviation": 0.0, "coverage_68": {}, "coverage_95": {}, "max_bulk_deviation": {}}
+        entry = {"max_calibration_deviation": 0.0, "coverage_68": {}, "coverage_95": {}, "max_bulk_deviation": {},
+                 "jet_distance_calibration": {name: calibration(rel_gen[name][mask], rel_truth[name][mask]).max_deviation for name in JET_RELATIVE}}
         for name in CALIBRATED:
             cal, _, ratio = _posterior_figures(gen[name][mask], truth[name][mask], truth[name], name, bins)
             entry["max_calibration_deviation"] = max(entry["max_calibration_deviation"], cal.max_deviation)
@@ -287,6 +294,9 @@ def evaluate(events: DetectorEvents, samples: torch.Tensor, card, out: Path, rep
     gen = {k: v.view(n, s).numpy() for k, v in parton_observables(samples.reshape(-1, 4, 4)).items()}
     truth = {k: v.numpy() for k, v in parton_observables(Unfolder.tensors(events)["partons"]).items()}
     det = detector_observables(events)
+    jets = Unfolder.tensors(events)["jets"]
+    rel_gen = {k: v.numpy() for k, v in quark_jet_distances(samples, jets).items()}
+    rel_truth = {k: v.numpy() for k, v in quark_jet_distances(Unfolder.tensors(events)["partons"], jets).items()}
     title = rf"pp$\to$ZW$\to\ell\ell jj$, {card.physics.sqrt_s / 1000:g} TeV"
     plots: list[str] = []
     cal_report: dict = {}
@@ -310,6 +320,10 @@ def evaluate(events: DetectorEvents, samples: torch.Tensor, card, out: Path, rep
                 edges, label, out / "plots" / channel / name, title=f"{title}, {channel}", logy=logy, ratio_range=(0.5, 1.5),
             )
             plots += [str(p.relative_to(out)) for p in written]
+        for name in JET_RELATIVE:
+            cal = calibration(rel_gen[name][mask], rel_truth[name][mask])
+            cal_report[channel][name] = cal.as_dict()
+            curves[name] = (np.asarray(cal.q), np.asarray(cal.coverage))
         written = calibration_plot(curves, out / "plots" / channel / "calibration", title=f"{title}, {channel}")
         plots += [str(p.relative_to(out)) for p in written]
     report["calibration"] = cal_report
@@ -317,6 +331,8 @@ def evaluate(events: DetectorEvents, samples: torch.Tensor, card, out: Path, rep
     report["max_calibration_deviation"] = {c: max(cal_report[c][o]["max_deviation"] for o in CALIBRATED) for c in cal_report}
     # what a calibrated posterior would show by chance on each channel's test events (95%)
     report["calibration_noise_floor"] = {c: cal_report[c][CALIBRATED[0]]["noise_floor"] for c in cal_report}
+    # no target, but a posterior that is right puts the quarks as far from the jets as the truth is
+    report["max_jet_distance_calibration_deviation"] = {c: max(cal_report[c][o]["max_deviation"] for o in JET_RELATIVE) for c in cal_report}
 
     # the W and Z Breit–Wigner peaks at parton level (m_jj, m_ℓℓ)
     for name, centre, window in (("m_jj", 80.4, 60.0), ("m_ll", 91.2, 20.0)):
@@ -465,6 +481,9 @@ def _summary(report: dict, path: Path) -> str:
         floor = report.get("calibration_noise_floor", {})
         dev = ", ".join(f"{c} {v:.3f}" + (f" (noise {floor[c]:.3f})" if c in floor else "") for c, v in report["max_calibration_deviation"].items())
         lines.append(f"  calibration, max |coverage − q| over {', '.join(CALIBRATED)}: {dev}")
+    if "max_jet_distance_calibration_deviation" in report:
+        dev = ", ".join(f"{c} {v:.3f}" for c, v in report["max_jet_distance_calibration_deviation"].items())
+        lines.append(f"    of the quarks' ΔR to the nearest jet (no target): {dev}")
     refine = report.get("refine", {})
     if "test" in refine:
         t = refine["test"]

@@ -195,6 +195,14 @@ def _w_candidate(jets: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tenso
     return jets[rows, slots[:, 0]], jets[rows, slots[:, 1]]
 
 
+def z_balance_azimuth(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """φ of p_Z − p_W in the transverse plane: in the hard process p_W = −p_Z, so this is
+    the Z's azimuth with each measurement's ISR recoil partly cancelled (the lepton
+    pair's alone leaves it all in the Z). A W candidate of zero momentum (absent jets)
+    leaves the lepton pair's azimuth."""
+    return torch.atan2(z[:, 2] - w[:, 2], z[:, 1] - w[:, 1])
+
+
 def pair_axes(jets: torch.Tensor, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Decay azimuth and cos θ of the harder jet in each pair's helicity frame, (N, P)
     each, and whether both jets are present (N, P); absent pairs get φ = 0, cos θ = 1."""
@@ -449,8 +457,12 @@ class DetectorRepresentation(nn.Module):
     condition then holds every hypothesis instead of two.
     """
 
-    def __init__(self, max_jets: int, pair_features: bool = False, lepton_system: bool = False):
+    def __init__(self, max_jets: int, pair_features: bool = False, lepton_system: bool = False, z_azimuth: str = "leptons"):
         super().__init__()
+        if z_azimuth not in ("leptons", "balance"):
+            raise ValueError(f"z_azimuth must be 'leptons' or 'balance', not {z_azimuth!r}")
+        #: the fourth reference: φ of the lepton pair, or of p_ℓℓ − p_jj (W candidate)
+        self.z_balance = z_azimuth == "balance"
         self.max_jets = max_jets
         self.pair_features = bool(pair_features)
         self.lepton_system = bool(lepton_system)
@@ -495,7 +507,8 @@ class DetectorRepresentation(nn.Module):
             # an absent jet is a zero vector, whose rest frame does not exist: zero, not NaN
             cols += [torch.where(both > 0, c, 0.0) for c in _decay_coordinates(jets[:, i], jets[:, j])]
             masks += [both] * 5
-        ref = torch.stack([phi_ref, torch.atan2(decay[4], decay[3]), torch.tanh(decay[2]), kin.phi(z), azimuth_l], -1)
+        phi_z = z_balance_azimuth(z, a + b) if self.z_balance else kin.phi(z)
+        ref = torch.stack([phi_ref, torch.atan2(decay[4], decay[3]), torch.tanh(decay[2]), phi_z, azimuth_l], -1)
         return torch.stack(cols, -1), torch.stack(masks, -1), ref
 
     def fit(self, leptons, jets, n_jets, flavour) -> "DetectorRepresentation":
@@ -645,6 +658,30 @@ def parton_observables(partons: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
+def quark_jet_distances(partons: torch.Tensor, jets: torch.Tensor, chunk: int = 5_000) -> dict[str, torch.Tensor]:
+    """ΔR of the harder and the softer quark to the nearest present jet of their event:
+    ``partons`` (N, S, 4, 4) samples or (N, 4, 4) truth, ``jets`` (N, J, 4) with absent
+    slots zero (an event without jets gives ∞). Functions of partons and detector:
+    their calibration tests where a posterior puts the quarks relative to the jets,
+    which no parton observable alone does."""
+    single = partons.dim() == 3
+    if single:
+        partons = partons[:, None]
+    n, s = partons.shape[:2]
+    out = {"dr_q1_jet": torch.empty(n, s, dtype=torch.float64), "dr_q2_jet": torch.empty(n, s, dtype=torch.float64)}
+    for lo in range(0, n, chunk):
+        q = partons[lo : lo + chunk, :, 2:4].double()
+        j = jets[lo : lo + chunk].double()
+        qpt, qeta, qphi = _pt_eta_phi(q)
+        order = qpt.argsort(-1, descending=True)
+        qeta, qphi = qeta.gather(-1, order), qphi.gather(-1, order)
+        jpt, jeta, jphi = _pt_eta_phi(j)
+        dr = torch.hypot(qeta[..., None] - jeta[:, None, None, :], _wrap(qphi[..., None] - jphi[:, None, None, :]))
+        dr = torch.where((jpt > 0)[:, None, None, :], dr, math.inf).amin(-1)
+        out["dr_q1_jet"][lo : lo + chunk], out["dr_q2_jet"][lo : lo + chunk] = dr[..., 0], dr[..., 1]
+    return {k: v[:, 0] if single else v for k, v in out.items()}
+
+
 def _cpu64(module: nn.Module) -> nn.Module:
     """A double-precision CPU copy (preprocessing runs there, whatever the network's device)."""
     return copy.deepcopy(module).to("cpu", torch.float64)
@@ -671,7 +708,8 @@ class Unfolder(nn.Module):
         self.parton = PartonRepresentation(azimuth=getattr(model, "azimuth", "interval"), quark_label=getattr(model, "quark_label", "energy"), leptons=leptons,
                                            decay_angle=getattr(model, "decay_angle", "atanh"))
         # the hypotheses' own decay coordinates enter the condition through the pair features
-        self.detector = DetectorRepresentation(max_jets, pair_features=getattr(model, "pair_features", False) or pairing == "classifier", lepton_system=leptons == "system")
+        self.detector = DetectorRepresentation(max_jets, pair_features=getattr(model, "pair_features", False) or pairing == "classifier", lepton_system=leptons == "system",
+                                               z_azimuth=getattr(model, "z_azimuth", "leptons"))
         #: W hypotheses (pairs of jet slots) of ``pairing: classifier``; empty otherwise
         self.pairs = jet_pairs(max_jets) if pairing == "classifier" else []
         n_hyp = len(self.pairs)
@@ -733,6 +771,11 @@ class Unfolder(nn.Module):
         phi, cos, valid = pair_axes(jets, self.pairs)
         refs = ref[:, None, :].repeat(1, len(self.pairs), 1)
         refs[..., 1], refs[..., 2] = phi, cos
+        if self.detector.z_balance:
+            # each hypothesis's own p_ℓℓ − p_jj; an absent pair keeps the candidate's
+            z = t["leptons"][:, 0] + t["leptons"][:, 1]
+            for k, (i, j) in enumerate(self.pairs):
+                refs[:, k, 3] = torch.where(valid[:, k], z_balance_azimuth(z, jets[:, i] + jets[:, j]).to(refs.dtype), refs[:, k, 3])
         label = pairing_labels(t["partons"], jets, valid, self.pairs) if "partons" in t else None
         return refs, valid, label
 
