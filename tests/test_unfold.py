@@ -447,7 +447,7 @@ def test_balance_reference_is_the_hard_z_azimuth_and_each_hypothesis_has_its_own
     torch.testing.assert_close(ref[:, 3], cinn.z_balance_azimuth(z, a + b), rtol=0, atol=1e-12)
     torch.testing.assert_close(by["leptons"][0][:, 3], kin.phi(z), rtol=0, atol=1e-12)
     truth_pair = refs[torch.arange(len(label)), label, 3]
-    assert float(_wrap_diff(truth_pair, kin.phi(parton_z)).abs().max()) < 1e-9
+    assert float(cinn._wrap(truth_pair - kin.phi(parton_z)).abs().max()) < 1e-9
     for k, (i, j) in enumerate(cinn.jet_pairs(4)):
         want = torch.where(valid[:, k], cinn.z_balance_azimuth(z, t["jets"][:, i] + t["jets"][:, j]), ref[:, 3])
         torch.testing.assert_close(refs[:, k, 3], want, rtol=0, atol=1e-12)
@@ -473,7 +473,7 @@ def test_quark_jet_distances_are_the_nearest_present_jet_of_each_pt_ordered_quar
             order = [0, 1] if pts[0] >= pts[1] else [1, 0]
             for name, k in zip(("dr_q1_jet", "dr_q2_jet"), order):
                 eta, phi = torch.asinh(q[k, 3] / pts[k]), torch.atan2(q[k, 2], q[k, 1])
-                best = min(math.hypot(float(eta - torch.asinh(j[3] / torch.hypot(j[1], j[2]))), float(_wrap_diff(phi, torch.atan2(j[2], j[1]))))
+                best = min(math.hypot(float(eta - torch.asinh(j[3] / torch.hypot(j[1], j[2]))), float(cinn._wrap(phi - torch.atan2(j[2], j[1]))))
                            for j in jets[e, : int(n_jets[e])])
                 assert math.isclose(float(got[name][e, s]), best, rel_tol=1e-9, abs_tol=1e-12)
     truth = cinn.quark_jet_distances(samples[:, 1], jets)
@@ -482,10 +482,6 @@ def test_quark_jet_distances_are_the_nearest_present_jet_of_each_pt_ordered_quar
     # the quarks are jets of their own events here: zero distance to the nearest
     exact = cinn.quark_jet_distances(torch.as_tensor(ev.partons), jets)
     assert float(exact["dr_q1_jet"].abs().max()) < 1e-9 and float(exact["dr_q2_jet"].abs().max()) < 1e-9
-
-
-def _wrap_diff(a, b):
-    return torch.remainder(a - b + math.pi, 2 * math.pi) - math.pi
 
 
 def test_pairing_labels_are_the_slots_of_the_quark_jets():

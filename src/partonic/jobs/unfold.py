@@ -292,11 +292,11 @@ def evaluate(events: DetectorEvents, samples: torch.Tensor, card, out: Path, rep
     n, s = samples.shape[:2]
     bins = card.evaluation.bins
     gen = {k: v.view(n, s).numpy() for k, v in parton_observables(samples.reshape(-1, 4, 4)).items()}
-    truth = {k: v.numpy() for k, v in parton_observables(Unfolder.tensors(events)["partons"]).items()}
+    t = Unfolder.tensors(events)
+    truth = {k: v.numpy() for k, v in parton_observables(t["partons"]).items()}
     det = detector_observables(events)
-    jets = Unfolder.tensors(events)["jets"]
-    rel_gen = {k: v.numpy() for k, v in quark_jet_distances(samples, jets).items()}
-    rel_truth = {k: v.numpy() for k, v in quark_jet_distances(Unfolder.tensors(events)["partons"], jets).items()}
+    rel_gen = {k: v.numpy() for k, v in quark_jet_distances(samples, t["jets"]).items()}
+    rel_truth = {k: v.numpy() for k, v in quark_jet_distances(t["partons"], t["jets"]).items()}
     title = rf"pp$\to$ZW$\to\ell\ell jj$, {card.physics.sqrt_s / 1000:g} TeV"
     plots: list[str] = []
     cal_report: dict = {}
