@@ -1,37 +1,38 @@
 #!/usr/bin/env bash
 # One prepared check for a session that is lent a GPU (15 minutes of device time per
-# session, start-up included, 10 minutes per call), in two stages of under 9 minutes, each
-# step under its own time limit so that one slow step cannot eat the others:
-#   STAGE=1 (default): every benchmark on CUDA (the GPU throughput targets of the three
-#           jobs), then `partonic unweight` end to end with cards/drell_yan.yaml;
-#   STAGE=2: `partonic generate` with cards/ttbar.yaml and `unfold` with cards/zw.yaml.
-# Results (JSON, logs, report.json) go to $OUT.
+# session, start-up included, 10 minutes per call), in two stages, each step under its own
+# time limit so that one slow step cannot eat the others:
+#   STAGE=1 (default): the three jobs end to end on CUDA at a tiny size (does every code
+#           path run there?), then every benchmark on CUDA (the GPU throughput targets);
+#   STAGE=2: a card end to end on CUDA at its own size (CARD=drell_yan|ttbar|zw, JOB=...).
+# Results (JSON, logs, report.json, plots) come back as $OUT/session.tar.gz, the JSON and
+# steps.txt beside it.
 #
 # From the repository root of this machine:
-#   ../shared/device/wheels.sh            # Python 3.12 wheels the device image lacks, in .whl/
-#   run tool: carry [".whl"], timeout_s 580, command "bash benchmarks/device_session.sh"
-# A CPU dry run with tiny sizes: SIZE=tiny STAGE=1 OUT=runs/device_dry bash benchmarks/device_session.sh
+#   ../shared/device/wheels.sh graphviz particle hepunits pyunfold   # wheels the device image lacks, in .whl/
+#   run tool: carry [".whl"], timeout_s 420, command "bash benchmarks/device_session.sh"
+# A CPU dry run with tiny sizes: SIZE=tiny OUT=runs/device_dry bash benchmarks/device_session.sh
 set -uo pipefail
 OUT=${OUT:-runs/device_session}
 SIZE=${SIZE:-full}
 STAGE=${STAGE:-1}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-if [ -d .whl ]; then
+if [ "$SIZE" != tiny ] && [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:$PWD/src
 fi
 PY=${PY:-python3}
-if [ "$SIZE" = tiny ]; then
-  PDF_POINTS=20000; DY_EVENTS=100000; GEN_EVENTS=100000; UNF_SAMPLES=100000; PYTHIA=500; STEPS=10; BENCH_LIMIT=240; JOB_LIMIT=400
-  JOB_SETS=(--set training.epochs=1 --set data.n_events=20000)
+if [ "$SIZE" = tiny ]; then  # a CPU dry run of the script itself
+  PDF_POINTS=20000; DY_EVENTS=100000; GEN_EVENTS=100000; UNF_SAMPLES=100000; PYTHIA=300; STEPS=10; LIMIT=300; TINY_LIMIT=300
 else
-  PDF_POINTS=10000000; DY_EVENTS=10000000; GEN_EVENTS=10000000; UNF_SAMPLES=10000000; PYTHIA=3000; STEPS=100; BENCH_LIMIT=90; JOB_LIMIT=240
-  JOB_SETS=()
+  PDF_POINTS=10000000; DY_EVENTS=20000000; GEN_EVENTS=10000000; UNF_SAMPLES=10000000; PYTHIA=2000; STEPS=100; LIMIT=${LIMIT:-75}; TINY_LIMIT=${TINY_LIMIT:-100}
 fi
+# the jobs at a tiny size: every code path, not the physics
+TINY=(--set training.epochs=1 --set data.n_events=20000)
 
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
-  $PY -c "import torch, partonic; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'partonic', partonic.__file__)"
+  $PY -c "import torch, partonic, FrEIA, pythia8mc, fastjet, pylhe, pyunfold; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'partonic', partonic.__file__)"
 } > "$OUT/environment.txt" 2>&1
 cat "$OUT/environment.txt"
 
@@ -42,26 +43,31 @@ step() {
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   echo "$name rc=$rc seconds=$((SECONDS - t0))" | tee -a "$OUT/steps.txt"
-  tail -n 3 "$OUT/$name.log"
+  tail -n 4 "$OUT/$name.log"
 }
 
 export PARTONIC_CACHE=$OUT/cache
 if [ "$STAGE" = 1 ]; then
+  # ---- the jobs on CUDA, tiny ------------------------------------------------------
+  step tiny_unweight "$TINY_LIMIT" $PY -m partonic.cli unweight --card cards/drell_yan.yaml "${TINY[@]}" --output "$OUT/tiny_drell_yan"
+  step tiny_generate "$TINY_LIMIT" $PY -m partonic.cli generate --card cards/ttbar.yaml "${TINY[@]}" --output "$OUT/tiny_ttbar"
+  step tiny_unfold "$TINY_LIMIT" $PY -m partonic.cli unfold --card cards/zw.yaml "${TINY[@]}" \
+    --set model.refine.independent_events=20000 --output "$OUT/tiny_zw"
   # ---- throughput (JSON) ----------------------------------------------------------
-  step bench_pdf "$BENCH_LIMIT" $PY benchmarks/pdf_throughput.py --points "$PDF_POINTS" --out "$OUT/pdf.json"
-  step bench_unweight "$BENCH_LIMIT" $PY benchmarks/unweight_throughput.py --events "$DY_EVENTS" --out "$OUT/unweight.json"
-  step bench_generate "$BENCH_LIMIT" $PY benchmarks/generate_throughput.py --card cards/ttbar_full.yaml --events "$PYTHIA" \
+  step bench_generate "$LIMIT" $PY benchmarks/generate_throughput.py --card cards/ttbar_full.yaml --events "$PYTHIA" \
     --steps "$STEPS" --generate "$GEN_EVENTS" --out "$OUT/generate.json"
-  step bench_unfold "$BENCH_LIMIT" $PY benchmarks/unfold_throughput.py --card cards/zw_full.yaml --events "$PYTHIA" \
+  step bench_unfold "$LIMIT" $PY benchmarks/unfold_throughput.py --card cards/zw_full.yaml --events "$PYTHIA" \
     --steps "$STEPS" --samples "$UNF_SAMPLES" --out "$OUT/unfold.json"
-  step job_unweight "$JOB_LIMIT" $PY -m partonic.cli unweight --card cards/drell_yan.yaml "${JOB_SETS[@]}" --output "$OUT/drell_yan"
+  step bench_unweight "$LIMIT" $PY benchmarks/unweight_throughput.py --devices cuda --events "$DY_EVENTS" --gpu-events "$DY_EVENTS" \
+    --pythia-events 20000 --out "$OUT/unweight.json"
+  step bench_pdf 40 $PY benchmarks/pdf_throughput.py --points "$PDF_POINTS" --out "$OUT/pdf.json"
 else
-  step job_generate "$JOB_LIMIT" $PY -m partonic.cli generate --card cards/ttbar.yaml "${JOB_SETS[@]}" --output "$OUT/ttbar"
-  step job_unfold "$JOB_LIMIT" $PY -m partonic.cli unfold --card cards/zw.yaml "${JOB_SETS[@]}" --output "$OUT/zw"
+  CARD=${CARD:-drell_yan}; JOB=${JOB:-unweight}
+  step "card_$CARD" "${JOB_LIMIT:-400}" $PY -m partonic.cli "$JOB" --card "cards/$CARD.yaml" --output "$OUT/$CARD"
 fi
-for run in drell_yan ttbar zw; do
-  if [ -f "$OUT/$run/report.json" ]; then cp "$OUT/$run/report.json" "$OUT/report_$run.json"; fi
-done
-# keep only what is small enough to come back: reports, metrics, logs, plots
-rm -rf "$OUT/cache" "$OUT"/*/checkpoint.pt "$OUT"/*/model.pt "$OUT"/*/*.lhe "$OUT"/*/*.lhe.gz "$OUT"/*/*.h5
-cat "$OUT/steps.txt"
+# one archive of what is small enough to come back: reports, metrics, logs, plots
+rm -rf "$OUT/cache"
+find "$OUT" \( -name '*.pt' -o -name '*.lhe' -o -name '*.lhe.gz' -o -name '*.h5' \) -delete
+tar -czf /tmp/session.tar.gz -C "$OUT" --exclude='*.pdf' . && mv /tmp/session.tar.gz "$OUT/"
+find "$OUT" -mindepth 1 -maxdepth 1 ! -name session.tar.gz ! -name '*.json' ! -name steps.txt -exec rm -rf {} +
+ls -la "$OUT"; cat "$OUT/steps.txt"

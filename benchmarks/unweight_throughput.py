@@ -48,15 +48,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--train-steps", type=int, default=300)
+    ap.add_argument("--devices", default="cpu,cuda", help="comma-separated; cuda is skipped where there is none")
+    ap.add_argument("--gpu-events", type=int, help="naive events on the GPU (default 20 × --events), in one batch")
+    ap.add_argument("--pythia-events", type=int, default=100_000, help="Pythia8 Drell-Yan events of the reference")
     ap.add_argument("--out")
     args = ap.parse_args()
     results: dict = {}
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = [d for d in args.devices.split(",") if d == "cpu" or (d == "cuda" and torch.cuda.is_available())] or ["cpu"]
     for device in devices:
         r: dict = {"device": device_description(device)}
         pdf = GridPDF("NNPDF23_lo_as_0130_qed", device=device)
         gen = DrellYanGenerator(DrellYanSetup(mapping="flat"), pdf, device=device)
-        n = args.events if device == "cpu" else 20 * args.events
+        n = args.events if device == "cpu" else (args.gpu_events or 20 * args.events)
         rng = torch.Generator(device=device).manual_seed(1) if device == "cuda" else torch.Generator().manual_seed(1)
         gen.generate(1000, rng)
         ev, dt = timed(lambda: gen.generate(n, rng, batch_size=n if device == "cuda" else 1_000_000), device)
@@ -96,7 +99,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         _, dt = timed(lambda: write_lhe(Path(tmp) / "u.lhe", events, LHEInit(processes=[LHEProcess(1500.0, 1.0, 1500.0, 1)])), "cpu")
     results["lhe_write_events_per_s"] = len(events) / dt
-    ref = pythia_drell_yan(n_events=100_000)
+    ref = pythia_drell_yan(n_events=args.pythia_events)
     results["pythia8_parton_level_dy_events_per_s_one_core"] = ref["events_per_s"]
     write_result("unweight_throughput", results, args.out)
 
