@@ -2,6 +2,7 @@
 α_s against Pythia8's AlphaStrong."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -211,3 +212,32 @@ def test_card_section_and_lhapdf_module_dispatch(monkeypatch):
     torch.testing.assert_close(via_module.xfxQ2(21, x, q2), ours.xfxQ2(21, x, q2), rtol=1e-10, atol=0)
     torch.testing.assert_close(via_module.xfxQ2(torch.tensor([2, -1, 0]), x, q2), ours.xfxQ2(torch.tensor([2, -1, 0]), x, q2), rtol=1e-10, atol=0)
     assert isinstance(load_pdf("NNPDF23_lo_as_0130_qed", backend="grid"), GridPDF)
+
+
+def test_pythia_data_found_beside_a_target_installation(tmp_path, monkeypatch):
+    """``pip install --target DIR`` puts the wheel's share/Pythia8 beside the module, where
+    Pythia itself does not look: its settings and PDF grids are found there all the same."""
+    import importlib.machinery
+    import importlib.util
+    import sys
+
+    from partonic.physics import pdf as pdf_module
+    from partonic.simulate.pythia import new_pythia
+
+    real = next(f for f in pdf_module.pythia_share_folders() if (f / "xmldoc" / "Index.xml").is_file())
+    site = tmp_path / "site"
+    (site / "share").mkdir(parents=True)
+    (site / "share" / "Pythia8").symlink_to(real, target_is_directory=True)
+    (site / "pythia8mc.so").touch()
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "elsewhere"))
+    monkeypatch.setattr(sys, "base_prefix", str(tmp_path / "elsewhere"))
+    spec = importlib.machinery.ModuleSpec("pythia8mc", None, origin=str(site / "pythia8mc.so"))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec if name == "pythia8mc" else find_spec(name, *a))
+    monkeypatch.setenv("PYTHIA8DATA", "")
+    monkeypatch.delenv("LHAPDF_DATA_PATH", raising=False)
+    monkeypatch.delenv("LHAPATH", raising=False)
+    py = new_pythia()
+    assert os.environ["PYTHIA8DATA"] == str(site / "share" / "Pythia8" / "xmldoc")
+    assert py.readString("Beams:eCM = 13000.")
+    assert find_pdf_member("NNPDF23_lo_as_0130_qed", 0).is_relative_to(site)

@@ -47,23 +47,34 @@ class PDFError(ValueError):
     """A PDF set that cannot be found or read."""
 
 
-def _pythia_pdfdata() -> list[Path]:
+def pythia_share_folders() -> list[Path]:
+    """Folders that may hold the pythia8mc wheel's ``share/Pythia8`` (``xmldoc``,
+    ``pdfdata``), in order: ``PYTHIA8DATA``'s parent, the interpreter's prefixes, the
+    prefix above the extension module (``<prefix>/lib/pythia3.X/site-packages``), and
+    the extension module's own folder (``pip install --target DIR`` puts ``share/``
+    beside the module)."""
     found = []
     env = os.environ.get("PYTHIA8DATA")
     if env:
-        found.append(Path(env).parent / "pdfdata")
-    for prefix in {sys.prefix, sys.base_prefix}:
-        found.append(Path(prefix) / "share" / "Pythia8" / "pdfdata")
+        found.append(Path(env).parent)
+    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
+        found.append(Path(prefix) / "share" / "Pythia8")
     try:
         import importlib.util
 
         spec = importlib.util.find_spec("pythia8mc")
-        if spec and spec.origin:
-            # site-packages/pythia8mc*.so → <prefix>/share/Pythia8/pdfdata
-            found.append(Path(spec.origin).resolve().parents[3] / "share" / "Pythia8" / "pdfdata")
-    except (ImportError, IndexError):
-        pass
+    except ImportError:
+        spec = None
+    if spec and spec.origin:
+        module = Path(spec.origin).resolve()
+        if len(module.parents) > 3:
+            found.append(module.parents[3] / "share" / "Pythia8")
+        found.append(module.parent / "share" / "Pythia8")
     return found
+
+
+def _pythia_pdfdata() -> list[Path]:
+    return [folder / "pdfdata" for folder in pythia_share_folders()]
 
 
 def pdf_search_paths() -> list[Path]:

@@ -34,6 +34,22 @@ def capture_c_stdout():
             out.append(tmp.read().decode(errors="replace"))
 
 
+def new_pythia():
+    """A quiet ``pythia8mc.Pythia`` whose settings database is found wherever the wheel
+    put its ``share/Pythia8`` (Pythia looks only in ``PYTHIA8DATA`` or the folder it
+    was built for, which misses a ``pip install --target`` installation)."""
+    import pythia8mc
+
+    if not os.environ.get("PYTHIA8DATA"):
+        from partonic.physics.pdf import pythia_share_folders
+
+        for folder in pythia_share_folders():
+            if (folder / "xmldoc" / "Index.xml").is_file():
+                os.environ["PYTHIA8DATA"] = str(folder / "xmldoc")
+                break
+    return pythia8mc.Pythia("", False)
+
+
 @dataclass
 class ShowerSummary:
     """Result of showering an LHE file with Pythia8.
@@ -61,12 +77,11 @@ _END_OF_FILE = "reached end of Les Houches Events File"
 def shower_lhe(path: str | Path, max_events: int | None = None, seed: int = 1, hadronise: bool = True, mpi: bool = False) -> ShowerSummary:
     """Read an LHE file into Pythia8 (``Beams:frameType = 4``), shower and hadronise
     every event, and count Pythia's errors. Pythia's own output is captured."""
-    import pythia8mc
 
     path = Path(path)
     summary = ShowerSummary()
     with capture_c_stdout() as text:
-        py = pythia8mc.Pythia("", False)
+        py = new_pythia()
         for line in (
             "Beams:frameType = 4",
             f"Beams:LHEF = {path}",
@@ -124,7 +139,6 @@ def pythia_drell_yan(
     """
     import time
 
-    import pythia8mc
 
     settings = [
         f"Beams:eCM = {sqrt_s}",
@@ -145,7 +159,7 @@ def pythia_drell_yan(
     if pdf_path is not None:
         settings.append(f"PDF:pSet = LHAGrid1:{pdf_path}")
     with capture_c_stdout() as text:
-        py = pythia8mc.Pythia("", False)
+        py = new_pythia()
         for s in settings:
             py.readString(s)
         if not py.init():
@@ -252,12 +266,11 @@ def _pythia_events(settings: list[str], n: int, process: str, record) -> dict:
     ``sigma_pb``, ``n_failed``, ``errors`` (Pythia's error statistics), ``seconds``."""
     import time
 
-    import pythia8mc
 
     start = time.perf_counter()
     failed = 0
     with capture_c_stdout() as text:
-        py = pythia8mc.Pythia("", False)
+        py = new_pythia()
         for line in settings:
             if not py.readString(line):
                 raise RuntimeError(f"Pythia8 rejected the setting {line!r}")
