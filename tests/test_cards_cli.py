@@ -60,6 +60,15 @@ def test_wrong_type_and_range_name_field_value_and_rule():
         load_card("cards/zw.yaml", ["model.z_azimuth=balance", "model.leptons=momenta"])
     with pytest.raises(CardError, match="model.z_azimuth.*'leptons'.*'balance'"):
         load_card("cards/zw.yaml", ["model.z_azimuth=jets"])
+    with pytest.raises(CardError, match="model.w_coordinates = jets takes the Z's pT from the W's: it needs model.leptons = system, not 'momenta'"):
+        load_card("cards/zw.yaml", ["model.w_coordinates=jets", "model.leptons=momenta"])
+    with pytest.raises(CardError, match="model.w_coordinates = jets takes the Z's azimuth from the W's: model.z_azimuth has nothing to set"):
+        load_card("cards/zw.yaml", ["model.w_coordinates=jets", "model.z_azimuth=balance"])
+    with pytest.raises(CardError, match="model.w_coordinates = jets makes m_jj a coordinate of its own: set model.mmd.weight = 0"):
+        load_card("cards/zw.yaml", ["model.w_coordinates=jets", "model.mmd.weight=0.5"])
+    with pytest.raises(CardError, match="model.w_coordinates.*'decay'.*'jets'"):
+        load_card("cards/zw.yaml", ["model.w_coordinates=quarks"])
+    assert load_card("cards/zw.yaml", ["model.w_coordinates=jets"]).model.w_coordinates == "jets"
 
 
 def test_job_and_cross_field_checks():

@@ -456,6 +456,85 @@ def test_balance_reference_is_the_hard_z_azimuth_and_each_hypothesis_has_its_own
     assert bool((~valid).any()) and bool((refs[..., 3] != by["leptons"][1][..., 3]).all(1).any())
 
 
+def _jets_near_quarks(p, seed, spread=0.05):
+    """References (N, 11) whose columns 5–10 are two jets near the quarks (pT and
+    direction smeared; which quark makes the harder jet varies), the rest random."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(p)
+    ref = 2 * math.pi * torch.rand(n, 11, generator=g, dtype=torch.float64) - math.pi
+    pt, eta, phi = cinn._pt_eta_phi(p[:, 2:4])
+    pt = pt * torch.exp(0.15 * torch.randn(n, 2, generator=g, dtype=torch.float64))
+    eta = eta + spread * torch.randn(n, 2, generator=g, dtype=torch.float64)
+    phi = phi + spread * torch.randn(n, 2, generator=g, dtype=torch.float64)
+    hard = (pt[:, 1] > pt[:, 0]).long()[:, None]
+    for k, cols in ((hard, slice(5, 8)), (1 - hard, slice(8, 11))):
+        ref[:, cols] = torch.stack([v.gather(1, k)[:, 0] for v in (pt, eta, phi)], -1)
+    return ref, hard[:, 0]
+
+
+def test_jet_relative_w_coordinates_round_trip_balance_and_the_quark_nearer_jet_a():
+    """w_coordinates = jets: features of the truth → the same partons, the quark nearer
+    the harder jet of the hypothesis first; its coordinates are its log pT ratio, Δη,
+    Δφ to that jet, then the other quark's Δη, Δφ to the other jet, then m_jj through
+    the Breit–Wigner logit (each checked against a direct evaluation); any feature
+    vector gives massless partons in balance with m_jj the coordinate's; wild
+    features stay finite; the option's errors."""
+    p = _balanced_events(600, seed=4)
+    ref, hard = _jets_near_quarks(p, seed=5)
+    rep = PartonRepresentation(leptons="system", w_coordinates="jets").double().fit(p, ref)
+    assert rep.dim == 10 and not rep.plane
+    f = rep(p, ref)
+    back = rep.inverse(f, ref)
+    want = p.clone()
+    swap = hard == 1  # the jets are so close that the nearer-jet assignment is the smearing's
+    want[swap, 2], want[swap, 3] = p[swap, 3], p[swap, 2]
+    torch.testing.assert_close(back, want, rtol=0, atol=1e-8 * float(p.abs().max()))
+    raw = rep.raw(p, ref)
+    qpt, qeta, qphi = cinn._pt_eta_phi(want[:, 2:4])
+    torch.testing.assert_close(raw[:, 4], torch.log(qpt[:, 0] / ref[:, 5]))
+    torch.testing.assert_close(raw[:, 5:7], torch.stack([qeta[:, 0] - ref[:, 6], cinn._wrap(qphi[:, 0] - ref[:, 7])], -1))
+    torch.testing.assert_close(raw[:, 7:9], torch.stack([qeta[:, 1] - ref[:, 9], cinn._wrap(qphi[:, 1] - ref[:, 10])], -1))
+    assert float(raw[:, 5:9].abs().max()) < 0.5
+    m_w, g_w = float(rep.m_w), float(rep.gamma_w)
+    u = torch.atan((kin.mass2(p[:, 2] + p[:, 3]) - m_w**2) / (m_w * g_w)) / math.pi + 0.5
+    torch.testing.assert_close(raw[:, 9], torch.log(u / (1 - u)), rtol=0, atol=1e-6)
+    rand_f = 2 * torch.randn(600, 10, dtype=torch.float64)
+    rand = rep.inverse(rand_f, ref)
+    torch.testing.assert_close(rand[:, :, 1:3].sum(1), torch.zeros(600, 2, dtype=torch.float64), rtol=0, atol=1e-6 * float(rand[..., 0].max()))
+    assert torch.allclose(kin.mass2(rand), torch.zeros(600, 4, dtype=torch.float64), atol=1e-6 * float(rand[..., 0].max()) ** 2)
+    torch.testing.assert_close(kin.mass(rand[:, 2] + rand[:, 3]), rep._xi_to_mass(rep.standardise.inverse(rand_f)[0][:, 9]), rtol=1e-6, atol=0)
+    wild = rep.inverse(30 * torch.randn(600, 10, dtype=torch.float64), ref)
+    assert torch.isfinite(wild).all()
+    with pytest.raises(ValueError, match="needs leptons = system, not 'momenta'"):
+        PartonRepresentation(w_coordinates="jets")
+    with pytest.raises(ValueError, match="references need 11 columns"):
+        rep(p, ref[:, :5])
+
+
+def test_hypothesis_references_hold_the_pairs_jets_and_jet_coordinates_unfold():
+    """Every hypothesis's references carry its own two jets (pT, η, φ, the harder slot
+    first), the detector's the W candidate's; with w_coordinates = jets the truth's
+    features round-trip through its hypothesis, and a tiny model unfolds finite,
+    balanced events whose quarks lie by the jets."""
+    ev, _, _ = _events_with_isr_jets(300, seed=12)
+    t = Unfolder.tensors(ev)
+    model = CINNModel(blocks=2, subnet_width=16, condition_width=16, condition_dim=8, pairing="classifier", leptons="system", w_coordinates="jets")
+    unfolder = Unfolder(4, model).fit(ev)
+    det = unfolder.detector.double()
+    _, ref = det(t["leptons"], t["jets"], t["n_jets"], t["flavour"])
+    a, b = cinn._w_candidate(t["jets"], t["jets"][..., 0] > 0)
+    torch.testing.assert_close(ref[:, 5:], torch.stack([*cinn._pt_eta_phi(a), *cinn._pt_eta_phi(b)], -1))
+    refs, valid, label = unfolder._hypotheses(t, ref)
+    for k, (i, j) in enumerate(cinn.jet_pairs(4)):
+        torch.testing.assert_close(refs[:, k, 5:], torch.stack([*cinn._pt_eta_phi(t["jets"][:, i]), *cinn._pt_eta_phi(t["jets"][:, j])], -1))
+    _, x, truth_ref = unfolder.features(ev)
+    back = unfolder.to_partons(x[:, None].double(), truth_ref)[:, 0]
+    torch.testing.assert_close(cinn.order_quarks(back), cinn.order_quarks(t["partons"]), rtol=0, atol=1e-3)
+    samples = unfolder.unfold(ev, n_samples=4, seed=1)
+    assert samples.shape == (300, 4, 4, 4) and torch.isfinite(samples).all()
+    torch.testing.assert_close(samples[..., 1:3].sum(2), torch.zeros(300, 4, 2, dtype=samples.dtype), rtol=0, atol=1e-6 * float(samples[..., 0].max()))
+
+
 def test_quark_jet_distances_are_the_nearest_present_jet_of_each_pt_ordered_quark():
     """Against a loop over events, samples and jets; absent jet slots (zero momenta) are
     never the nearest; samples (N, S, 4, 4) and truth (N, 4, 4) give the same per row."""

@@ -292,6 +292,11 @@ class CINNModel(Strict):
     #: lepton pair's, or that of p_ℓℓ − p_jj of the W candidate (each hypothesis's
     #: pair), which the ISR recoil moves less
     z_azimuth: Literal["leptons", "balance"] = "leptons"
+    #: the W's quarks: through the W's decay (m_jj, rapidity, decay angles; its pT is
+    #: the Z's, by balance), or measured from the two jets of the W hypothesis (the
+    #: quark nearer the harder jet: log pT ratio, Δη, Δφ; the other: Δη, Δφ; and
+    #: m_jj), the Z's pT then following from the W's (needs leptons = system)
+    w_coordinates: Literal["decay", "jets"] = "decay"
     #: decay per step of a moving average of the cINN's weights that then unfolds
     #: (0: the last iterate)
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
@@ -321,6 +326,13 @@ class UnfoldCard(CommonCard):
             raise ValueError(f"model.refine.independent_events simulates events for the refiner, so it needs data.source = pythia, not {self.data.source!r}")
         if self.model.refine.independent_events and self.model.refine.method == "none":
             raise ValueError("model.refine.independent_events are events for the refiner: set model.refine.method = classifier, or independent_events = 0")
+        if self.model.w_coordinates == "jets":
+            if self.model.leptons != "system":
+                raise ValueError(f"model.w_coordinates = jets takes the Z's pT from the W's: it needs model.leptons = system, not {self.model.leptons!r}")
+            if self.model.z_azimuth != "leptons":
+                raise ValueError("model.w_coordinates = jets takes the Z's azimuth from the W's: model.z_azimuth has nothing to set, leave it at 'leptons'")
+            if self.model.mmd.weight > 0:
+                raise ValueError("model.w_coordinates = jets makes m_jj a coordinate of its own: set model.mmd.weight = 0")
         if self.model.z_azimuth != "leptons" and self.model.leptons != "system":
             raise ValueError(f"model.z_azimuth = {self.model.z_azimuth!r} is the reference of the Z system's azimuth: it needs model.leptons = system, not {self.model.leptons!r}")
         return self

@@ -81,6 +81,14 @@ def _references(ref: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return ref[:, 0], col(1, zero), col(2, zero), col(3, ref[:, 0]), col(4, zero)
 
 
+def _hypothesis_jets(ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """pT, η, φ (N, 3) of the two jets of the W hypothesis, the harder first: the
+    references' columns 5–10 (:class:`DetectorRepresentation`, :meth:`Unfolder._hypotheses`)."""
+    if ref.dim() != 2 or ref.shape[1] < 11:
+        raise ValueError(f"w_coordinates = jets measures the quarks from the jets of the W hypothesis: the references need 11 columns, not {tuple(ref.shape)}")
+    return ref[:, 5:8], ref[:, 8:11]
+
+
 def _decay_angles(p: torch.Tensor, system: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos θ and azimuth of ``p`` in the helicity frame of ``system``."""
     n = kin.boost_to_rest_frame(p, system)[:, 1:]
@@ -305,6 +313,19 @@ class PartonRepresentation(nn.Module):
     standard deviations of the standardised atanh coordinate, where the flow has to
     stretch a Gaussian into an exponential.
 
+    With ``w_coordinates="jets"`` the quarks are measured from the two jets (a, the
+    harder, and b) of the W hypothesis (the references' columns 5–10) instead of
+    through the W's decay: the quark nearer jet a (by the smaller ΔR sum of the two
+    assignments) as log(pT/pT,a), η − η_a, φ − φ_a; the other quark's direction as
+    η − η_b, φ − φ_b; and m_jj through the Breit–Wigner logit, which fixes that
+    quark's energy, E_b = m² / (E_a |n̂_a − n̂_b|²) for massless quarks — so the narrow
+    W peak stays a coordinate. The Z's pT then follows from the W's (balance), and
+    the leptons are its m_ℓℓ, rapidity and the ℓ⁻'s decay angles (``leptons="system"``
+    is required): 4 + 6 = 10 features. The jets measure the quark directions to a few
+    hundredths in ΔR; built from the W's pT (taken from the Z), rapidity and decay
+    angles, those directions carry every one of those coordinates' errors. The
+    inverse returns the quarks as (nearer jet a, the other).
+
     Arguments:
         m_w, gamma_w: Breit–Wigner used to flatten m_jj (any values near the truth work).
         azimuth: ``"interval"`` (10 features) or ``"plane"`` (11).
@@ -313,14 +334,21 @@ class PartonRepresentation(nn.Module):
         leptons: ``"momenta"`` (log pT, η, Δφ of each) or ``"system"`` (the Z and its decay).
         m_z, gamma_z: Breit–Wigner used to flatten m_ℓℓ.
         decay_angle: ``"atanh"`` or ``"probit"``: the coordinate of both cos θ.
+        w_coordinates: ``"decay"`` (m, y, decay angles of the W) or ``"jets"`` (the
+            quarks from the hypothesis's jets, and m_jj).
     """
 
     #: coordinates of the parton level (4 massless momenta, Σ pT = 0, the W's pT known)
     physical_dim = 10
 
     def __init__(self, m_w: float = 80.419, gamma_w: float = 2.0476, azimuth: str = "interval", quark_label: str = "energy",
-                 leptons: str = "momenta", m_z: float = 91.188, gamma_z: float = 2.4414, decay_angle: str = "atanh"):
+                 leptons: str = "momenta", m_z: float = 91.188, gamma_z: float = 2.4414, decay_angle: str = "atanh", w_coordinates: str = "decay"):
         super().__init__()
+        if w_coordinates not in ("decay", "jets"):
+            raise ValueError(f"w_coordinates must be 'decay' or 'jets', not {w_coordinates!r}")
+        self.w_jets = w_coordinates == "jets"
+        if self.w_jets and leptons != "system":
+            raise ValueError(f"w_coordinates = jets takes the Z's pT from the W's: it needs leptons = system, not {leptons!r}")
         if decay_angle not in ("atanh", "probit"):
             raise ValueError(f"decay_angle must be 'atanh' or 'probit', not {decay_angle!r}")
         self.probit = decay_angle == "probit"
@@ -334,7 +362,7 @@ class PartonRepresentation(nn.Module):
             raise ValueError(f"azimuth must be 'interval' or 'plane', not {azimuth!r}")
         if quark_label not in ("energy", "jet"):
             raise ValueError(f"quark_label must be 'energy' or 'jet', not {quark_label!r}")
-        self.plane = azimuth == "plane"
+        self.plane = azimuth == "plane" and not self.w_jets  # no W decay azimuth with w_coordinates = jets
         self.jet_label = quark_label == "jet"
         self.dim = 11 if self.plane else 10
         self.register_buffer("m_w", torch.tensor(float(m_w)))
@@ -387,7 +415,44 @@ class PartonRepresentation(nn.Module):
         z = _system(m, raw[:, 1].clamp(-_ETA_LIMIT, _ETA_LIMIT), pt * torch.cos(phi), pt * torch.sin(phi))
         return _decay_products(z, m, self._t_to_cos(raw[:, 4]), raw[:, 5] + lepton_azimuth_ref)
 
+    def _jet_relative_raw(self, partons: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        ja, jb = _hypothesis_jets(ref)
+        _, _, _, _, lepton_azimuth_ref = _references(ref)
+        z = partons[:, 0] + partons[:, 1]
+        m_z, y_z = _mass_rapidity(z, floor=1e-12)
+        cos_l, azimuth_l = _decay_angles(partons[:, 0], z)
+        pt, eta, phi = _pt_eta_phi(partons[:, 2:4])
+        dr = lambda k, j: torch.hypot(eta[:, k] - j[:, 1], _wrap(phi[:, k] - j[:, 2]))  # noqa: E731
+        first = dr(0, ja) + dr(1, jb) <= dr(1, ja) + dr(0, jb)
+        a = torch.where(first, 0, 1)[:, None]
+        b = 1 - a
+        pick = lambda v, k: v.gather(1, k)[:, 0]  # noqa: E731
+        m_w, _ = _mass_rapidity(partons[:, 2] + partons[:, 3], floor=1e-12)
+        return torch.stack([
+            self._mass_to_xi(m_z, z=True), y_z, self._cos_to_t(cos_l), _wrap(azimuth_l - lepton_azimuth_ref),
+            torch.log(pick(pt, a).clamp(min=1e-6) / ja[:, 0].clamp(min=1e-3)), pick(eta, a) - ja[:, 1], _wrap(pick(phi, a) - ja[:, 2]),
+            pick(eta, b) - jb[:, 1], _wrap(pick(phi, b) - jb[:, 2]), self._mass_to_xi(m_w),
+        ], -1)
+
+    def _jet_relative_inverse(self, raw: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        ja, jb = _hypothesis_jets(ref)
+        _, _, _, _, lepton_azimuth_ref = _references(ref)
+        a = _massless(ja[:, 0].clamp(min=1e-3) * torch.exp(raw[:, 4].clamp(max=12.0)), ja[:, 1] + raw[:, 5], ja[:, 2] + raw[:, 6])
+        n_b = _massless(torch.ones_like(raw[:, 7]), jb[:, 1] + raw[:, 7], jb[:, 2] + raw[:, 8])
+        n_b = n_b / n_b[:, :1]
+        n_a = a / a[:, :1].clamp(min=1e-300)
+        # m² = 2 a·b = E_a E_b |n̂_a − n̂_b|² for massless a, b: no cancellation at small angles
+        gap = ((n_a[:, 1:] - n_b[:, 1:]) ** 2).sum(-1).clamp(min=1e-12)
+        m_w = self._xi_to_mass(raw[:, 9])
+        b = (m_w**2 / (a[:, 0].clamp(min=1e-300) * gap))[:, None] * n_b
+        w = a + b
+        m_z = self._xi_to_mass(raw[:, 0], z=True)
+        z = _system(m_z, raw[:, 1].clamp(-_ETA_LIMIT, _ETA_LIMIT), -w[:, 1], -w[:, 2])
+        return torch.stack([*_decay_products(z, m_z, self._t_to_cos(raw[:, 2]), raw[:, 3] + lepton_azimuth_ref), a, b], 1)
+
     def raw(self, partons: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        if self.w_jets:
+            return self._jet_relative_raw(partons, ref)
         phi_ref, azimuth_ref, cos_ref, phi_z_ref, lepton_azimuth_ref = _references(ref)
         cols = self._lepton_columns(partons, phi_ref, phi_z_ref, lepton_azimuth_ref)
         w = partons[:, 2] + partons[:, 3]
@@ -422,8 +487,10 @@ class PartonRepresentation(nn.Module):
         return self.standardise(self.raw(partons, ref))[0]
 
     def inverse(self, features: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        phi_ref, azimuth_ref, _, phi_z_ref, lepton_azimuth_ref = _references(ref)
         raw = self.standardise.inverse(features)[0]
+        if self.w_jets:
+            return self._jet_relative_inverse(raw, ref)
+        phi_ref, azimuth_ref, _, phi_z_ref, lepton_azimuth_ref = _references(ref)
         lm, lp = self._leptons(raw, phi_ref, phi_z_ref, lepton_azimuth_ref)
         m = self._xi_to_mass(raw[:, 6])
         y = raw[:, 7].clamp(-_ETA_LIMIT, _ETA_LIMIT)
@@ -444,9 +511,10 @@ class DetectorRepresentation(nn.Module):
     (log m, y, atanh cos θ, cos φ, sin φ of the helicity frame), so the network
     need not learn that change of frame; then one-hot 2/3/≥4 jets and 1 for
     muons, 0 for electrons.
-    Returns the features and the references (N, 5): the ℓ⁻'s φ; the decay
+    Returns the features and the references (N, 11): the ℓ⁻'s φ; the decay
     azimuth and cos θ (of the harder jet) of the jet pair closest to m_W; the
-    lepton pair's φ and the ℓ⁻'s decay azimuth in its helicity frame.
+    lepton pair's φ and the ℓ⁻'s decay azimuth in its helicity frame; pT, η, φ of
+    the harder and of the softer jet of that pair.
 
     With ``lepton_system`` the lepton pair's log m, y and the ℓ⁻'s atanh cos θ,
     cos φ, sin φ in its helicity frame follow (the coordinates of the parton
@@ -508,7 +576,7 @@ class DetectorRepresentation(nn.Module):
             cols += [torch.where(both > 0, c, 0.0) for c in _decay_coordinates(jets[:, i], jets[:, j])]
             masks += [both] * 5
         phi_z = z_balance_azimuth(z, a + b) if self.z_balance else kin.phi(z)
-        ref = torch.stack([phi_ref, torch.atan2(decay[4], decay[3]), torch.tanh(decay[2]), phi_z, azimuth_l], -1)
+        ref = torch.stack([phi_ref, torch.atan2(decay[4], decay[3]), torch.tanh(decay[2]), phi_z, azimuth_l, *_pt_eta_phi(a), *_pt_eta_phi(b)], -1)
         return torch.stack(cols, -1), torch.stack(masks, -1), ref
 
     def fit(self, leptons, jets, n_jets, flavour) -> "DetectorRepresentation":
@@ -706,7 +774,9 @@ class Unfolder(nn.Module):
         if pairing not in ("candidate", "classifier"):
             raise ValueError(f"pairing must be 'candidate' or 'classifier', not {pairing!r}")
         self.parton = PartonRepresentation(azimuth=getattr(model, "azimuth", "interval"), quark_label=getattr(model, "quark_label", "energy"), leptons=leptons,
-                                           decay_angle=getattr(model, "decay_angle", "atanh"))
+                                           decay_angle=getattr(model, "decay_angle", "atanh"), w_coordinates=getattr(model, "w_coordinates", "decay"))
+        if self.parton.w_jets and float(model.mmd.weight) > 0:
+            raise ValueError("the m_jj MMD term is not available with w_coordinates = jets (m_jj is then a coordinate of its own)")
         # the hypotheses' own decay coordinates enter the condition through the pair features
         self.detector = DetectorRepresentation(max_jets, pair_features=getattr(model, "pair_features", False) or pairing == "classifier", lepton_system=leptons == "system",
                                                z_azimuth=getattr(model, "z_azimuth", "leptons"))
@@ -765,12 +835,15 @@ class Unfolder(nn.Module):
         return out
 
     def _hypotheses(self, t: dict, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """References of every W hypothesis (N, P, 5): the event's, with the decay azimuth
-        and cos θ of that pair; which hypotheses exist (N, P); the truth's label (N,) or None."""
+        """References of every W hypothesis (N, P, 11): the event's, with the decay azimuth
+        and cos θ and the two jets of that pair; which hypotheses exist (N, P); the truth's label (N,) or None."""
         jets = t["jets"][:, : self.detector.max_jets]
         phi, cos, valid = pair_axes(jets, self.pairs)
         refs = ref[:, None, :].repeat(1, len(self.pairs), 1)
         refs[..., 1], refs[..., 2] = phi, cos
+        jet_pt_eta_phi = torch.stack(_pt_eta_phi(jets), -1).to(refs.dtype)  # (N, J, 3)
+        for k, (i, j) in enumerate(self.pairs):
+            refs[:, k, 5:8], refs[:, k, 8:11] = jet_pt_eta_phi[:, i], jet_pt_eta_phi[:, j]
         if self.detector.z_balance:
             # each hypothesis's own p_ℓℓ − p_jj; an absent pair keeps the candidate's
             z = t["leptons"][:, 0] + t["leptons"][:, 1]
@@ -803,7 +876,7 @@ class Unfolder(nn.Module):
         return t, cond, ref, refs, valid, label
 
     def features(self, events) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(condition features, parton features or None, references (N, 5)), float32.
+        """(condition features, parton features or None, references (N, 11)), float32.
 
         With ``pairing: classifier`` and truth, the references (and so the parton
         features) are those of the truth's W hypothesis (:func:`pairing_labels`)."""
@@ -981,7 +1054,7 @@ class Unfolder(nn.Module):
 
     def to_partons(self, features: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         """(N, S, dim) features → (N, S, 4, 4) massless partons (ℓ⁻, ℓ⁺, q, q̄); the
-        references per event (N, 5) or per sample (N, S, 5)."""
+        references per event (N, 11) or per sample (N, S, 11)."""
         n, s, d = features.shape
         rep = _cpu64(self.parton)
         ref = ref.cpu().double()
@@ -1012,7 +1085,7 @@ class Unfolder(nn.Module):
         return self.refiner is not None and bool(self.refiner_fitted)
 
     def _refine_inputs(self, events) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per event: the references of the W candidate (N, 5), not of any hypothesis, so
+        """Per event: the references of the W candidate (N, 11), not of any hypothesis, so
         the refiner's inputs are a function of the partons and the detector alone; and
         the jet channel (one-hot) with the lepton flavour (N, 4)."""
         t = self.tensors(events)
@@ -1021,7 +1094,7 @@ class Unfolder(nn.Module):
 
     def refine_features(self, partons: torch.Tensor, ref: torch.Tensor, tail: torch.Tensor, fit: bool = False) -> torch.Tensor:
         """The refiner's inputs (M, parton dim + 8), float32, for partons (M, 4, 4) with
-        their events' references (M, 5) and channel and flavour columns (M, 4): the
+        their events' references (M, 11) and channel and flavour columns (M, 4): the
         standardised parton features, log pT and η of the harder and the softer quark
         (standardised; ``fit`` sets that standardisation), and the channel and flavour."""
         partons, ref = partons.cpu().double(), ref.cpu().double()
