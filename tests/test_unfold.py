@@ -475,7 +475,8 @@ def _jets_near_quarks(p, seed, spread=0.05):
 def test_jet_relative_w_coordinates_round_trip_balance_and_the_quark_nearer_jet_a():
     """w_coordinates = jets: features of the truth → the same partons, the quark nearer
     the harder jet of the hypothesis first; its coordinates are its log pT ratio, Δη,
-    Δφ to that jet, then the other quark's Δη, Δφ to the other jet, then m_jj through
+    Δφ to that jet, then the other quark's opening angle to it (relative to jet b's)
+    and azimuth about it (from jet b's), then m_jj through
     the Breit–Wigner logit (each checked against a direct evaluation); any feature
     vector gives massless partons in balance with m_jj the coordinate's; wild
     features stay finite; the option's errors."""
@@ -493,8 +494,18 @@ def test_jet_relative_w_coordinates_round_trip_balance_and_the_quark_nearer_jet_
     qpt, qeta, qphi = cinn._pt_eta_phi(want[:, 2:4])
     torch.testing.assert_close(raw[:, 4], torch.log(qpt[:, 0] / ref[:, 5]))
     torch.testing.assert_close(raw[:, 5:7], torch.stack([qeta[:, 0] - ref[:, 6], cinn._wrap(qphi[:, 0] - ref[:, 7])], -1))
-    torch.testing.assert_close(raw[:, 7:9], torch.stack([qeta[:, 1] - ref[:, 9], cinn._wrap(qphi[:, 1] - ref[:, 10])], -1))
-    assert float(raw[:, 5:9].abs().max()) < 0.5
+    # quark b from quark a: the opening angles' log tan(θ/2) ratio, and its azimuth ψ about
+    # a from jet b's, checked by the spherical law of cosines and the orientation of a × jet b
+    unit = lambda p3: p3 / p3.norm(dim=-1, keepdim=True)  # noqa: E731
+    n_a, n_b = unit(want[:, 2, 1:]), unit(want[:, 3, 1:])
+    n_j = unit(cinn._massless(torch.ones(600, dtype=torch.float64), ref[:, 9], ref[:, 10])[:, 1:])
+    th_ab, th_ref = torch.arccos((n_a * n_b).sum(-1).clamp(-1, 1)), torch.arccos((n_a * n_j).sum(-1).clamp(-1, 1))
+    torch.testing.assert_close(raw[:, 7], torch.log(torch.tan(th_ab / 2) / torch.tan(th_ref / 2)), rtol=0, atol=1e-6)
+    psi = raw[:, 8]
+    torch.testing.assert_close((n_b * n_j).sum(-1), torch.cos(th_ab) * torch.cos(th_ref) + torch.sin(th_ab) * torch.sin(th_ref) * torch.cos(psi), rtol=0, atol=1e-9)
+    side = (torch.linalg.cross(n_a, n_j) * n_b).sum(-1)
+    assert bool(((torch.sin(psi) * side) >= -1e-12).all())
+    assert float(raw[:, 5:7].abs().max()) < 0.5 and float(torch.quantile(raw[:, 7:9].abs(), 0.9)) < 0.5
     m_w, g_w = float(rep.m_w), float(rep.gamma_w)
     u = torch.atan((kin.mass2(p[:, 2] + p[:, 3]) - m_w**2) / (m_w * g_w)) / math.pi + 0.5
     torch.testing.assert_close(raw[:, 9], torch.log(u / (1 - u)), rtol=0, atol=1e-6)

@@ -316,10 +316,14 @@ class PartonRepresentation(nn.Module):
     With ``w_coordinates="jets"`` the quarks are measured from the two jets (a, the
     harder, and b) of the W hypothesis (the references' columns 5–10) instead of
     through the W's decay: the quark nearer jet a (by the smaller ΔR sum of the two
-    assignments) as log(pT/pT,a), η − η_a, φ − φ_a; the other quark's direction as
-    η − η_b, φ − φ_b; and m_jj through the Breit–Wigner logit, which fixes that
-    quark's energy, E_b = m² / (E_a |n̂_a − n̂_b|²) for massless quarks — so the narrow
-    W peak stays a coordinate. The Z's pT then follows from the W's (balance), and
+    assignments) as log(pT/pT,a), η − η_a, φ − φ_a; the other quark's direction from
+    quark a's, as log tan(θ_ab/2) − log tan(θ_a,jb/2) (the opening angle relative to
+    that of quark a and jet b) and its azimuth about a, measured from jet b's; and m_jj
+    through the Breit–Wigner logit, which fixes that quark's energy,
+    E_b = m² / (2 E_a (1 − cos θ_ab)) for massless quarks — so the narrow W peak stays
+    a coordinate, and the energy's error is twice the opening angle's relative one.
+    (Quark b's direction as η − η_b, φ − φ_b instead let samples near quark a's
+    direction give E_b → ∞: pT,q1 came out too hard, docs/results.md.) The Z's pT then follows from the W's (balance), and
     the leptons are its m_ℓℓ, rapidity and the ℓ⁻'s decay angles (``leptons="system"``
     is required): 4 + 6 = 10 features. The jets measure the quark directions to a few
     hundredths in ΔR; built from the W's pT (taken from the Z), rapidity and decay
@@ -431,20 +435,53 @@ class PartonRepresentation(nn.Module):
         return torch.stack([
             self._mass_to_xi(m_z, z=True), y_z, self._cos_to_t(cos_l), _wrap(azimuth_l - lepton_azimuth_ref),
             torch.log(pick(pt, a).clamp(min=1e-6) / ja[:, 0].clamp(min=1e-3)), pick(eta, a) - ja[:, 1], _wrap(pick(phi, a) - ja[:, 2]),
-            pick(eta, b) - jb[:, 1], _wrap(pick(phi, b) - jb[:, 2]), self._mass_to_xi(m_w),
+            *self._opening_coordinates(partons[:, 2:4].gather(1, a[:, :, None].expand(-1, 1, 4))[:, 0],
+                                       partons[:, 2:4].gather(1, b[:, :, None].expand(-1, 1, 4))[:, 0], jb),
+            self._mass_to_xi(m_w),
         ], -1)
+
+    @staticmethod
+    def _opening_frame(n_a: torch.Tensor, jb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """tan(θ/2) of the angle between the unit vector ``n_a`` and jet b's direction, and
+        the axes e1 (towards jet b, ⟂ n_a) and e2 = n_a × e1 about n_a."""
+        n_j = _massless(torch.ones_like(jb[:, 0]), jb[:, 1], jb[:, 2])
+        n_j = n_j[:, 1:] / n_j[:, :1]
+        cos = (n_a * n_j).sum(-1)
+        perp = n_j - cos[:, None] * n_a
+        sin = perp.norm(dim=-1)
+        # jet b along n_a has no such plane: any axis ⟂ n_a (from the beam)
+        beam = torch.zeros_like(n_a)
+        beam[:, 2] = 1.0
+        other = torch.linalg.cross(n_a, beam)
+        other = torch.where(other.norm(dim=-1, keepdim=True) > 1e-9, other, torch.tensor([1.0, 0.0, 0.0], dtype=n_a.dtype, device=n_a.device).expand_as(n_a))
+        e1 = torch.where((sin > 1e-12)[:, None], perp, other)
+        e1 = e1 / e1.norm(dim=-1, keepdim=True)
+        return sin / (1 + cos).clamp(min=1e-15), e1, torch.linalg.cross(n_a, e1)
+
+    def _opening_coordinates(self, qa: torch.Tensor, qb: torch.Tensor, jb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The softer-side quark b from quark a: log of tan(θ_ab/2) over the same of the
+        angle between a and jet b, and b's azimuth about a, from jet b's."""
+        n_a = qa[:, 1:] / qa[:, 1:].norm(dim=-1, keepdim=True).clamp(min=1e-300)
+        n_b = qb[:, 1:] / qb[:, 1:].norm(dim=-1, keepdim=True).clamp(min=1e-300)
+        t_ref, e1, e2 = self._opening_frame(n_a, jb)
+        cos = (n_a * n_b).sum(-1)
+        sin = torch.linalg.cross(n_a, n_b).norm(dim=-1)
+        t = sin / (1 + cos).clamp(min=1e-15)
+        return torch.log(t.clamp(min=1e-12)) - torch.log(t_ref.clamp(min=1e-12)), torch.atan2((n_b * e2).sum(-1), (n_b * e1).sum(-1))
 
     def _jet_relative_inverse(self, raw: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         ja, jb = _hypothesis_jets(ref)
         _, _, _, _, lepton_azimuth_ref = _references(ref)
         a = _massless(ja[:, 0].clamp(min=1e-3) * torch.exp(raw[:, 4].clamp(max=12.0)), ja[:, 1] + raw[:, 5], ja[:, 2] + raw[:, 6])
-        n_b = _massless(torch.ones_like(raw[:, 7]), jb[:, 1] + raw[:, 7], jb[:, 2] + raw[:, 8])
-        n_b = n_b / n_b[:, :1]
-        n_a = a / a[:, :1].clamp(min=1e-300)
-        # m² = 2 a·b = E_a E_b |n̂_a − n̂_b|² for massless a, b: no cancellation at small angles
-        gap = ((n_a[:, 1:] - n_b[:, 1:]) ** 2).sum(-1).clamp(min=1e-12)
+        n_a = a[:, 1:] / a[:, :1].clamp(min=1e-300)
+        t_ref, e1, e2 = self._opening_frame(n_a, jb)
+        t = (t_ref.clamp(min=1e-12) * torch.exp(raw[:, 7].clamp(-30.0, 30.0))).clamp(1e-12, 1e12)  # tan(θ_ab/2)
+        cos, sin = (1 - t**2) / (1 + t**2), 2 * t / (1 + t**2)
+        n_b = cos[:, None] * n_a + sin[:, None] * (torch.cos(raw[:, 8])[:, None] * e1 + torch.sin(raw[:, 8])[:, None] * e2)
+        # m² = 2 a·b = 2 E_a E_b (1 − cos θ), with 1 − cos θ = 2t²/(1 + t²): no cancellation at small angles
         m_w = self._xi_to_mass(raw[:, 9])
-        b = (m_w**2 / (a[:, 0].clamp(min=1e-300) * gap))[:, None] * n_b
+        e_b = m_w**2 * (1 + t**2) / (4 * a[:, 0].clamp(min=1e-300) * t**2)
+        b = e_b[:, None] * torch.cat([torch.ones_like(e_b)[:, None], n_b], -1)
         w = a + b
         m_z = self._xi_to_mass(raw[:, 0], z=True)
         z = _system(m_z, raw[:, 1].clamp(-_ETA_LIMIT, _ETA_LIMIT), -w[:, 1], -w[:, 2])
