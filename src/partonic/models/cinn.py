@@ -322,8 +322,10 @@ class PartonRepresentation(nn.Module):
     through the Breit–Wigner logit, which fixes that quark's energy,
     E_b = m² / (2 E_a (1 − cos θ_ab)) for massless quarks — so the narrow W peak stays
     a coordinate, and the energy's error is twice the opening angle's relative one.
-    (Quark b's direction as η − η_b, φ − φ_b instead let samples near quark a's
-    direction give E_b → ∞: pT,q1 came out too hard, docs/results.md.) The Z's pT then follows from the W's (balance), and
+    (Quark b's direction as η − η_b, φ − φ_b instead gave samples at smaller opening
+    angles than the truth's; neither version calibrates the target observables as
+    well as ``"decay"`` does, though both calibrate the quarks' distance to the jets:
+    docs/results.md.) The Z's pT then follows from the W's (balance), and
     the leptons are its m_ℓℓ, rapidity and the ℓ⁻'s decay angles (``leptons="system"``
     is required): 4 + 6 = 10 features. The jets measure the quark directions to a few
     hundredths in ΔR; built from the W's pT (taken from the Z), rapidity and decay
