@@ -69,6 +69,12 @@ def test_wrong_type_and_range_name_field_value_and_rule():
     with pytest.raises(CardError, match="model.w_coordinates.*'decay'.*'jets'"):
         load_card("cards/zw.yaml", ["model.w_coordinates=quarks"])
     assert load_card("cards/zw.yaml", ["model.w_coordinates=jets"]).model.w_coordinates == "jets"
+    with pytest.raises(CardError, match="model.system_pt = w measures the W's pT from its jets and lets the Z's follow: it needs model.leptons = system and model.w_coordinates = decay, not 'system' and 'jets'"):
+        load_card("cards/zw.yaml", ["model.system_pt=w", "model.w_coordinates=jets"])
+    with pytest.raises(CardError, match="model.system_pt = w takes the Z's azimuth from the W's"):
+        load_card("cards/zw.yaml", ["model.system_pt=w", "model.z_azimuth=balance"])
+    with pytest.raises(CardError, match="model.system_pt.*'z'.*'w'"):
+        load_card("cards/zw.yaml", ["model.system_pt=W"])
 
 
 def test_job_and_cross_field_checks():

@@ -522,6 +522,42 @@ def test_jet_relative_w_coordinates_round_trip_balance_and_the_quark_nearer_jet_
         rep(p, ref[:, :5])
 
 
+@pytest.mark.parametrize("azimuth", ["plane", "interval"])
+def test_w_system_pt_from_the_jet_pair_round_trip_and_balance(azimuth):
+    """system_pt = w: the W's pT and azimuth are coordinates, log(pT_W/pT_jj) and
+    φ_W − φ_jj of the hypothesis's jet pair (checked against the pair's summed
+    transverse momenta), the Z's follow by balance; the round trip returns the
+    partons (quarks in the jet-label order); random features give balanced massless
+    events; wild ones stay finite; the option's errors."""
+    p = _balanced_events(500, seed=6)
+    ref, _ = _jets_near_quarks(p, seed=7)
+    ref[:, 2] = 2 * torch.rand(500, dtype=torch.float64) - 1  # the jets' cos θ
+    rep = PartonRepresentation(azimuth=azimuth, quark_label="jet", leptons="system", system_pt="w").double().fit(p, ref)
+    dim = 11 if azimuth == "plane" else 10
+    f = rep(p, ref)
+    assert f.shape == (500, dim)
+    raw = rep.raw(p, ref)
+    w = p[:, 2] + p[:, 3]
+    px = ref[:, 5] * torch.cos(ref[:, 7]) + ref[:, 8] * torch.cos(ref[:, 10])
+    py = ref[:, 5] * torch.sin(ref[:, 7]) + ref[:, 8] * torch.sin(ref[:, 10])
+    torch.testing.assert_close(raw[:, 6], torch.log(kin.pt(w) / torch.hypot(px, py)))
+    torch.testing.assert_close(raw[:, 7], cinn._wrap(kin.phi(w) - torch.atan2(py, px)))
+    back = rep.inverse(f, ref)
+    want = p.clone()
+    for q in (want, back):
+        swap = q[:, 3, 0] > q[:, 2, 0]
+        q[swap, 2], q[swap, 3] = q[swap, 3].clone(), q[swap, 2].clone()
+    torch.testing.assert_close(back, want, rtol=0, atol=1e-7 * float(p.abs().max()))
+    rand = rep.inverse(3 * torch.randn(500, dim, dtype=torch.float64), ref)
+    torch.testing.assert_close(rand[:, :, 1:3].sum(1), torch.zeros(500, 2, dtype=torch.float64), rtol=0, atol=1e-6 * float(rand[..., 0].max()))
+    assert torch.allclose(kin.mass2(rand), torch.zeros(500, 4, dtype=torch.float64), atol=1e-5 * float(rand[..., 0].max()) ** 2)
+    assert torch.isfinite(rep.inverse(30 * torch.randn(500, dim, dtype=torch.float64), ref)).all()
+    with pytest.raises(ValueError, match="system_pt = w .* needs leptons = system and w_coordinates = decay"):
+        PartonRepresentation(leptons="system", w_coordinates="jets", system_pt="w")
+    with pytest.raises(ValueError, match="system_pt must be 'z' or 'w'"):
+        PartonRepresentation(leptons="system", system_pt="zw")
+
+
 def test_hypothesis_references_hold_the_pairs_jets_and_jet_coordinates_unfold():
     """Every hypothesis's references carry its own two jets (pT, η, φ, the harder slot
     first), the detector's the W candidate's; with w_coordinates = jets the truth's
@@ -531,6 +567,8 @@ def test_hypothesis_references_hold_the_pairs_jets_and_jet_coordinates_unfold():
     t = Unfolder.tensors(ev)
     model = CINNModel(blocks=2, subnet_width=16, condition_width=16, condition_dim=8, pairing="classifier", leptons="system", w_coordinates="jets")
     unfolder = Unfolder(4, model).fit(ev)
+    w_pt = Unfolder(4, model.model_copy(update={"w_coordinates": "decay", "system_pt": "w"})).fit(ev)
+    assert torch.isfinite(w_pt.unfold(ev, n_samples=2, seed=1)).all()
     det = unfolder.detector.double()
     _, ref = det(t["leptons"], t["jets"], t["n_jets"], t["flavour"])
     a, b = cinn._w_candidate(t["jets"], t["jets"][..., 0] > 0)

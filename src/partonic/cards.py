@@ -297,6 +297,10 @@ class CINNModel(Strict):
     #: quark nearer the harder jet: log pT ratio, Δη, Δφ; the other: Δη, Δφ; and
     #: m_jj), the Z's pT then following from the W's (needs leptons = system)
     w_coordinates: Literal["decay", "jets"] = "decay"
+    #: which boson's pT and azimuth are coordinates: the Z's (measured from the lepton
+    #: pair; the W's follow by balance) or the W's (measured from the W hypothesis's jet
+    #: pair; the Z's follow); "w" needs leptons = system and w_coordinates = decay
+    system_pt: Literal["z", "w"] = "z"
     #: decay per step of a moving average of the cINN's weights that then unfolds
     #: (0: the last iterate)
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
@@ -333,6 +337,14 @@ class UnfoldCard(CommonCard):
                 raise ValueError("model.w_coordinates = jets takes the Z's azimuth from the W's: model.z_azimuth has nothing to set, leave it at 'leptons'")
             if self.model.mmd.weight > 0:
                 raise ValueError("model.w_coordinates = jets makes m_jj a coordinate of its own: set model.mmd.weight = 0")
+        if self.model.system_pt == "w":
+            if self.model.leptons != "system" or self.model.w_coordinates != "decay":
+                raise ValueError(f"model.system_pt = w measures the W's pT from its jets and lets the Z's follow: it needs model.leptons = system and "
+                                 f"model.w_coordinates = decay, not {self.model.leptons!r} and {self.model.w_coordinates!r}")
+            if self.model.z_azimuth != "leptons":
+                raise ValueError("model.system_pt = w takes the Z's azimuth from the W's: model.z_azimuth has nothing to set, leave it at 'leptons'")
+            if self.model.mmd.weight > 0:
+                raise ValueError("model.system_pt = w: the m_jj MMD term needs the W's pT from the leptons; set model.mmd.weight = 0")
         if self.model.z_azimuth != "leptons" and self.model.leptons != "system":
             raise ValueError(f"model.z_azimuth = {self.model.z_azimuth!r} is the reference of the Z system's azimuth: it needs model.leptons = system, not {self.model.leptons!r}")
         return self

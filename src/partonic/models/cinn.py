@@ -342,19 +342,30 @@ class PartonRepresentation(nn.Module):
         decay_angle: ``"atanh"`` or ``"probit"``: the coordinate of both cos θ.
         w_coordinates: ``"decay"`` (m, y, decay angles of the W) or ``"jets"`` (the
             quarks from the hypothesis's jets, and m_jj).
+        system_pt: ``"z"`` (the Z's pT and azimuth are coordinates, measured from the
+            lepton pair's; the W's follow) or ``"w"`` (the W's, as log(pT/pT,jj) and
+            φ − φ_jj of the hypothesis's jet pair; the Z's follow, and the leptons are
+            m_ℓℓ, y and the ℓ⁻'s decay angles): the W's direction then comes from its
+            jets, not from the Z's azimuth.
     """
 
     #: coordinates of the parton level (4 massless momenta, Σ pT = 0, the W's pT known)
     physical_dim = 10
 
     def __init__(self, m_w: float = 80.419, gamma_w: float = 2.0476, azimuth: str = "interval", quark_label: str = "energy",
-                 leptons: str = "momenta", m_z: float = 91.188, gamma_z: float = 2.4414, decay_angle: str = "atanh", w_coordinates: str = "decay"):
+                 leptons: str = "momenta", m_z: float = 91.188, gamma_z: float = 2.4414, decay_angle: str = "atanh", w_coordinates: str = "decay",
+                 system_pt: str = "z"):
         super().__init__()
         if w_coordinates not in ("decay", "jets"):
             raise ValueError(f"w_coordinates must be 'decay' or 'jets', not {w_coordinates!r}")
         self.w_jets = w_coordinates == "jets"
         if self.w_jets and leptons != "system":
             raise ValueError(f"w_coordinates = jets takes the Z's pT from the W's: it needs leptons = system, not {leptons!r}")
+        if system_pt not in ("z", "w"):
+            raise ValueError(f"system_pt must be 'z' or 'w', not {system_pt!r}")
+        self.w_pt = system_pt == "w"
+        if self.w_pt and (leptons != "system" or self.w_jets):
+            raise ValueError("system_pt = w measures the W's pT from its jet pair and lets the Z's follow: it needs leptons = system and w_coordinates = decay")
         if decay_angle not in ("atanh", "probit"):
             raise ValueError(f"decay_angle must be 'atanh' or 'probit', not {decay_angle!r}")
         self.probit = decay_angle == "probit"
@@ -489,13 +500,30 @@ class PartonRepresentation(nn.Module):
         z = _system(m_z, raw[:, 1].clamp(-_ETA_LIMIT, _ETA_LIMIT), -w[:, 1], -w[:, 2])
         return torch.stack([*_decay_products(z, m_z, self._t_to_cos(raw[:, 2]), raw[:, 3] + lepton_azimuth_ref), a, b], 1)
 
+    @staticmethod
+    def _pair_transverse(ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pT and φ of the W hypothesis's jet pair (the sum of its two jets' transverse momenta)."""
+        ja, jb = _hypothesis_jets(ref)
+        px = ja[:, 0] * torch.cos(ja[:, 2]) + jb[:, 0] * torch.cos(jb[:, 2])
+        py = ja[:, 0] * torch.sin(ja[:, 2]) + jb[:, 0] * torch.sin(jb[:, 2])
+        return torch.hypot(px, py), torch.atan2(py, px)
+
     def raw(self, partons: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         if self.w_jets:
             return self._jet_relative_raw(partons, ref)
         phi_ref, azimuth_ref, cos_ref, phi_z_ref, lepton_azimuth_ref = _references(ref)
-        cols = self._lepton_columns(partons, phi_ref, phi_z_ref, lepton_azimuth_ref)
         w = partons[:, 2] + partons[:, 3]
         m, y = _mass_rapidity(w, floor=1e-12)
+        if self.w_pt:
+            # the Z's pT follows from the W's: its mass, rapidity and the ℓ⁻'s decay angles
+            z = partons[:, 0] + partons[:, 1]
+            m_z, y_z = _mass_rapidity(z, floor=1e-12)
+            cos_l, azimuth_l = _decay_angles(partons[:, 0], z)
+            pt_jj, phi_jj = self._pair_transverse(ref)
+            cols = [self._mass_to_xi(m_z, z=True), y_z, self._cos_to_t(cos_l), _wrap(azimuth_l - lepton_azimuth_ref), self._mass_to_xi(m), y,
+                    torch.log(torch.hypot(w[:, 1], w[:, 2]).clamp(min=1e-6) / pt_jj.clamp(min=1e-3)), _wrap(kin.phi(w) - phi_jj)]
+        else:
+            cols = self._lepton_columns(partons, phi_ref, phi_z_ref, lepton_azimuth_ref) + [self._mass_to_xi(m), y]
         harder = torch.where((partons[:, 2, 0] >= partons[:, 3, 0])[:, None], partons[:, 2], partons[:, 3])
         cos, azimuth = _decay_angles(harder, w)
         if self.jet_label:
@@ -506,7 +534,7 @@ class PartonRepresentation(nn.Module):
             azimuth = torch.where(flip, azimuth + math.pi, azimuth)
         else:
             cos = cos.clamp(_COS_EPS, 1 - _COS_EPS)
-        cols += [self._mass_to_xi(m), y, self._cos_to_t(cos)]
+        cols += [self._cos_to_t(cos)]
         if self.plane:
             cols += [torch.cos(azimuth - azimuth_ref), torch.sin(azimuth - azimuth_ref)]
         else:
@@ -530,13 +558,22 @@ class PartonRepresentation(nn.Module):
         if self.w_jets:
             return self._jet_relative_inverse(raw, ref)
         phi_ref, azimuth_ref, _, phi_z_ref, lepton_azimuth_ref = _references(ref)
+        # folded: a sample that leaks below 0 is the same decay seen from the other side
+        cos = self._t_to_cos(raw[:, 8] if self.jet_label else raw[:, 8].abs())
+        azimuth = (torch.atan2(raw[:, 10], raw[:, 9]) if self.plane else raw[:, 9]) + azimuth_ref
+        if self.w_pt:
+            m = self._xi_to_mass(raw[:, 4])
+            pt_jj, phi_jj = self._pair_transverse(ref)
+            pt, phi = pt_jj.clamp(min=1e-3) * torch.exp(raw[:, 6].clamp(max=12.0)), phi_jj + raw[:, 7]
+            w = _system(m, raw[:, 5].clamp(-_ETA_LIMIT, _ETA_LIMIT), pt * torch.cos(phi), pt * torch.sin(phi))
+            m_z = self._xi_to_mass(raw[:, 0], z=True)
+            z = _system(m_z, raw[:, 1].clamp(-_ETA_LIMIT, _ETA_LIMIT), -w[:, 1], -w[:, 2])
+            lm, lp = _decay_products(z, m_z, self._t_to_cos(raw[:, 2]), raw[:, 3] + lepton_azimuth_ref)
+            return torch.stack([lm, lp, *_decay_products(w, m, cos, azimuth)], 1)
         lm, lp = self._leptons(raw, phi_ref, phi_z_ref, lepton_azimuth_ref)
         m = self._xi_to_mass(raw[:, 6])
         y = raw[:, 7].clamp(-_ETA_LIMIT, _ETA_LIMIT)
         w = _system(m, y, -(lm[:, 1] + lp[:, 1]), -(lm[:, 2] + lp[:, 2]))
-        # folded: a sample that leaks below 0 is the same decay seen from the other side
-        cos = self._t_to_cos(raw[:, 8] if self.jet_label else raw[:, 8].abs())
-        azimuth = (torch.atan2(raw[:, 10], raw[:, 9]) if self.plane else raw[:, 9]) + azimuth_ref
         return torch.stack([lm, lp, *_decay_products(w, m, cos, azimuth)], 1)
 
 
@@ -813,9 +850,10 @@ class Unfolder(nn.Module):
         if pairing not in ("candidate", "classifier"):
             raise ValueError(f"pairing must be 'candidate' or 'classifier', not {pairing!r}")
         self.parton = PartonRepresentation(azimuth=getattr(model, "azimuth", "interval"), quark_label=getattr(model, "quark_label", "energy"), leptons=leptons,
-                                           decay_angle=getattr(model, "decay_angle", "atanh"), w_coordinates=getattr(model, "w_coordinates", "decay"))
-        if self.parton.w_jets and float(model.mmd.weight) > 0:
-            raise ValueError("the m_jj MMD term is not available with w_coordinates = jets (m_jj is then a coordinate of its own)")
+                                           decay_angle=getattr(model, "decay_angle", "atanh"), w_coordinates=getattr(model, "w_coordinates", "decay"),
+                                           system_pt=getattr(model, "system_pt", "z"))
+        if (self.parton.w_jets or self.parton.w_pt) and float(model.mmd.weight) > 0:
+            raise ValueError("the m_jj MMD term is not available with w_coordinates = jets or system_pt = w (their references need the jets)")
         # the hypotheses' own decay coordinates enter the condition through the pair features
         self.detector = DetectorRepresentation(max_jets, pair_features=getattr(model, "pair_features", False) or pairing == "classifier", lepton_system=leptons == "system",
                                                z_azimuth=getattr(model, "z_azimuth", "leptons"))
