@@ -85,7 +85,7 @@ def _hypothesis_jets(ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """pT, η, φ (N, 3) of the two jets of the W hypothesis, the harder first: the
     references' columns 5–10 (:class:`DetectorRepresentation`, :meth:`Unfolder._hypotheses`)."""
     if ref.dim() != 2 or ref.shape[1] < 11:
-        raise ValueError(f"w_coordinates = jets measures the quarks from the jets of the W hypothesis: the references need 11 columns, not {tuple(ref.shape)}")
+        raise ValueError(f"w_coordinates = jets and system_pt = w measure from the jets of the W hypothesis: the references need 11 columns, not {tuple(ref.shape)}")
     return ref[:, 5:8], ref[:, 8:11]
 
 
@@ -432,12 +432,23 @@ class PartonRepresentation(nn.Module):
         z = _system(m, raw[:, 1].clamp(-_ETA_LIMIT, _ETA_LIMIT), pt * torch.cos(phi), pt * torch.sin(phi))
         return _decay_products(z, m, self._t_to_cos(raw[:, 4]), raw[:, 5] + lepton_azimuth_ref)
 
-    def _jet_relative_raw(self, partons: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        ja, jb = _hypothesis_jets(ref)
-        _, _, _, _, lepton_azimuth_ref = _references(ref)
+    def _balanced_z_columns(self, partons: torch.Tensor, ref: torch.Tensor) -> list[torch.Tensor]:
+        """The Z whose pT follows from the W's: m_ℓℓ (Breit–Wigner logit), rapidity, and the
+        ℓ⁻'s decay cos θ coordinate and azimuth (from the detector leptons')."""
+        lepton_azimuth_ref = _references(ref)[4]
         z = partons[:, 0] + partons[:, 1]
         m_z, y_z = _mass_rapidity(z, floor=1e-12)
         cos_l, azimuth_l = _decay_angles(partons[:, 0], z)
+        return [self._mass_to_xi(m_z, z=True), y_z, self._cos_to_t(cos_l), _wrap(azimuth_l - lepton_azimuth_ref)]
+
+    def _balanced_leptons(self, raw: torch.Tensor, w: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ℓ⁻, ℓ⁺ from :meth:`_balanced_z_columns`' coordinates (raw columns 0–3), the Z's pT −pT,W."""
+        m_z = self._xi_to_mass(raw[:, 0], z=True)
+        z = _system(m_z, raw[:, 1].clamp(-_ETA_LIMIT, _ETA_LIMIT), -w[:, 1], -w[:, 2])
+        return _decay_products(z, m_z, self._t_to_cos(raw[:, 2]), raw[:, 3] + _references(ref)[4])
+
+    def _jet_relative_raw(self, partons: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        ja, jb = _hypothesis_jets(ref)
         pt, eta, phi = _pt_eta_phi(partons[:, 2:4])
         dr = lambda k, j: torch.hypot(eta[:, k] - j[:, 1], _wrap(phi[:, k] - j[:, 2]))  # noqa: E731
         first = dr(0, ja) + dr(1, jb) <= dr(1, ja) + dr(0, jb)
@@ -446,7 +457,7 @@ class PartonRepresentation(nn.Module):
         pick = lambda v, k: v.gather(1, k)[:, 0]  # noqa: E731
         m_w, _ = _mass_rapidity(partons[:, 2] + partons[:, 3], floor=1e-12)
         return torch.stack([
-            self._mass_to_xi(m_z, z=True), y_z, self._cos_to_t(cos_l), _wrap(azimuth_l - lepton_azimuth_ref),
+            *self._balanced_z_columns(partons, ref),
             torch.log(pick(pt, a).clamp(min=1e-6) / ja[:, 0].clamp(min=1e-3)), pick(eta, a) - ja[:, 1], _wrap(pick(phi, a) - ja[:, 2]),
             *self._opening_coordinates(partons[:, 2:4].gather(1, a[:, :, None].expand(-1, 1, 4))[:, 0],
                                        partons[:, 2:4].gather(1, b[:, :, None].expand(-1, 1, 4))[:, 0], jb),
@@ -484,7 +495,6 @@ class PartonRepresentation(nn.Module):
 
     def _jet_relative_inverse(self, raw: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         ja, jb = _hypothesis_jets(ref)
-        _, _, _, _, lepton_azimuth_ref = _references(ref)
         a = _massless(ja[:, 0].clamp(min=1e-3) * torch.exp(raw[:, 4].clamp(max=12.0)), ja[:, 1] + raw[:, 5], ja[:, 2] + raw[:, 6])
         n_a = a[:, 1:] / a[:, :1].clamp(min=1e-300)
         t_ref, e1, e2 = self._opening_frame(n_a, jb)
@@ -495,10 +505,7 @@ class PartonRepresentation(nn.Module):
         m_w = self._xi_to_mass(raw[:, 9])
         e_b = m_w**2 * (1 + t**2) / (4 * a[:, 0].clamp(min=1e-300) * t**2)
         b = e_b[:, None] * torch.cat([torch.ones_like(e_b)[:, None], n_b], -1)
-        w = a + b
-        m_z = self._xi_to_mass(raw[:, 0], z=True)
-        z = _system(m_z, raw[:, 1].clamp(-_ETA_LIMIT, _ETA_LIMIT), -w[:, 1], -w[:, 2])
-        return torch.stack([*_decay_products(z, m_z, self._t_to_cos(raw[:, 2]), raw[:, 3] + lepton_azimuth_ref), a, b], 1)
+        return torch.stack([*self._balanced_leptons(raw, a + b, ref), a, b], 1)
 
     @staticmethod
     def _pair_transverse(ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -515,12 +522,9 @@ class PartonRepresentation(nn.Module):
         w = partons[:, 2] + partons[:, 3]
         m, y = _mass_rapidity(w, floor=1e-12)
         if self.w_pt:
-            # the Z's pT follows from the W's: its mass, rapidity and the ℓ⁻'s decay angles
-            z = partons[:, 0] + partons[:, 1]
-            m_z, y_z = _mass_rapidity(z, floor=1e-12)
-            cos_l, azimuth_l = _decay_angles(partons[:, 0], z)
+            # the Z's pT follows from the W's, whose pT and azimuth are measured from its jet pair's
             pt_jj, phi_jj = self._pair_transverse(ref)
-            cols = [self._mass_to_xi(m_z, z=True), y_z, self._cos_to_t(cos_l), _wrap(azimuth_l - lepton_azimuth_ref), self._mass_to_xi(m), y,
+            cols = [*self._balanced_z_columns(partons, ref), self._mass_to_xi(m), y,
                     torch.log(torch.hypot(w[:, 1], w[:, 2]).clamp(min=1e-6) / pt_jj.clamp(min=1e-3)), _wrap(kin.phi(w) - phi_jj)]
         else:
             cols = self._lepton_columns(partons, phi_ref, phi_z_ref, lepton_azimuth_ref) + [self._mass_to_xi(m), y]
@@ -566,10 +570,7 @@ class PartonRepresentation(nn.Module):
             pt_jj, phi_jj = self._pair_transverse(ref)
             pt, phi = pt_jj.clamp(min=1e-3) * torch.exp(raw[:, 6].clamp(max=12.0)), phi_jj + raw[:, 7]
             w = _system(m, raw[:, 5].clamp(-_ETA_LIMIT, _ETA_LIMIT), pt * torch.cos(phi), pt * torch.sin(phi))
-            m_z = self._xi_to_mass(raw[:, 0], z=True)
-            z = _system(m_z, raw[:, 1].clamp(-_ETA_LIMIT, _ETA_LIMIT), -w[:, 1], -w[:, 2])
-            lm, lp = _decay_products(z, m_z, self._t_to_cos(raw[:, 2]), raw[:, 3] + lepton_azimuth_ref)
-            return torch.stack([lm, lp, *_decay_products(w, m, cos, azimuth)], 1)
+            return torch.stack([*self._balanced_leptons(raw, w, ref), *_decay_products(w, m, cos, azimuth)], 1)
         lm, lp = self._leptons(raw, phi_ref, phi_z_ref, lepton_azimuth_ref)
         m = self._xi_to_mass(raw[:, 6])
         y = raw[:, 7].clamp(-_ETA_LIMIT, _ETA_LIMIT)
@@ -919,8 +920,8 @@ class Unfolder(nn.Module):
         refs = ref[:, None, :].repeat(1, len(self.pairs), 1)
         refs[..., 1], refs[..., 2] = phi, cos
         jet_pt_eta_phi = torch.stack(_pt_eta_phi(jets), -1).to(refs.dtype)  # (N, J, 3)
-        for k, (i, j) in enumerate(self.pairs):
-            refs[:, k, 5:8], refs[:, k, 8:11] = jet_pt_eta_phi[:, i], jet_pt_eta_phi[:, j]
+        slots = torch.tensor(self.pairs, device=jets.device)
+        refs[..., 5:8], refs[..., 8:11] = jet_pt_eta_phi[:, slots[:, 0]], jet_pt_eta_phi[:, slots[:, 1]]
         if self.detector.z_balance:
             # each hypothesis's own p_ℓℓ − p_jj; an absent pair keeps the candidate's
             z = t["leptons"][:, 0] + t["leptons"][:, 1]

@@ -77,7 +77,6 @@ _END_OF_FILE = "reached end of Les Houches Events File"
 def shower_lhe(path: str | Path, max_events: int | None = None, seed: int = 1, hadronise: bool = True, mpi: bool = False) -> ShowerSummary:
     """Read an LHE file into Pythia8 (``Beams:frameType = 4``), shower and hadronise
     every event, and count Pythia's errors. Pythia's own output is captured."""
-
     path = Path(path)
     summary = ShowerSummary()
     with capture_c_stdout() as text:
@@ -138,7 +137,6 @@ def pythia_drell_yan(
     ``sigma_pb``, ``error_pb``, ``events_per_s`` (one core) and ``n_events``.
     """
     import time
-
 
     settings = [
         f"Beams:eCM = {sqrt_s}",
@@ -265,7 +263,6 @@ def _pythia_events(settings: list[str], n: int, process: str, record) -> dict:
     (it returns False for an event it cannot use, which counts as failed). Returns
     ``sigma_pb``, ``n_failed``, ``errors`` (Pythia's error statistics), ``seconds``."""
     import time
-
 
     start = time.perf_counter()
     failed = 0
