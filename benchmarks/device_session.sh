@@ -2,15 +2,15 @@
 # One prepared check for a session that is lent a GPU (15 minutes of device time per
 # session, start-up included, 10 minutes per call), in two stages, each step under its own
 # time limit so that one slow step cannot eat the others:
-#   STAGE=1 (default): the three jobs end to end on CUDA at a tiny size (does every code
-#           path run there?), then every benchmark on CUDA (the GPU throughput targets);
+#   STAGE=1 (default): every benchmark on CUDA (the GPU throughput targets), then the three
+#           jobs end to end on CUDA at a tiny size (does every code path run there?);
 #   STAGE=2: a card end to end on CUDA at its own size (CARD=drell_yan|ttbar|zw, JOB=...).
 # Results (JSON, logs, report.json, plots) come back as $OUT/session.tar.gz, the JSON and
 # steps.txt beside it.
 #
 # From the repository root of this machine:
 #   ../shared/device/wheels.sh graphviz particle hepunits pyunfold   # wheels the device image lacks, in .whl/
-#   run tool: carry [".whl"], timeout_s 420, command "bash benchmarks/device_session.sh"
+#   run tool: carry [".whl"], timeout_s 480, command "bash benchmarks/device_session.sh" (TOTAL=440 s of its own)
 # A CPU dry run with tiny sizes: SIZE=tiny OUT=runs/device_dry bash benchmarks/device_session.sh
 set -uo pipefail
 OUT=${OUT:-runs/device_session}
@@ -36,9 +36,15 @@ TINY=(--set training.epochs=1 --set data.n_events=20000)
 } > "$OUT/environment.txt" 2>&1
 cat "$OUT/environment.txt"
 
-# step NAME SECONDS COMMAND...: run one step under its limit, keep its log, note its exit status and time
+# step NAME SECONDS COMMAND...: run one step under its limit, keep its log, note its exit status and time.
+# Every step also ends by the script's own deadline (TOTAL seconds from its start, less a margin for
+# packing the results), so that the archive is made even when the call's limit is near.
+TOTAL=${TOTAL:-440}
 step() {
   local name=$1 limit=$2; shift 2
+  local left=$((TOTAL - SECONDS - 20))
+  if [ "$left" -lt 15 ]; then echo "$name skipped: the deadline (TOTAL=$TOTAL s) is near" | tee -a "$OUT/steps.txt"; return; fi
+  [ "$limit" -gt "$left" ] && limit=$left
   local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
@@ -48,11 +54,6 @@ step() {
 
 export PARTONIC_CACHE=$OUT/cache
 if [ "$STAGE" = 1 ]; then
-  # ---- the jobs on CUDA, tiny ------------------------------------------------------
-  step tiny_unweight "$TINY_LIMIT" $PY -m partonic.cli unweight --card cards/drell_yan.yaml "${TINY[@]}" --output "$OUT/tiny_drell_yan"
-  step tiny_generate "$TINY_LIMIT" $PY -m partonic.cli generate --card cards/ttbar.yaml "${TINY[@]}" --output "$OUT/tiny_ttbar"
-  step tiny_unfold "$TINY_LIMIT" $PY -m partonic.cli unfold --card cards/zw.yaml "${TINY[@]}" \
-    --set model.refine.independent_events=20000 --output "$OUT/tiny_zw"
   # ---- throughput (JSON) ----------------------------------------------------------
   step bench_generate "$LIMIT" $PY benchmarks/generate_throughput.py --card cards/ttbar_full.yaml --events "$PYTHIA" \
     --steps "$STEPS" --generate "$GEN_EVENTS" --out "$OUT/generate.json"
@@ -61,6 +62,11 @@ if [ "$STAGE" = 1 ]; then
   step bench_unweight "$LIMIT" $PY benchmarks/unweight_throughput.py --devices cuda --events "$DY_EVENTS" --gpu-events "$DY_EVENTS" \
     --pythia-events 20000 --out "$OUT/unweight.json"
   step bench_pdf 40 $PY benchmarks/pdf_throughput.py --points "$PDF_POINTS" --out "$OUT/pdf.json"
+  # ---- the jobs on CUDA, tiny ------------------------------------------------------
+  step tiny_unweight "$TINY_LIMIT" $PY -m partonic.cli unweight --card cards/drell_yan.yaml "${TINY[@]}" --output "$OUT/tiny_drell_yan"
+  step tiny_generate "$TINY_LIMIT" $PY -m partonic.cli generate --card cards/ttbar.yaml "${TINY[@]}" --output "$OUT/tiny_ttbar"
+  step tiny_unfold "$TINY_LIMIT" $PY -m partonic.cli unfold --card cards/zw.yaml "${TINY[@]}" \
+    --set model.refine.independent_events=20000 --output "$OUT/tiny_zw"
 else
   CARD=${CARD:-drell_yan}; JOB=${JOB:-unweight}
   step "card_$CARD" "${JOB_LIMIT:-400}" $PY -m partonic.cli "$JOB" --card "cards/$CARD.yaml" --output "$OUT/$CARD"
