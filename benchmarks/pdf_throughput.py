@@ -18,6 +18,7 @@ import torch
 
 from _common import device_description, write_result
 from partonic.physics.pdf import GridPDF
+from partonic.simulate.pythia import new_pythia
 
 
 def time_torch(pdf: GridPDF, n: int, repeats: int, device: str, pid: int | None = None) -> float:
@@ -63,10 +64,8 @@ def main() -> None:
                     "flavours": len(pdf.pids),
                 }
 
-    import pythia8mc
-
     pdf = GridPDF(args.set)
-    py = pythia8mc.Pythia("", False)
+    py = new_pythia()  # finds Pythia's settings wherever the wheel was installed
     py.readString(f"PDF:pSet = LHAGrid1:{pdf.path}")
     ref = py.getPDFPtr(2212)
     rng = np.random.default_rng(1)
