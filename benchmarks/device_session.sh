@@ -4,7 +4,8 @@
 # time limit so that one slow step cannot eat the others:
 #   STAGE=1 (default): every benchmark on CUDA (the GPU throughput targets), then the three
 #           jobs end to end on CUDA at a tiny size (does every code path run there?);
-#   STAGE=2: a card end to end on CUDA at its own size (CARD=drell_yan|ttbar|zw, JOB=...).
+#   STAGE=2: a card end to end on CUDA at its own size (CARD=drell_yan_full by default, or any
+#           card with JOB=unweight|generate|unfold; JOB_LIMIT seconds, 400 by default, TOTAL above it).
 # Results (JSON, logs, report.json, plots) come back as $OUT/session.tar.gz, the JSON and
 # steps.txt beside it.
 #
@@ -68,7 +69,7 @@ if [ "$STAGE" = 1 ]; then
   step tiny_unfold "$TINY_LIMIT" $PY -m partonic.cli unfold --card cards/zw.yaml "${TINY[@]}" \
     --set model.refine.independent_events=20000 --output "$OUT/tiny_zw"
 else
-  CARD=${CARD:-drell_yan}; JOB=${JOB:-unweight}
+  CARD=${CARD:-drell_yan_full}; JOB=${JOB:-unweight}
   step "card_$CARD" "${JOB_LIMIT:-400}" $PY -m partonic.cli "$JOB" --card "cards/$CARD.yaml" --output "$OUT/$CARD"
 fi
 # one archive of what is small enough to come back (16 MiB a file): reports, metrics, logs;
