@@ -6,7 +6,7 @@
 #           jobs end to end on CUDA at a tiny size (does every code path run there?);
 #   STAGE=2: a card end to end on CUDA at its own size (CARD=drell_yan_full by default, or any
 #           card with JOB=unweight|generate|unfold; JOB_LIMIT seconds, 400 by default, TOTAL above it).
-# Results (JSON, logs, report.json, plots) come back as $OUT/session.tar.gz, the JSON and
+# Results (JSON, logs, report.json; the plots stay behind) come back as $OUT/session.tar.gz, the JSON and
 # steps.txt beside it.
 #
 # From the repository root of this machine:
