@@ -270,6 +270,45 @@ def test_residual_generator_starts_as_the_standard_normal_and_trains_its_correct
         parse_card({"job": "unweight", "name": "x", "model": {"method": "gan", "generator": "residual", "latent_dim": 2}})
 
 
+def test_a_fixed_coordinate_keeps_the_weighted_input_marginal_through_training(tmp_path):
+    """model.fixed_coordinate: the residual generator leaves one coordinate uncorrected, so
+    behind the weighted input's quantile map its generated marginal is the input's (here
+    the weighted camel back) before and after training, while the other coordinate's
+    correction trains; the card refuses the option without a residual generator behind
+    quantile marginals, and the checkpoint keys are those of a generator without it."""
+    from partonic.models.weighted_flow import QuantileStandardise
+    x1, w = weighted_camel(60_000, seed=7)
+    x2 = 0.5 * x1 + 0.3 * torch.randn(len(x1), 1, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    x = torch.cat([x1, x2], 1)
+    pre = QuantileStandardise(2).fit(x, w)
+    torch.manual_seed(0)
+    gan = WeightedGAN(pre, dim=2, latent_dim=4, width=32, layers=2, generator="residual", fixed_coordinates=(0,), ema_decay=0.9)
+    plain = WeightedGAN(pre, dim=2, latent_dim=4, width=32, layers=2, generator="residual", ema_decay=0.9)
+    assert gan.state_dict().keys() == plain.state_dict().keys()
+    edges = np.linspace(-3.0, 2.0, 26)
+    cfg = TrainingSection(batch_size=512, epochs=2, optimizer={"lr": 1e-3, "betas": [0.5, 0.9]}, log_every=100)
+    z = torch.randn(1000, 4, generator=torch.Generator().manual_seed(3))
+    for trained in (False, True):
+        if trained:
+            train(gan, lambda m, b: m.loss(b), (x, w), cfg, tmp_path, seed=1, progress=False)
+            assert not torch.allclose(gan.generator(z)[:, 1], z[:, 1])  # the free coordinate trained
+        torch.testing.assert_close(gan.generator(z)[:, 0], z[:, 0])
+        s = gan.sample(400_000, generator=torch.Generator().manual_seed(4))[:, 0].numpy()
+        # 17 bulk bins: the training input's own precision plus the sample's, 4.5 standard errors
+        check_against_camel(s, x1[:, 0].numpy(), w.numpy(), edges, max_pull=4.5)
+    with pytest.raises(ValueError, match="at most one"):
+        WeightedGAN(pre, dim=2, latent_dim=4, generator="residual", fixed_coordinates=(0, 1))
+    with pytest.raises(ValueError, match="residual"):
+        WeightedGAN(pre, dim=2, latent_dim=4, fixed_coordinates=(0,))
+    base = {"method": "gan", "generator": "residual", "marginals": "quantile", "fixed_coordinate": "m_ll"}
+    assert parse_card({"job": "unweight", "name": "x", "model": base}).model.fixed_coordinate == "m_ll"
+    for change in ({"marginals": "standard"}, {"generator": "mlp"}, {"method": "flow"}):
+        with pytest.raises(CardError, match="fixed_coordinate"):
+            parse_card({"job": "unweight", "name": "x", "model": {**base, **change}})
+    with pytest.raises(CardError, match="fixed_coordinate"):
+        parse_card({"job": "unweight", "name": "x", "model": {**base, "fixed_coordinate": "mll"}})
+
+
 def _near_camel(n, g):
     """A generator that is close to the camel back but visibly wrong: modes 10% too
     wide, shifted by 0.1, with 45 : 55 instead of 50 : 50."""

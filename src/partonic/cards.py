@@ -418,11 +418,21 @@ class UnweightModel(Strict):
     refine_epochs: PositiveInt = 20
     refine_width: Annotated[int, Field(ge=4, le=4096)] = 128
     refine_layers: Annotated[int, Field(ge=1, le=16)] = 3
+    #: a network coordinate the residual GAN generator does not correct (method gan):
+    #: its noise coordinate passes straight through the quantile map, so the generated
+    #: marginal of that coordinate is the weighted input's by construction, and the
+    #: network learns the other two given it (any joint distribution is a marginal times
+    #: a conditional). Needs generator = residual and marginals = quantile. "none": off
+    fixed_coordinate: Literal["none", "m_ll", "y_ll", "cos_theta"] = "none"
 
     @model_validator(mode="after")
     def _residual_latent(self):
         if self.generator == "residual" and self.latent_dim < 3:
             raise ValueError(f"generator = 'residual' needs latent_dim ≥ 3 (the event dimension), got {self.latent_dim}")
+        if self.fixed_coordinate != "none" and (self.method != "gan" or self.generator != "residual" or self.marginals != "quantile"):
+            raise ValueError(f"fixed_coordinate = {self.fixed_coordinate!r} needs method = 'gan', generator = 'residual' and marginals = 'quantile' "
+                             f"(got method = {self.method!r}, generator = {self.generator!r}, marginals = {self.marginals!r}): "
+                             "only behind the quantile map does an uncorrected coordinate have the input's marginal")
         if self.refine != "none" and self.method == "flow-exact":
             raise ValueError("refine = 'classifier' applies to method = 'gan' or 'flow'; 'flow-exact' is already reweighted to the exact cross section")
         return self

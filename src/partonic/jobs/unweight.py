@@ -45,6 +45,10 @@ OBSERVABLES = {
 }
 
 
+#: the networks' three coordinates, in order (model.fixed_coordinate names one)
+NETWORK_COORDINATES = ("m_ll", "y_ll", "cos_theta")
+
+
 def leptons_from_kinematics(m, y, cos_theta, phi, lepton_mass: float) -> torch.Tensor:
     """(N, 2, 4) lab momenta of ℓ⁻, ℓ⁺ from m_ℓℓ, y_ℓℓ, cos θ* (to +z in the rest frame
     reached by a boost along z) and the azimuth, at zero transverse momentum of the pair."""
@@ -344,7 +348,8 @@ def run(card, args) -> int:
     if method == "gan":
         model = WeightedGAN(pre, dim=3, latent_dim=m.latent_dim, width=m.width, layers=m.layers, gradient_penalty=m.gradient_penalty,
                             discriminator_lr_factor=m.discriminator_lr_factor, ema_decay=m.ema_decay, generator=m.generator,
-                            marginal_weight=m.marginal_weight, marginal_target=m.marginal_target)
+                            marginal_weight=m.marginal_weight, marginal_target=m.marginal_target,
+                            fixed_coordinates=() if m.fixed_coordinate == "none" else (NETWORK_COORDINATES.index(m.fixed_coordinate),))
     else:
         model = WeightedFlow(pre, dim=3, blocks=m.blocks, bins=m.bins, width=m.width, layers=m.layers)
     perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(card.seed + 2)).to(device)

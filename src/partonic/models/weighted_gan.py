@@ -52,6 +52,9 @@ class WeightedGAN(nn.Module):
             (:class:`ResidualGenerator`): it starts as the standard normal, which in
             the Gaussianised coordinates of the preprocessing is the analytic model
             with its tails, and learns only the difference.
+        fixed_coordinates: coordinates the residual generator leaves uncorrected
+            (:class:`ResidualGenerator`): behind a quantile-map preprocessing their
+            marginal is the training input's by construction.
         marginal_weight: λ of a term λ · Σ_k W₂²(generated, weighted truth) in the
             generator's loss, on every coordinate's marginal (:func:`marginal_distance`):
             it holds the generator on the input's marginals, which the discriminator
@@ -71,14 +74,16 @@ class WeightedGAN(nn.Module):
 
     def __init__(self, preprocessing: nn.Module, dim: int, latent_dim: int = 8, width: int = 128, layers: int = 4, gradient_penalty: float = 0.0,
                  discriminator_lr_factor: float = 1.0, ema_decay: float = 0.0, generator: str = "mlp", marginal_weight: float = 0.0,
-                 marginal_target: str = "batch"):
+                 marginal_target: str = "batch", fixed_coordinates: tuple[int, ...] = ()):
         super().__init__()
         self.preprocessing = preprocessing
         self.dim, self.latent_dim = dim, latent_dim
+        if fixed_coordinates and generator != "residual":
+            raise ValueError(f"fixed_coordinates needs generator='residual', got {generator!r}")
         if generator == "mlp":
             self.generator = _generator(latent_dim, dim, width, layers)
         elif generator == "residual":
-            self.generator = ResidualGenerator(latent_dim, dim, width, layers)
+            self.generator = ResidualGenerator(latent_dim, dim, width, layers, fixed=fixed_coordinates)
         else:
             raise ValueError(f"generator must be 'mlp' or 'residual', got {generator!r}")
         self.discriminator = _discriminator(dim, width, layers)
@@ -150,19 +155,37 @@ class ResidualGenerator(nn.Module):
     discriminator sees there, and on the Drell–Yan input it never did (0.08 of the
     m_μμ ∈ [500, 1000] GeV truth, docs/results.md).
 
+    With ``fixed`` coordinates the correction is left off those: each passes its noise
+    coordinate through unchanged, so behind a quantile map of the training input
+    (``marginals = "quantile"``) its generated marginal is the input's, whatever the
+    training does, and the correction of the others, a function of all the noise, learns
+    their distribution given it. One fixed coordinate keeps the generator general (a
+    joint density is a marginal times a conditional); two would make them independent.
+
     Arguments:
         latent: noise dimension (≥ dim); dim: event dimension; width, layers: the MLP.
+        fixed: indices of the coordinates without correction (at most one).
     """
 
-    def __init__(self, latent: int, dim: int, width: int, layers: int):
+    def __init__(self, latent: int, dim: int, width: int, layers: int, fixed: tuple[int, ...] = ()):
         super().__init__()
         if latent < dim:
             raise ValueError(f"a residual generator needs latent_dim ≥ {dim} (the event dimension), got {latent}")
-        self.dim = dim
+        fixed = tuple(sorted(set(int(k) for k in fixed)))
+        if len(fixed) > 1 or any(not 0 <= k < dim for k in fixed):
+            raise ValueError(f"fixed must name at most one coordinate in [0, {dim}), got {fixed}")
+        self.dim, self.fixed = dim, fixed
         self.correction = mlp(latent, dim, width, layers, activation=nn.LeakyReLU)
+        mask = torch.ones(dim)
+        mask[list(fixed)] = 0.0
+        # not in the state dict: the card says which coordinate is fixed
+        self.register_buffer("mask", mask, persistent=False)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return z[:, : self.dim] + self.correction(z)
+        correction = self.correction(z)
+        if self.fixed:
+            correction = correction * self.mask.to(correction.dtype)
+        return z[:, : self.dim] + correction
 
 
 class SampleQuantiles(nn.Module):
