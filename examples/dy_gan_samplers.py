@@ -28,8 +28,8 @@ import torch
 
 from partonic.cards import load_card
 from partonic.evaluate.metrics import compare_to_expected
-from partonic.jobs.unweight import NETWORK_COORDINATES, OBSERVABLES, drell_yan_setup, network_preprocessing, observables
-from partonic.models.weighted_gan import WeightedGAN, latent_batches, update_weight_average, weight_average
+from partonic.jobs.unweight import OBSERVABLES, drell_yan_setup, network_model, network_preprocessing, observables
+from partonic.models.weighted_gan import latent_batches, update_weight_average, weight_average
 from partonic.physics.pdf import from_card
 from partonic.simulate.weighted import DrellYanGenerator, exact_histograms
 from partonic.train import seed_everything, train
@@ -48,8 +48,8 @@ def main() -> None:
 
     card = load_card(args.card, overrides=args.set)
     m = card.model
-    if m.method != "gan":
-        raise SystemExit(f"{args.card}: model.method must be gan, got {m.method}")
+    if m.method != "gan" or m.ema_decay == 0:
+        raise SystemExit(f"{args.card}: needs model.method = gan with a weight average (ema_decay > 0), got {m.method}, {m.ema_decay}")
     seed_everything(card.seed)
     pdf, _ = from_card(card.physics)
     setup = drell_yan_setup(card)
@@ -60,10 +60,7 @@ def main() -> None:
     edges = {name: f(setup.m_min) for name, (_, f, _) in OBSERVABLES.items()}
     exact = exact_histograms(gen, edges)
     pre = network_preprocessing(gen, m.rapidity, m.marginals).fit(x, w)
-    fixed = () if m.fixed_coordinate == "none" else (NETWORK_COORDINATES.index(m.fixed_coordinate),)
-    gan = WeightedGAN(pre, dim=3, latent_dim=m.latent_dim, width=m.width, layers=m.layers, gradient_penalty=m.gradient_penalty,
-                      discriminator_lr_factor=m.discriminator_lr_factor, ema_decay=m.ema_decay or 0.999, generator=m.generator,
-                      fixed_coordinates=fixed)
+    gan = network_model(pre, m)  # the job's GAN, every card option included
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(card.seed + 2))
     tr = perm[int(card.training.validation_fraction * len(perm)):]
     total = card.training.epochs * (len(tr) // card.training.batch_size)

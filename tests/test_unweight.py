@@ -14,7 +14,7 @@ from partonic.evaluate.metrics import compare_histograms, compare_to_expected
 from partonic.io.lhe import LHEInit, LHEProcess, read_lhe, write_lhe
 from partonic.jobs.unweight import kinematics_from_leptons, leptons_from_kinematics, training_weights, unweight_with_copies
 from partonic.models.refine import ClassifierRefiner
-from partonic.models.weighted_flow import DrellYanPreprocessing, Standardise, WeightedFlow
+from partonic.models.weighted_flow import DrellYanPreprocessing, QuantileStandardise, Standardise, WeightedFlow
 from partonic.models.weighted_gan import WeightedGAN
 from partonic.simulate.pythia import shower_lhe
 from partonic.train import _batch_order, train
@@ -276,7 +276,6 @@ def test_a_fixed_coordinate_keeps_the_weighted_input_marginal_through_training(t
     the weighted camel back) before and after training, while the other coordinate's
     correction trains; the card refuses the option without a residual generator behind
     quantile marginals, and the checkpoint keys are those of a generator without it."""
-    from partonic.models.weighted_flow import QuantileStandardise
     x1, w = weighted_camel(60_000, seed=7)
     x2 = 0.5 * x1 + 0.3 * torch.randn(len(x1), 1, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     x = torch.cat([x1, x2], 1)

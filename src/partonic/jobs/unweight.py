@@ -32,7 +32,7 @@ from ..simulate.weighted import CHANNELS, DrellYanGenerator, DrellYanSetup, elec
 from ..train import TrainingError, seed_everything, train
 from .common import JobError, RunFolder, atomic_write_bytes, resolve_device
 
-__all__ = ["run", "training_weights", "drell_yan_setup", "network_preprocessing", "observables", "leptons_from_kinematics", "kinematics_from_leptons", "lhe_events_from_kinematics", "unweight_with_copies"]
+__all__ = ["run", "training_weights", "drell_yan_setup", "network_preprocessing", "network_model", "observables", "leptons_from_kinematics", "kinematics_from_leptons", "lhe_events_from_kinematics", "unweight_with_copies"]
 
 OBSERVABLES = {
     "m_ll": (r"$m_{\mu\mu}$ [GeV]", lambda m_min: np.geomspace(m_min, 1000.0, 41), True),
@@ -234,6 +234,17 @@ def network_preprocessing(generator: DrellYanGenerator, rapidity: str, marginals
     return DrellYanPreprocessing(setup.m_min, generator.m_max, setup.ew.m_z, setup.ew.gamma_z, sqrt_s=setup.sqrt_s, rapidity=rapidity, marginals=marginals)
 
 
+def network_model(pre: DrellYanPreprocessing, m) -> WeightedGAN | WeightedFlow:
+    """The (untrained) network the card's model section describes, behind ``pre``: a
+    :class:`WeightedGAN` for method gan, else a :class:`WeightedFlow`."""
+    if m.method == "gan":
+        return WeightedGAN(pre, dim=3, latent_dim=m.latent_dim, width=m.width, layers=m.layers, gradient_penalty=m.gradient_penalty,
+                           discriminator_lr_factor=m.discriminator_lr_factor, ema_decay=m.ema_decay, generator=m.generator,
+                           marginal_weight=m.marginal_weight, marginal_target=m.marginal_target,
+                           fixed_coordinates=() if m.fixed_coordinate == "none" else (NETWORK_COORDINATES.index(m.fixed_coordinate),))
+    return WeightedFlow(pre, dim=3, blocks=m.blocks, bins=m.bins, width=m.width, layers=m.layers)
+
+
 def training_weights(w: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weights the loss sees, weights the batches are drawn with) for event weights w.
 
@@ -345,13 +356,7 @@ def run(card, args) -> int:
     # ---- model and training ---------------------------------------------------
     m = card.model
     pre = network_preprocessing(generator, m.rapidity, m.marginals).fit(x_train.cpu(), w_train.cpu()).to(device)
-    if method == "gan":
-        model = WeightedGAN(pre, dim=3, latent_dim=m.latent_dim, width=m.width, layers=m.layers, gradient_penalty=m.gradient_penalty,
-                            discriminator_lr_factor=m.discriminator_lr_factor, ema_decay=m.ema_decay, generator=m.generator,
-                            marginal_weight=m.marginal_weight, marginal_target=m.marginal_target,
-                            fixed_coordinates=() if m.fixed_coordinate == "none" else (NETWORK_COORDINATES.index(m.fixed_coordinate),))
-    else:
-        model = WeightedFlow(pre, dim=3, blocks=m.blocks, bins=m.bins, width=m.width, layers=m.layers)
+    model = network_model(pre, m)
     perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(card.seed + 2)).to(device)
     n_val = int(card.training.validation_fraction * len(perm))
     val_idx, tr_idx = perm[:n_val], perm[n_val:]
