@@ -932,7 +932,7 @@ data: {{n_events: {n}, workers: 1, test_fraction: 0.3, channel_balance: 1.0, res
 model: {{coupling: spline, blocks: 3, subnet_width: 24, condition_width: 24, condition_dim: 8, pairing: classifier, pairing_width: 16, pairing_epochs: 3,
         refine: {{method: classifier, epochs: 2, width: 16, layers: 2, independent_events: 1200}}}}
 training: {{batch_size: 64, epochs: 2, checkpoint_every: 1000}}
-evaluation: {{samples_per_event: 16, bins: 8}}
+evaluation: {{samples_per_event: 16, bins: 8, bootstrap: 20}}
 """
 
 
@@ -977,7 +977,10 @@ def test_unfold_job_end_to_end(tiny_run):
         assert worst == max(e["max_deviation"] for e in entries) and all(len(e["q"]) == len(e["coverage"]) for e in entries)
     assert "dr_q1_jet" not in report["ratio_to_truth"]["inclusive"]
     for obs in ("m_jj", "pt_q1"):
-        assert set(report["ibu_comparison"][obs]) >= {"cinn_chi2_ndf", "ibu_chi2_ndf"}
+        ibu = report["ibu_comparison"][obs]
+        assert set(ibu) >= {"cinn_chi2_ndf", "ibu_chi2_ndf", "chi2_ndf_difference", "chi2_ndf_difference_error"}
+        assert ibu["bootstrap_replicas"] == 20 and math.isclose(ibu["chi2_ndf_difference"], ibu["cinn_chi2_ndf"] - ibu["ibu_chi2_ndf"])
+        assert 0 <= ibu["chi2_ndf_difference_error"] < 10
     for peak in ("m_jj_peak", "m_ll_peak"):
         assert set(report[peak]) >= {"truth_fwhm", "unfolded_fwhm", "width_ratio", "detector_fwhm"}
     # pairing: classifier, fitted for its 3 epochs before the cINN, and scored on the test events

@@ -314,6 +314,15 @@ class UnfoldEvaluation(Strict):
     batch_size: PositiveInt = 100_000
     ibu_iterations: PositiveInt = 4
     bins: Annotated[int, Field(ge=4, le=100)] = 30
+    #: bootstrap replicas of the test set for the statistical errors of the cINN's and
+    #: IBU's χ²/ndf to truth and of their difference (0: none; 1 is refused)
+    bootstrap: Annotated[int, Field(ge=0, le=10_000)] = 100
+
+    @model_validator(mode="after")
+    def _bootstrap_replicas(self):
+        if self.bootstrap == 1:
+            raise ValueError("bootstrap = 1 gives no spread: use 0 (no bootstrap) or at least 2 replicas")
+        return self
 
 
 class UnfoldCard(CommonCard):
