@@ -210,7 +210,7 @@ def chi2_ndf(counts, reference, counts_errors=None, reference_errors=None) -> fl
 
 
 def bootstrap_chi2(truth_bins, sample_bins, unfold, n_bins: int, replicas: int, seed: int = 0) -> dict:
-    """Statistical errors of two methods' χ²/ndf to truth and of their difference.
+    """The statistical error of the difference of two methods' χ²/ndf to truth.
 
     χ²/ndf of a 30-bin comparison scatters by about sqrt(2/30) ≈ 0.26 from one test set
     to the next, and both methods unfold the same events against the same truth, so
@@ -225,7 +225,7 @@ def bootstrap_chi2(truth_bins, sample_bins, unfold, n_bins: int, replicas: int, 
     A χ² is quadratic in the residuals r = method − truth, and a replica adds its own
     noise ε on top of the observed r, which already holds one draw of it: the replicas'
     variance of rᵀAr exceeds the test sets' by 2 Var(εᵀAε) (Gaussian ε; the cross term
-    4rᵀAΣAr is right on average because E[rrᵀ] = μμᵀ + Σ). Each variance below is the
+    4rᵀAΣAr is right on average because E[rrᵀ] = μμᵀ + Σ). The variance returned is the
     replicas' minus twice that of εᵀAε, the replica's noise alone in the observed
     errors; uncorrected, the bootstrap overstates the error by up to a factor of two
     (tests/test_ibu.py measures both against independent test sets).
