@@ -1097,6 +1097,51 @@ def test_unfold_new_data_with_a_trained_model(tiny_run, tmp_path):
     np.testing.assert_allclose(outputs["delphes.root"][2]["partons"], reference[2]["partons"], rtol=1e-5, atol=1e-3)
 
 
+def test_an_ensemble_of_models_mixes_their_posteriors(tiny_run, tmp_path, capsys):
+    """Two --model: each draws half the samples per event, member k with the card's seed
+    + 7919 k, so every event's samples are, as a set, those of the two single-model runs
+    with those seeds; a model trained with another detector is refused."""
+    import h5py
+
+    root, card = tiny_run
+    model = str(root / "run" / "model.pt")
+    with h5py.File(root / "run" / "unfolded.h5") as fh:
+        det = {k: fh["detector"][k][()] for k in fh["detector"].keys()}
+    DetectorEvents(**det).subset(slice(0, 30)).to_hdf5(tmp_path / "new.h5")
+    seed = 2  # the TINY card's
+    runs = {}
+    for name, models, sets in (("ensemble", [model, model], []),
+                               ("first", [model], ["evaluation.samples_per_event=8"]),
+                               ("second", [model], ["evaluation.samples_per_event=8", f"seed={seed + 7919}"])):
+        args = ["unfold", "--card", str(card), "--input", str(tmp_path / "new.h5"), "--output", str(tmp_path / name)]
+        args += [a for m in models for a in ("--model", m)] + [a for x in sets for a in ("--set", x)]
+        assert main(args) == 0
+        with h5py.File(tmp_path / name / "unfolded.h5") as fh:
+            runs[name] = fh["samples"][()]
+    report = json.loads((tmp_path / "ensemble" / "report.json").read_text())
+    assert report["model"] == [model, model] and runs["ensemble"].shape == (30, 16, 4, 4)
+    members = report["ensemble"]["members"]
+    assert [m["samples_per_event"] for m in members] == [8, 8] and all("inclusive" in m["summary"] for m in members)
+    both = np.concatenate([runs["first"], runs["second"]], 1).reshape(30, 16, -1)
+    mixed = runs["ensemble"].reshape(30, 16, -1)
+    key = lambda a: np.sort(a[..., 0] + 1e-3 * a[..., 5], axis=1)
+    np.testing.assert_allclose(key(mixed), key(both), rtol=1e-6)
+    assert not np.allclose(runs["first"], runs["second"])
+    # the members' samples are shuffled within each event, not in blocks
+    first_half = np.isin(mixed[..., 0], runs["first"].reshape(30, 8, -1)[..., 0])
+    assert 0 < first_half[:, :8].mean() < 1
+
+    assert main(["unfold", "--card", str(card), "--model", model, "--model", model, "--input", str(tmp_path / "new.h5"),
+                 "--set", "evaluation.samples_per_event=1", "--output", str(tmp_path / "few")]) != 0
+    assert "samples_per_event ≥ 2" in capsys.readouterr().err
+    state = torch.load(model, map_location="cpu", weights_only=False)
+    state["card"]["data"].setdefault("detector", {})["jet_radius"] = 0.6
+    torch.save(state, tmp_path / "other.pt")
+    assert main(["unfold", "--card", str(card), "--model", model, "--model", str(tmp_path / "other.pt"), "--input", str(tmp_path / "new.h5"),
+                 "--output", str(tmp_path / "other")]) != 0
+    assert "another detector section" in capsys.readouterr().err
+
+
 def test_unfold_bad_inputs_give_clear_errors(tiny_run, tmp_path, capsys):
     root, card = tiny_run
     model = str(root / "run" / "model.pt")

@@ -31,7 +31,8 @@ def _add_job_arguments(p: argparse.ArgumentParser, job: str) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the card's device")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     if job == "unfold":
-        p.add_argument("--model", help="trained model (RUN/model.pt): unfold --input without retraining")
+        p.add_argument("--model", action="append", help="trained model (RUN/model.pt): unfold --input without retraining; "
+                       "repeat it for an ensemble: each model draws its share of the samples per event")
         p.add_argument("--input", help="detector-level events to unfold (HDF5 or Delphes ROOT), with --model")
 
 

@@ -513,6 +513,10 @@ def _summary(report: dict, path: Path) -> str:
         if "chi2_ndf_difference_error" in v:
             line += f" (difference {v['chi2_ndf_difference']:+.2f} ± {v['chi2_ndf_difference_error']:.2f}, {v['bootstrap_replicas']} test-set bootstraps)"
         lines.append(line)
+    for member in report.get("ensemble", {}).get("members", []):
+        if "summary" in member:
+            dev = ", ".join(f"{c} {v['max_calibration_deviation']:.3f}" for c, v in member["summary"].items())
+            lines.append(f"  ensemble member {member['model']} ({member['samples_per_event']} samples/event) alone, max |coverage − q|: {dev}")
     if "unfold_samples_per_s" in report.get("timing", {}):
         lines.append(f"  unfolding: {report['timing']['unfold_samples_per_s']:.3g} parton-level samples/s on {report['device']}")
     return "\n".join(lines)
@@ -644,16 +648,18 @@ def run(card, args) -> int:
     return 0
 
 
-def _unfold(unfolder: Unfolder, events: DetectorEvents, card, timing: dict, report: dict) -> torch.Tensor:
-    """Unfold ``events``; with a fitted refiner, resample and record in ``report["refine"]``
+def _unfold(unfolder: Unfolder, events: DetectorEvents, card, timing: dict, report: dict, n_samples: int | None = None, seed: int | None = None) -> torch.Tensor:
+    """Unfold ``events`` (``n_samples`` per event, default the card's; seeds from ``seed``,
+    default the card's); with a fitted refiner, resample and record in ``report["refine"]``
     the weights' spread and, with truth, the figures of the samples before resampling."""
-    s = card.evaluation.samples_per_event
+    s = n_samples or card.evaluation.samples_per_event
+    seed = card.seed if seed is None else seed
     device = next(unfolder.parameters()).device
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     with tqdm(total=len(events), unit="ev", desc=f"unfolding ({s} samples/event)") as bar:
-        samples = unfolder.unfold(events, s, batch_size=card.evaluation.batch_size, seed=card.seed + 101, progress=bar, refine=False)
+        samples = unfolder.unfold(events, s, batch_size=card.evaluation.batch_size, seed=seed + 101, progress=bar, refine=False)
     if device.type == "cuda":
         torch.cuda.synchronize()
     timing["sample_s"] = time.perf_counter() - t0
@@ -661,7 +667,7 @@ def _unfold(unfolder: Unfolder, events: DetectorEvents, card, timing: dict, repo
     if unfolder.refined:
         t0 = time.perf_counter()
         raw = samples
-        samples, weights = unfolder.refine_samples(events, raw, seed=card.seed + 103)
+        samples, weights = unfolder.refine_samples(events, raw, seed=seed + 103)
         timing["refine_s"] = time.perf_counter() - t0
         refine = report.setdefault("refine", {})
         refine["test"] = weights
@@ -697,16 +703,50 @@ def load_model(path: str | Path, device: torch.device) -> tuple[Unfolder, object
     return unfolder.to(device).eval(), trained
 
 
+def _ensemble_unfold(members: list[tuple[str, Unfolder]], events: DetectorEvents, card, timing: dict, report: dict) -> torch.Tensor:
+    """The mixture of the members' posteriors: member k draws its share of the card's
+    samples per event (seeds apart by k), each with its own refiner; the samples of each
+    event are then shuffled, so that any one of them (the LHE file's) comes from a member
+    chosen at random. The report holds each member's headline figures."""
+    s, k = card.evaluation.samples_per_event, len(members)
+    if s < k:
+        raise JobError(f"an ensemble of {k} models needs evaluation.samples_per_event ≥ {k}, got {s}")
+    shares = [s // k + (1 if i < s % k else 0) for i in range(k)]
+    parts, info = [], []
+    for i, ((path, unfolder), n) in enumerate(zip(members, shares)):
+        member_timing, member_report = {}, {}
+        part = _unfold(unfolder, events, card, member_timing, member_report, n_samples=n, seed=card.seed + 7919 * i)
+        entry = {"model": path, "samples_per_event": n, "timing": member_timing, **member_report}
+        if events.has_truth:
+            entry["summary"] = posterior_summary(events, part, card.evaluation.bins)
+        info.append(entry)
+        parts.append(part)
+    samples = torch.cat(parts, 1)
+    del parts
+    order = torch.argsort(torch.rand(samples.shape[:2], generator=torch.Generator().manual_seed(card.seed + 107)), 1)
+    samples = samples[torch.arange(len(samples))[:, None], order]
+    timing["sample_s"] = sum(e["timing"]["sample_s"] for e in info)
+    timing["unfold_samples_per_s"] = len(events) * s / timing["sample_s"]
+    report["ensemble"] = {"members": info}
+    return samples
+
+
 def apply_model(card, args) -> int:
-    """Unfold ``--input`` with the trained ``--model``; evaluate against truth when the input has it."""
-    if not (args.model and args.input):
+    """Unfold ``--input`` with the trained ``--model`` (or the mixture of several);
+    evaluate against truth when the input has it."""
+    paths = [args.model] if isinstance(args.model, str) else list(args.model or [])
+    if not (paths and args.input):
         raise JobError("unfolding new data needs both --model RUN/model.pt and --input FILE")
     device = resolve_device(card.device)
-    unfolder, trained = load_model(args.model, device)
+    members = [(str(p), *load_model(p, device)) for p in paths]
+    _, unfolder, trained = members[0]
+    for path, _, other in members[1:]:
+        if other.data.detector != trained.data.detector:
+            raise JobError(f"--model {path}: trained with another detector section than --model {paths[0]}; an ensemble needs one detector")
     output = args.output or str(Path(card.output or Path("runs") / card.name).with_name(f"{card.name}_unfolded"))
     folder = RunFolder.create(card, device, output, args.resume)
     report = folder.report_base()
-    report["model"] = str(args.model)
+    report["model"] = str(paths[0]) if len(paths) == 1 else [str(p) for p in paths]
     report["input"] = str(args.input)
     try:
         events = read_detector_files([args.input], trained.data.detector, truth=None)
@@ -720,11 +760,14 @@ def apply_model(card, args) -> int:
     report["test_events"] = len(events)
     report["input_has_truth"] = events.has_truth
     report["samples_per_event"] = card.evaluation.samples_per_event
-    samples = _unfold(unfolder, events, card, report["timing"], report)
+    if len(members) == 1:
+        samples = _unfold(unfolder, events, card, report["timing"], report)
+    else:
+        samples = _ensemble_unfold([(p, u) for p, u, _ in members], events, card, report["timing"], report)
     plots = evaluate(events, samples, card, folder.path, report) if events.has_truth else []
     _save_samples(folder.path / "unfolded.h5", events, samples)
     report["outputs"]["samples"] = "unfolded.h5"
-    report["outputs"]["model"] = str(args.model)
+    report["outputs"]["model"] = report["model"]
     if card.lhe.write:
         _write_lhe(folder, card, samples, events.lepton_flavour, None, report)
     report["outputs"]["plots"] = plots
