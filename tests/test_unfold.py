@@ -1122,6 +1122,7 @@ def test_an_ensemble_of_models_mixes_their_posteriors(tiny_run, tmp_path, capsys
     assert report["model"] == [model, model] and runs["ensemble"].shape == (30, 16, 4, 4)
     members = report["ensemble"]["members"]
     assert [m["samples_per_event"] for m in members] == [8, 8] and all("inclusive" in m["summary"] for m in members)
+    assert set(members[0]["summary"]["inclusive"]["ratio"]) == {"pt_q1", "pt_q2", "m_jj"}
     both = np.concatenate([runs["first"], runs["second"]], 1).reshape(30, 16, -1)
     mixed = runs["ensemble"].reshape(30, 16, -1)
     key = lambda a: np.sort(a[..., 0] + 1e-3 * a[..., 5], axis=1)

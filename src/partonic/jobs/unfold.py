@@ -263,7 +263,8 @@ def posterior_summary(events: DetectorEvents, samples: torch.Tensor, bins: int) 
     """The headline figures of unfolded ``samples`` without plots, per channel: the
     largest calibration deviation over the calibrated observables, the coverage of
     their central 68% and 95% intervals, and the largest bulk deviation of the
-    ratio to truth of pT,q1, pT,q2 and m_jj (the report's ablation of the refiner)."""
+    ratio to truth of pT,q1, pT,q2 and m_jj with the ratios per bin (the report's
+    ablation of the refiner, and each ensemble member's figures)."""
     n, s = samples.shape[:2]
     gen = {k: v.view(n, s).numpy() for k, v in parton_observables(samples.reshape(-1, 4, 4)).items()}
     t = Unfolder.tensors(events)
@@ -275,7 +276,7 @@ def posterior_summary(events: DetectorEvents, samples: torch.Tensor, bins: int) 
         mask = events.channel_mask(channel)
         if mask.sum() < 20:
             continue
-        entry = {"max_calibration_deviation": 0.0, "coverage_68": {}, "coverage_95": {}, "max_bulk_deviation": {},
+        entry = {"max_calibration_deviation": 0.0, "coverage_68": {}, "coverage_95": {}, "max_bulk_deviation": {}, "ratio": {},
                  "jet_distance_calibration": {name: calibration(rel_gen[name][mask], rel_truth[name][mask]).max_deviation for name in JET_RELATIVE}}
         for name in CALIBRATED:
             cal, _, ratio = _posterior_figures(gen[name][mask], truth[name][mask], truth[name], name, bins)
@@ -283,6 +284,7 @@ def posterior_summary(events: DetectorEvents, samples: torch.Tensor, bins: int) 
             entry["coverage_68"][name], entry["coverage_95"][name] = cal.coverage_68, cal.coverage_95
             if name in ("pt_q1", "pt_q2", "m_jj"):
                 entry["max_bulk_deviation"][name] = ratio["max_bulk_deviation"]
+                entry["ratio"][name] = {k: ratio[k] for k in ("ratio", "ratio_error", "max_bulk_deviation_error", "max_bulk_pull")}
         out[channel] = entry
     return out
 
