@@ -251,16 +251,15 @@ def bootstrap_chi2(truth_bins, sample_bins, unfold, n_bins: int, replicas: int, 
         return truth, sampled, np.asarray(unfold(w), dtype=np.float64)
 
     t0, c0, u0 = histograms(np.ones(n))
-    var_c, var_u = c0 + t0, u0 + t0          # chi2_ndf's Poisson errors of the observed test set
+    # the replica's noise alone, in chi2_ndf's Poisson errors of the observed test set
+    err_c, err_u, zero = np.sqrt(c0 + t0), np.sqrt(u0 + t0), np.zeros(n_bins)
     rng = np.random.default_rng(seed)
     chi2 = np.empty((replicas, 2))
     noise = np.empty((replicas, 2))
     for k in range(replicas):
         t, c, u = histograms(rng.poisson(1.0, n).astype(np.float64))
         chi2[k] = chi2_ndf(c, t), chi2_ndf(u, t)
-        eps_c, eps_u = (c - t) - (c0 - t0), (u - t) - (u0 - t0)
-        noise[k] = (np.sum(eps_c[var_c > 0] ** 2 / var_c[var_c > 0]) / max(int((var_c > 0).sum()), 1),
-                    np.sum(eps_u[var_u > 0] ** 2 / var_u[var_u > 0]) / max(int((var_u > 0).sum()), 1))
+        noise[k] = (chi2_ndf((c - t) - (c0 - t0), zero, err_c, zero), chi2_ndf((u - t) - (u0 - t0), zero, err_u, zero))
 
     diff = chi2[:, 0] - chi2[:, 1]
     variance = diff.var(ddof=1) - 2 * (noise[:, 0] - noise[:, 1]).var(ddof=1)
