@@ -1143,6 +1143,54 @@ def test_an_ensemble_of_models_mixes_their_posteriors(tiny_run, tmp_path, capsys
     assert "another detector section" in capsys.readouterr().err
 
 
+def test_an_ensemble_refined_as_a_mixture(tiny_run, tmp_path, capsys, monkeypatch):
+    """evaluation.ensemble_refine = mixture: one classifier between truth and the members'
+    samples before their own refiners, learnt on newly simulated events; every event's
+    samples are then drawn from the members' unrefined samples; a card that cannot
+    teach it (no classifier, no independent events) is refused by name."""
+    import h5py
+
+    from partonic.jobs.unfold import load_model, read_detector_files
+
+    root, card = tiny_run
+    monkeypatch.setenv("PARTONIC_CACHE", str(root / "cache"))  # the tiny run's independent events
+    model = str(root / "run" / "model.pt")
+    with h5py.File(root / "run" / "unfolded.h5") as fh:
+        det = {k: fh["detector"][k][()] for k in fh["detector"].keys()}
+    DetectorEvents(**det).subset(slice(0, 30)).to_hdf5(tmp_path / "new.h5")
+    args = ["unfold", "--card", str(card), "--model", model, "--model", model, "--input", str(tmp_path / "new.h5"),
+            "--set", "evaluation.ensemble_refine=mixture"]
+    assert main(args + ["--output", str(tmp_path / "mix")]) == 0
+    assert "before the mixture's refiner" in capsys.readouterr().out
+    report = json.loads((tmp_path / "mix" / "report.json").read_text())
+    assert report["ensemble"]["refine"] == "mixture"
+    assert report["refine"]["events"]["source"] == "independent" and report["refine"]["events"]["seed"] == 2 + 1_000_000
+    fit = report["refine"]["fit"]
+    assert fit["data_events"] == report["refine"]["events"]["events"] and fit["generated_events"] == 2 * fit["data_events"]
+    assert report["refine"]["test"]["samples_per_event"] == 16 and "inclusive" in report["refine"]["unrefined"]
+    with h5py.File(tmp_path / "mix" / "unfolded.h5") as fh:
+        mixed = fh["samples"][()].reshape(30, 16, -1)
+    # the mixture's refiner starts from seeded weights: a second run gives the same events
+    assert main(args + ["--output", str(tmp_path / "mix_again")]) == 0
+    with h5py.File(tmp_path / "mix_again" / "unfolded.h5") as fh:
+        np.testing.assert_array_equal(fh["samples"][()].reshape(30, 16, -1), mixed)
+    again = json.loads((tmp_path / "mix_again" / "report.json").read_text())["refine"]["fit"]
+    assert again["val_loss"] == fit["val_loss"] and again["r_std"] == fit["r_std"]
+    # the members drew without their refiners, with the seeds of _unfold (card seed + 101 + 7919 k)
+    unfolder, trained = load_model(model, torch.device("cpu"))
+    events = read_detector_files([tmp_path / "new.h5"], trained.data.detector, truth=None).with_jet_slots(trained.data.detector.max_jets)
+    raw = torch.cat([unfolder.unfold(events, 8, seed=2 + 101 + 7919 * k, refine=False) for k in range(2)], 1).reshape(30, 16, -1).numpy()
+    key = lambda a: a[..., 0] + 1e-3 * a[..., 5]
+    for i in range(30):  # the file holds float32
+        assert (np.abs(key(mixed[i])[:, None] - key(raw[i])[None, :]).min(1) < 1e-5 * (1 + np.abs(key(mixed[i])))).all()
+
+    for sets, message in ((["model.refine.method=none", "model.refine.independent_events=0"], "model.refine.method = classifier"),
+                          (["model.refine.independent_events=0"], "model.refine.independent_events > 0")):
+        assert main(args + [a for x in sets for a in ("--set", x)] + ["--output", str(tmp_path / "bad")]) != 0
+        err = capsys.readouterr().err
+        assert message in err and "evaluation.ensemble_refine = members" in err
+
+
 def test_unfold_bad_inputs_give_clear_errors(tiny_run, tmp_path, capsys):
     root, card = tiny_run
     model = str(root / "run" / "model.pt")

@@ -317,6 +317,11 @@ class UnfoldEvaluation(Strict):
     #: bootstrap replicas of the test set for the statistical errors of the cINN's and
     #: IBU's χ²/ndf to truth and of their difference (0: none; 1 is refused)
     bootstrap: Annotated[int, Field(ge=0, le=10_000)] = 100
+    #: an ensemble (``unfold --model A --model B …``): "members", each member's samples
+    #: resampled by its own refiner; or "mixture", the members' samples before their
+    #: refiners resampled by one classifier between truth and the mixture, fitted on
+    #: model.refine.independent_events newly simulated events (sized by model.refine)
+    ensemble_refine: Literal["members", "mixture"] = "members"
 
     @model_validator(mode="after")
     def _bootstrap_replicas(self):

@@ -515,10 +515,12 @@ def _summary(report: dict, path: Path) -> str:
         if "chi2_ndf_difference_error" in v:
             line += f" (difference {v['chi2_ndf_difference']:+.2f} ± {v['chi2_ndf_difference_error']:.2f}, {v['bootstrap_replicas']} test-set bootstraps)"
         lines.append(line)
-    for member in report.get("ensemble", {}).get("members", []):
+    ensemble = report.get("ensemble", {})
+    alone = "alone, before the mixture's refiner" if ensemble.get("refine") == "mixture" else "alone"
+    for member in ensemble.get("members", []):
         if "summary" in member:
             dev = ", ".join(f"{c} {v['max_calibration_deviation']:.3f}" for c, v in member["summary"].items())
-            lines.append(f"  ensemble member {member['model']} ({member['samples_per_event']} samples/event) alone, max |coverage − q|: {dev}")
+            lines.append(f"  ensemble member {member['model']} ({member['samples_per_event']} samples/event) {alone}, max |coverage − q|: {dev}")
     if "unfold_samples_per_s" in report.get("timing", {}):
         lines.append(f"  unfolding: {report['timing']['unfold_samples_per_s']:.3g} parton-level samples/s on {report['device']}")
     return "\n".join(lines)
@@ -650,10 +652,12 @@ def run(card, args) -> int:
     return 0
 
 
-def _unfold(unfolder: Unfolder, events: DetectorEvents, card, timing: dict, report: dict, n_samples: int | None = None, seed: int | None = None) -> torch.Tensor:
+def _unfold(unfolder: Unfolder, events: DetectorEvents, card, timing: dict, report: dict, n_samples: int | None = None, seed: int | None = None,
+            refine: bool = True) -> torch.Tensor:
     """Unfold ``events`` (``n_samples`` per event, default the card's; seeds from ``seed``,
-    default the card's); with a fitted refiner, resample and record in ``report["refine"]``
-    the weights' spread and, with truth, the figures of the samples before resampling."""
+    default the card's); with a fitted refiner (and ``refine``), resample and record in
+    ``report["refine"]`` the weights' spread and, with truth, the figures of the samples
+    before resampling."""
     s = n_samples or card.evaluation.samples_per_event
     seed = card.seed if seed is None else seed
     device = next(unfolder.parameters()).device
@@ -666,16 +670,45 @@ def _unfold(unfolder: Unfolder, events: DetectorEvents, card, timing: dict, repo
         torch.cuda.synchronize()
     timing["sample_s"] = time.perf_counter() - t0
     timing["unfold_samples_per_s"] = len(events) * s / timing["sample_s"]
-    if unfolder.refined:
-        t0 = time.perf_counter()
-        raw = samples
-        samples, weights = unfolder.refine_samples(events, raw, seed=seed + 103)
-        timing["refine_s"] = time.perf_counter() - t0
-        refine = report.setdefault("refine", {})
-        refine["test"] = weights
-        if events.has_truth:
-            refine["unrefined"] = posterior_summary(events, raw, card.evaluation.bins)
+    if refine and unfolder.refined:
+        samples = _refine(unfolder, events, samples, card, seed + 103, timing, report)
     return samples
+
+
+def _refine(unfolder: Unfolder, events: DetectorEvents, raw: torch.Tensor, card, seed: int, timing: dict, report: dict) -> torch.Tensor:
+    """``raw`` resampled by the unfolder's refiner; the weights' spread and, with truth,
+    the figures of ``raw`` in ``report["refine"]``."""
+    t0 = time.perf_counter()
+    samples, weights = unfolder.refine_samples(events, raw, seed=seed)
+    timing["refine_s"] = time.perf_counter() - t0
+    refine = report.setdefault("refine", {})
+    refine["test"] = weights
+    if events.has_truth:
+        refine["unrefined"] = posterior_summary(events, raw, card.evaluation.bins)
+    return samples
+
+
+def fit_mixture_refiner(unfolders: list[Unfolder], events: DetectorEvents, card, seed: int) -> tuple[Unfolder, dict]:
+    """One refiner for an ensemble's mixture (``evaluation.ensemble_refine: mixture``):
+    a copy of the first member whose new classifier (sized by the card's model.refine)
+    separates the parton truth of ``events`` from the members' samples before their own
+    refiners, an equal share from each, ⌈model.refine.samples / members⌉ per member and
+    event. At the optimum its ratio is p_truth / q_mixture, which resampling then
+    corrects, including any widening of the posteriors by mixing members that disagree.
+    ``seed`` seeds the classifier's initial weights and its fit. Returns the copy and
+    the classifier's fit summary."""
+    r = card.model.refine
+    mixture = copy.deepcopy(unfolders[0])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the classifier's initial weights: the run is reproducible
+        mixture.new_refiner(r.width, r.layers)
+    share = -(-r.samples // len(unfolders))
+
+    def sampler(ev, _n, s):
+        return torch.cat([u.unfold(ev, share, batch_size=card.evaluation.batch_size, seed=s + 7919 * i, refine=False) for i, u in enumerate(unfolders)], 1)
+
+    info = mixture.fit_refiner(events, share * len(unfolders), r.epochs, seed=seed, batch_size=card.evaluation.batch_size, sampler=sampler)
+    return mixture, info
 
 
 #: the parton representation of models saved before ``model.azimuth``, ``quark_label``,
@@ -705,11 +738,14 @@ def load_model(path: str | Path, device: torch.device) -> tuple[Unfolder, object
     return unfolder.to(device).eval(), trained
 
 
-def _ensemble_unfold(members: list[tuple[str, Unfolder]], events: DetectorEvents, card, timing: dict, report: dict) -> torch.Tensor:
+def _ensemble_unfold(members: list[tuple[str, Unfolder]], events: DetectorEvents, card, timing: dict, report: dict,
+                     mixture: Unfolder | None = None) -> torch.Tensor:
     """The mixture of the members' posteriors: member k draws its share of the card's
-    samples per event (seeds apart by k), each with its own refiner; the samples of each
+    samples per event (seeds apart by k), each with its own refiner, or, given the
+    ``mixture``'s refiner (:func:`fit_mixture_refiner`), without them; the samples of each
     event are then shuffled, so that any one of them (the LHE file's) comes from a member
-    chosen at random. The report holds each member's headline figures."""
+    chosen at random, and resampled by the mixture's refiner. The report holds each
+    member's headline figures."""
     s, k = card.evaluation.samples_per_event, len(members)
     if s < k:
         raise JobError(f"an ensemble of {k} models needs evaluation.samples_per_event ≥ {k}, got {s}")
@@ -717,7 +753,7 @@ def _ensemble_unfold(members: list[tuple[str, Unfolder]], events: DetectorEvents
     parts, info = [], []
     for i, ((path, unfolder), n) in enumerate(zip(members, shares)):
         member_timing, member_report = {}, {}
-        part = _unfold(unfolder, events, card, member_timing, member_report, n_samples=n, seed=card.seed + 7919 * i)
+        part = _unfold(unfolder, events, card, member_timing, member_report, n_samples=n, seed=card.seed + 7919 * i, refine=mixture is None)
         entry = {"model": path, "samples_per_event": n, "timing": member_timing, **member_report}
         if events.has_truth:
             entry["summary"] = posterior_summary(events, part, card.evaluation.bins)
@@ -729,8 +765,27 @@ def _ensemble_unfold(members: list[tuple[str, Unfolder]], events: DetectorEvents
     samples = samples[torch.arange(len(samples))[:, None], order]
     timing["sample_s"] = sum(e["timing"]["sample_s"] for e in info)
     timing["unfold_samples_per_s"] = len(events) * s / timing["sample_s"]
-    report["ensemble"] = {"members": info}
+    report["ensemble"] = {"members": info, "refine": "members" if mixture is None else "mixture"}
+    if mixture is not None:
+        samples = _refine(mixture, events, samples, card, card.seed + 109, timing, report)
     return samples
+
+
+def _mixture_refine_card(card, trained):
+    """The card whose independent events teach an ensemble's mixture refiner: the first
+    member's data section (its generator and detector) with this card's seed and
+    model.refine; a clear error where there is nothing to simulate them with."""
+    r = card.model.refine
+    why = None
+    if r.method != "classifier":
+        why = f"model.refine.method = classifier (the card has {r.method!r})"
+    elif not r.independent_events:
+        why = "model.refine.independent_events > 0 (the card has 0, and there are no training events here)"
+    elif trained.data.source != "pythia":
+        why = f"members trained on data.source = pythia, whose generator simulates the events (the first member's is {trained.data.source!r})"
+    if why:
+        raise JobError(f"evaluation.ensemble_refine = mixture needs {why}; or set evaluation.ensemble_refine = members")
+    return trained.model_copy(update={"seed": card.seed, "model": trained.model.model_copy(update={"refine": r})})
 
 
 def apply_model(card, args) -> int:
@@ -745,6 +800,8 @@ def apply_model(card, args) -> int:
     for path, _, other in members[1:]:
         if other.data.detector != trained.data.detector:
             raise JobError(f"--model {path}: trained with another detector section than --model {paths[0]}; an ensemble needs one detector")
+    if len(members) > 1 and card.evaluation.ensemble_refine == "mixture":
+        ensemble_card = _mixture_refine_card(card, trained)
     output = args.output or str(Path(card.output or Path("runs") / card.name).with_name(f"{card.name}_unfolded"))
     folder = RunFolder.create(card, device, output, args.resume)
     report = folder.report_base()
@@ -765,7 +822,17 @@ def apply_model(card, args) -> int:
     if len(members) == 1:
         samples = _unfold(unfolder, events, card, report["timing"], report)
     else:
-        samples = _ensemble_unfold([(p, u) for p, u, _ in members], events, card, report["timing"], report)
+        mixture = None
+        if card.evaluation.ensemble_refine == "mixture":
+            t0 = time.perf_counter()
+            refine_ev, events_info = independent_refine_events(ensemble_card)
+            report["timing"]["refine_simulate_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            mixture, fit = fit_mixture_refiner([u for _, u, _ in members], refine_ev, card, seed=card.seed + 53)
+            report["timing"]["refine_fit_s"] = time.perf_counter() - t0
+            report["refine"] = {"events": events_info, "fit": fit}
+            del refine_ev
+        samples = _ensemble_unfold([(p, u) for p, u, _ in members], events, card, report["timing"], report, mixture=mixture)
     plots = evaluate(events, samples, card, folder.path, report) if events.has_truth else []
     _save_samples(folder.path / "unfolded.h5", events, samples)
     report["outputs"]["samples"] = "unfolded.h5"

@@ -889,9 +889,7 @@ class Unfolder(nn.Module):
         refine = getattr(model, "refine", None)
         self.refiner = self.refine_scale = None
         if refine is not None and refine.method == "classifier":
-            self.refiner = ClassifierRefiner(self.parton.dim + self.REFINE_EXTRA, refine.width, refine.layers)
-            self.refine_scale = Standardise(4)
-            self.register_buffer("refiner_fitted", torch.tensor(False))
+            self.new_refiner(refine.width, refine.layers)
 
     #: samples per inverse pass of the cINN on a CPU (:meth:`sample_features`)
     CPU_PASS = 4096
@@ -1184,7 +1182,19 @@ class Unfolder(nn.Module):
         scale = _cpu64(self.refine_scale.fit(extra.to(self.refine_scale.mean)) if fit else self.refine_scale)
         return torch.cat([x, scale(extra)[0], tail.cpu().double()], -1).float()
 
-    def fit_refiner(self, events, samples: int = 2, epochs: int = 20, seed: int = 0, batch_size: int = 100_000, progress: bool | None = None) -> dict:
+    def new_refiner(self, width: int, layers: int) -> None:
+        """A new, unfitted refiner (classifier MLP of ``layers`` × ``width``) in place of
+        any present one, on the cINN's device."""
+        device = next(self.cinn.parameters()).device
+        self.refiner = ClassifierRefiner(self.parton.dim + self.REFINE_EXTRA, width, layers).to(device)
+        self.refine_scale = Standardise(4).to(device)
+        if "refiner_fitted" in self._buffers:
+            self.refiner_fitted = torch.tensor(False, device=device)
+        else:
+            self.register_buffer("refiner_fitted", torch.tensor(False, device=device))
+
+    def fit_refiner(self, events, samples: int = 2, epochs: int = 20, seed: int = 0, batch_size: int = 100_000, progress: bool | None = None,
+                    sampler=None) -> dict:
         """Fit the refiner after the cINN: a classifier between the events' parton truth
         (label 1) and ``samples`` cINN samples per event (label 0), both with the
         event's detector-level channel and references (:class:`ClassifierRefiner`, the
@@ -1198,12 +1208,18 @@ class Unfolder(nn.Module):
         of those events' posteriors than the cINN's samples do (the cINN has seen those
         events), and resampling by that ratio narrowed the posteriors of new events
         (central 68% intervals of pT,q1 covering 0.643 instead of 0.666, docs/results.md).
-        Returns the classifier's fit summary."""
+        ``sampler(events, samples, seed)``, when given, draws the generated class (N,
+        samples, 4, 4) instead of this cINN: an ensemble's mixture, whose refiner is this
+        model's copy (jobs/unfold.py). Returns the classifier's fit summary."""
         if self.refiner is None:
             raise ValueError("fit_refiner needs model.refine.method = classifier")
         ref, tail = self._refine_inputs(events)
         truth = self.tensors(events)["partons"]
-        gen = self.unfold(events, samples, batch_size=batch_size, seed=seed, refine=False)
+        if sampler is None:
+            gen = self.unfold(events, samples, batch_size=batch_size, seed=seed, refine=False)
+        else:
+            gen = sampler(events, samples, seed)
+            samples = gen.shape[1]
         f_truth = self.refine_features(truth, ref, tail, fit=True)
         f_gen = self.refine_features(gen.reshape(-1, 4, 4), ref.repeat_interleave(samples, 0), tail.repeat_interleave(samples, 0))
         info = self.refiner.fit(f_truth, torch.ones(len(f_truth)), f_gen, epochs=epochs, seed=seed, progress=progress)
