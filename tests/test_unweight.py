@@ -532,6 +532,25 @@ def test_unweight_job_gan_with_classifier_refinement(tmp_path, monkeypatch):
     assert "r_max" in saved["refiner"] and float(saved["refiner"]["r_max"]) == pytest.approx(report["refine"]["r_max"])
 
 
+def test_unweight_job_gan_ensemble(tmp_path, monkeypatch):
+    """model.ensemble = 2: member 0 is the single network of the same card, unchanged;
+    member 1 is trained from the seed + 1000 in member1/ and saved beside it."""
+    gan = ["model.method=gan", "model.generator=residual", "model.rapidity=bounded", "evaluation.tail_events=5000"]
+    _, single = run_job(tmp_path, "single", gan, monkeypatch)
+    out, report = run_job(tmp_path, "ensemble", gan + ["model.ensemble=2"], monkeypatch)
+    ens = report["ensemble"]
+    assert ens["members"] == 2 and ens["seeds"] == [report["seed"], report["seed"] + 1000]
+    assert ens["training"][0] == single["training"] == report["training"]
+    assert ens["training"][1]["final_loss"] != ens["training"][0]["final_loss"]
+    assert (out / "member1" / "checkpoint.pt").exists()
+    saved = torch.load(out / "model.pt", weights_only=False)
+    assert len(saved["ensemble_state_dicts"]) == 1
+    first, second = saved["state_dict"], saved["ensemble_state_dicts"][0]
+    assert set(first) == set(second) and any(not torch.equal(first[k], second[k]) for k in first if first[k].is_floating_point())
+    # the events differ from the single network's (half of them come from member 1)
+    assert report["methods"]["gan"]["large_sample"]["observables"] != single["methods"]["gan"]["large_sample"]["observables"]
+
+
 def test_unweight_job_bad_inputs(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PARTONIC_CACHE", str(tmp_path / "cache"))
     lhe = tmp_path / "x.lhe"
@@ -547,3 +566,5 @@ def test_unweight_job_bad_inputs(tmp_path, monkeypatch, capsys):
     assert "refine" in capsys.readouterr().err
     assert main(["unweight", "--card", "cards/drell_yan.yaml", "--set", "model.refine=dctr"]) == 2
     assert "'none' or 'classifier'" in capsys.readouterr().err
+    assert main(["unweight", "--card", "cards/drell_yan.yaml", "--set", "model.ensemble=2"]) == 2
+    assert "ensemble = 2 applies to method = 'gan' or 'flow'" in capsys.readouterr().err

@@ -438,6 +438,10 @@ class UnweightModel(Strict):
     #: network learns the other two given it (any joint distribution is a marginal times
     #: a conditional). Needs generator = residual and marginals = quantile. "none": off
     fixed_coordinate: Literal["none", "m_ll", "y_ll", "cos_theta"] = "none"
+    #: train this many networks (methods gan and flow) on the same input, member k
+    #: from the seed card.seed + 1000 k, and draw every event from one of them: the
+    #: events follow the members' mixture, whose seed-to-seed deviations partly average out
+    ensemble: Annotated[int, Field(ge=1, le=16)] = 1
 
     @model_validator(mode="after")
     def _residual_latent(self):
@@ -447,6 +451,8 @@ class UnweightModel(Strict):
             raise ValueError(f"fixed_coordinate = {self.fixed_coordinate!r} needs method = 'gan', generator = 'residual' and marginals = 'quantile' "
                              f"(got method = {self.method!r}, generator = {self.generator!r}, marginals = {self.marginals!r}): "
                              "only behind the quantile map does an uncorrected coordinate have the input's marginal")
+        if self.ensemble > 1 and self.method == "flow-exact":
+            raise ValueError(f"ensemble = {self.ensemble} applies to method = 'gan' or 'flow'; 'flow-exact' reweights one flow's events by its own density")
         if self.refine != "none" and self.method == "flow-exact":
             raise ValueError("refine = 'classifier' applies to method = 'gan' or 'flow'; 'flow-exact' is already reweighted to the exact cross section")
         return self

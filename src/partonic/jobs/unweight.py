@@ -259,6 +259,10 @@ def training_weights(w: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Te
     raise ValueError(f"unknown batch_weights {mode!r}; allowed: 'loss', 'resample'")
 
 
+#: the seed of an ensemble's member k is the card's plus k times this
+ENSEMBLE_SEED_STEP = 1000
+
+
 def run(card, args) -> int:
     device = resolve_device(card.device)
     folder = RunFolder.create(card, device, args.output, args.resume)
@@ -360,26 +364,46 @@ def run(card, args) -> int:
     perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(card.seed + 2)).to(device)
     n_val = int(card.training.validation_fraction * len(perm))
     val_idx, tr_idx = perm[:n_val], perm[n_val:]
-    if method == "gan" and m.marginal_target == "input":
-        model.fit_marginal_targets(x_train[tr_idx], w_train[tr_idx])
     w_fit, draw_weights = training_weights(w_train[tr_idx], m.batch_weights)
-    try:
-        result = train(
-            model, lambda mod, batch: mod.loss(batch), (x_train[tr_idx], w_fit), card.training, folder.path,
-            seed=card.seed, device=device, val_data=(x_train[val_idx], w_train[val_idx]) if n_val else None,
-            resume=args.resume, description=f"training {method}", sample_weights=draw_weights,
-        )
-    except TrainingError as exc:
-        raise JobError(str(exc)) from None
-    timing["train_s"] = result.train_s
-    report["training"] = result.summary(kept_best=card.training.keep_best)
-    model.eval()
+    # model.ensemble: member k > 0 is the same network on the same input, started and
+    # batched from the seed card.seed + ENSEMBLE_SEED_STEP·k, checkpointed in member<k>/
+    models, summaries = [], []
+    timing["train_s"] = 0.0
+    for k in range(m.ensemble):
+        seed = card.seed + ENSEMBLE_SEED_STEP * k
+        if k:
+            seed_everything(seed)
+            model = network_model(pre, m)
+        if method == "gan" and m.marginal_target == "input":
+            model.fit_marginal_targets(x_train[tr_idx], w_train[tr_idx])
+        try:
+            result = train(
+                model, lambda mod, batch: mod.loss(batch), (x_train[tr_idx], w_fit), card.training, folder.path / f"member{k}" if k else folder.path,
+                seed=seed, device=device, val_data=(x_train[val_idx], w_train[val_idx]) if n_val else None,
+                resume=args.resume, description=f"training {method}" + (f" {k + 1}/{m.ensemble}" if m.ensemble > 1 else ""), sample_weights=draw_weights,
+            )
+        except TrainingError as exc:
+            raise JobError(str(exc)) from None
+        timing["train_s"] += result.train_s
+        summaries.append(result.summary(kept_best=card.training.keep_best))
+        models.append(model.eval())
+    report["training"] = summaries[0]
+    if m.ensemble > 1:
+        report["ensemble"] = {"members": m.ensemble, "seeds": [card.seed + ENSEMBLE_SEED_STEP * k for k in range(m.ensemble)], "training": summaries}
+
+    def draw_one(net, n: int, gen: torch.Generator) -> torch.Tensor:
+        if method == "gan":
+            return net.sample(n, generator=gen)
+        return torch.cat([net.sample(min(200_000, n - s), generator=gen)[0] for s in range(0, n, 200_000)])
 
     def draw(n: int, gen: torch.Generator) -> torch.Tensor:
-        """n events of the network itself (physics variables)."""
-        if method == "gan":
-            return model.sample(n, generator=gen)
-        return torch.cat([model.sample(min(200_000, n - s), generator=gen)[0] for s in range(0, n, 200_000)])
+        """n events of the network itself (physics variables); of an ensemble, an equal
+        share from each member, shuffled: events of the members' mixture."""
+        if len(models) == 1:
+            return draw_one(models[0], n, gen)
+        shares = [n // len(models) + (1 if k < n % len(models) else 0) for k in range(len(models))]
+        x = torch.cat([draw_one(net, s, gen) for net, s in zip(models, shares) if s])
+        return x[torch.randperm(n, generator=gen).to(x.device)]
 
     def features(x: torch.Tensor) -> torch.Tensor:
         return torch.nan_to_num(pre(x)[0], nan=0.0, posinf=40.0, neginf=-40.0).float()
@@ -393,7 +417,8 @@ def run(card, args) -> int:
         del x_ref
         timing["refine_s"] = time.perf_counter() - t0
     buffer = __import__("io").BytesIO()
-    torch.save({"method": method, "state_dict": model.state_dict(), "card": report["card"],
+    torch.save({"method": method, "state_dict": models[0].state_dict(), "card": report["card"],
+                "ensemble_state_dicts": [net.state_dict() for net in models[1:]],
                 "refiner": None if refiner is None else refiner.state_dict()}, buffer)
     atomic_write_bytes(folder.path / "model.pt", buffer.getvalue())
     report["outputs"]["model"] = "model.pt"
@@ -524,7 +549,7 @@ def run(card, args) -> int:
 def _summary(report: dict, path: Path) -> str:
     m = report["methods"][report["method"]]
     lines = [
-        f"partonic unweight: {report['method']} → {path}",
+        f"partonic unweight: {report['method']}" + (f", an ensemble of {report['ensemble']['members']} networks" if "ensemble" in report else "") + f" → {path}",
         f"  σ = {report['cross_section_pb']:.2f} ± {report['cross_section_error_pb']:.2f} pb from the weighted input; naive unweighting efficiency {report['naive_unweighting_efficiency']:.2e}",
         f"  largest bulk deviation from truth: {m['max_bulk_deviation']:.3f}; tails 200-500: {m['tail_deviation']['200-500']:.3f}, 500-1000: {m['tail_deviation']['500-1000']:.3f}; amplification {m['amplification']:.2f}",
     ]
