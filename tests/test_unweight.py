@@ -549,6 +549,9 @@ def test_unweight_job_gan_ensemble(tmp_path, monkeypatch):
     assert set(first) == set(second) and any(not torch.equal(first[k], second[k]) for k in first if first[k].is_floating_point())
     # the events differ from the single network's (half of them come from member 1)
     assert report["methods"]["gan"]["large_sample"]["observables"] != single["methods"]["gan"]["large_sample"]["observables"]
+    # a flow ensemble draws through the flow's own sampler
+    _, flows = run_job(tmp_path, "flows", ["model.method=flow", "model.ensemble=2", "evaluation.tail_events=5000"], monkeypatch)
+    assert flows["ensemble"]["members"] == 2 and flows["methods"]["flow"]["large_sample"]["events"] == 5000
 
 
 def test_unweight_job_bad_inputs(tmp_path, monkeypatch, capsys):
