@@ -702,12 +702,13 @@ def fit_mixture_refiner(unfolders: list[Unfolder], events: DetectorEvents, card,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the classifier's initial weights: the run is reproducible
         mixture.new_refiner(r.width, r.layers)
-    share = -(-r.samples // len(unfolders))
 
-    def sampler(ev, _n, s):
-        return torch.cat([u.unfold(ev, share, batch_size=card.evaluation.batch_size, seed=s + 7919 * i, refine=False) for i, u in enumerate(unfolders)], 1)
+    def sampler(ev, n, s):
+        share = -(-n // len(unfolders))
+        return torch.cat([u.unfold(ev, share, batch_size=card.evaluation.batch_size, seed=s + MEMBER_SEED_STEP * i, refine=False)
+                          for i, u in enumerate(unfolders)], 1)
 
-    info = mixture.fit_refiner(events, share * len(unfolders), r.epochs, seed=seed, batch_size=card.evaluation.batch_size, sampler=sampler)
+    info = mixture.fit_refiner(events, r.samples, r.epochs, seed=seed, batch_size=card.evaluation.batch_size, sampler=sampler)
     return mixture, info
 
 
@@ -738,6 +739,10 @@ def load_model(path: str | Path, device: torch.device) -> tuple[Unfolder, object
     return unfolder.to(device).eval(), trained
 
 
+#: the seeds of an ensemble's member k are the card's (or the refiner's) plus k times this
+MEMBER_SEED_STEP = 7919
+
+
 def _ensemble_unfold(members: list[tuple[str, Unfolder]], events: DetectorEvents, card, timing: dict, report: dict,
                      mixture: Unfolder | None = None) -> torch.Tensor:
     """The mixture of the members' posteriors: member k draws its share of the card's
@@ -747,13 +752,11 @@ def _ensemble_unfold(members: list[tuple[str, Unfolder]], events: DetectorEvents
     chosen at random, and resampled by the mixture's refiner. The report holds each
     member's headline figures."""
     s, k = card.evaluation.samples_per_event, len(members)
-    if s < k:
-        raise JobError(f"an ensemble of {k} models needs evaluation.samples_per_event ≥ {k}, got {s}")
     shares = [s // k + (1 if i < s % k else 0) for i in range(k)]
     parts, info = [], []
     for i, ((path, unfolder), n) in enumerate(zip(members, shares)):
         member_timing, member_report = {}, {}
-        part = _unfold(unfolder, events, card, member_timing, member_report, n_samples=n, seed=card.seed + 7919 * i, refine=mixture is None)
+        part = _unfold(unfolder, events, card, member_timing, member_report, n_samples=n, seed=card.seed + MEMBER_SEED_STEP * i, refine=mixture is None)
         entry = {"model": path, "samples_per_event": n, "timing": member_timing, **member_report}
         if events.has_truth:
             entry["summary"] = posterior_summary(events, part, card.evaluation.bins)
@@ -800,6 +803,9 @@ def apply_model(card, args) -> int:
     for path, _, other in members[1:]:
         if other.data.detector != trained.data.detector:
             raise JobError(f"--model {path}: trained with another detector section than --model {paths[0]}; an ensemble needs one detector")
+    if card.evaluation.samples_per_event < len(members):
+        # before any simulation or refiner fit: each member draws at least one sample per event
+        raise JobError(f"an ensemble of {len(members)} models needs evaluation.samples_per_event ≥ {len(members)}, got {card.evaluation.samples_per_event}")
     if len(members) > 1 and card.evaluation.ensemble_refine == "mixture":
         ensemble_card = _mixture_refine_card(card, trained)
     output = args.output or str(Path(card.output or Path("runs") / card.name).with_name(f"{card.name}_unfolded"))

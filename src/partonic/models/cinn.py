@@ -1208,9 +1208,9 @@ class Unfolder(nn.Module):
         of those events' posteriors than the cINN's samples do (the cINN has seen those
         events), and resampling by that ratio narrowed the posteriors of new events
         (central 68% intervals of pT,q1 covering 0.643 instead of 0.666, docs/results.md).
-        ``sampler(events, samples, seed)``, when given, draws the generated class (N,
-        samples, 4, 4) instead of this cINN: an ensemble's mixture, whose refiner is this
-        model's copy (jobs/unfold.py). Returns the classifier's fit summary."""
+        ``sampler(events, samples, seed)``, when given, draws the generated class (N, S,
+        4, 4), S ≥ samples, instead of this cINN: an ensemble's mixture, whose refiner is
+        this model's copy (jobs/unfold.py). Returns the classifier's fit summary."""
         if self.refiner is None:
             raise ValueError("fit_refiner needs model.refine.method = classifier")
         ref, tail = self._refine_inputs(events)
