@@ -520,6 +520,8 @@ def test_unweight_job_gan_with_classifier_refinement(tmp_path, monkeypatch):
     assert report["refine"]["data_events"] == report["training_events"] and report["refine"]["best_epoch"] in (1, 2)
     assert 0 < m["refine"]["efficiency"] <= 1 and m["refine"]["r_max"] == pytest.approx(report["refine"]["r_max"])
     raw, big = m["large_sample_unrefined"], m["large_sample"]
+    lim = m["input_limited"]
+    assert set(lim["observables"]) == set(big["observables"]) and lim["max_bulk_pull_with_input_error"] > 0
     assert raw["events"] == big["events"] and set(raw["observables"]) == set(big["observables"])
     assert set(m["tails_unrefined"]) == set(m["tails"]) and all(v["ratio"] >= 0 for v in m["tails_unrefined"].values())
     saved = torch.load(out / "model.pt", weights_only=False)
@@ -571,3 +573,45 @@ def test_unweight_job_bad_inputs(tmp_path, monkeypatch, capsys):
     assert "'none' or 'classifier'" in capsys.readouterr().err
     assert main(["unweight", "--card", "cards/drell_yan.yaml", "--set", "model.ensemble=2"]) == 2
     assert "ensemble = 2 applies to method = 'gan' or 'flow'" in capsys.readouterr().err
+
+
+def _toy_drell_yan(n, rng):
+    """(m, y, cos θ*) from a fixed toy law: m − 50 exponential, y Gaussian, cos θ* ∝ 1 + c²."""
+    m = 50.0 + rng.exponential(30.0, n).clip(max=900.0)
+    y = rng.normal(0.0, 1.5, n).clip(-4.0, 4.0)
+    c = rng.uniform(-1, 1, 3 * n)
+    c = c[rng.uniform(0, 2, 3 * n) < 1 + c * c][:n]
+    return torch.from_numpy(np.stack([m, y, c], 1))
+
+
+def test_input_limited_summary_tells_a_network_that_copies_its_input_from_an_independent_one():
+    """A 'network' that resamples its weighted input carries the input's fluctuations:
+    it tracks the input bin by bin (vs-input χ²/ndf far below 1, correlation near 1)
+    and is consistent with truth once the input's errors are added. An independent
+    sample of the true law is not correlated with the input's fluctuations."""
+    from partonic.jobs.unweight import _bulk_summary, _input_limited_summary, _Truth, observables
+
+    rng = np.random.default_rng(11)
+    phi = lambda n: torch.from_numpy(rng.uniform(0, 2 * math.pi, n))
+    obs = lambda x: observables(x, phi(len(x)), 0.105)
+    x_truth = _toy_drell_yan(1_000_000, rng)
+    truth = _Truth(obs(x_truth), torch.ones(len(x_truth), dtype=torch.float64))
+    x_in = _toy_drell_yan(20_000, rng)
+    w_in = torch.from_numpy(rng.uniform(0.5, 1.5, len(x_in)))
+    in_obs = obs(x_in)
+    in_summary = _bulk_summary(in_obs, w_in, truth, 50.0)
+    copy_idx = torch.multinomial(w_in, 200_000, replacement=True, generator=torch.Generator().manual_seed(3))
+    results = {}
+    for label, x_net in (("copy", x_in[copy_idx]), ("independent", _toy_drell_yan(200_000, rng))):
+        net_obs = obs(x_net)
+        results[label] = _input_limited_summary(net_obs, _bulk_summary(net_obs, None, truth, 50.0), in_obs, w_in, in_summary, truth, 50.0)
+    copy, indep = results["copy"]["observables"], results["independent"]["observables"]
+    mean = lambda d, key: float(np.mean([v[key] for v in d.values()]))
+    # the copy tracks the input bin by bin; an independent sample is as far from it as chance makes it
+    assert max(v["vs_input_chi2_ndf"] for v in copy.values()) < 0.3 and 0.7 < mean(indep, "vs_input_chi2_ndf") < 1.3
+    # correlation of the deviations: near 1 for the copy; 0 ± 0.2 per observable (10-40 bulk bins) for the other
+    assert min(v["input_correlation"] for v in copy.values()) > 0.85 and abs(mean(indep, "input_correlation")) < 0.3
+    # with the input's errors added the copy is consistent with truth (χ²/ndf ≈ 1, few bins per observable);
+    # the independent sample's deviations are its own 200 000 events' noise, a tenth of that
+    assert 0.5 < mean(copy, "chi2_ndf_with_input_error") < 1.5 and mean(indep, "chi2_ndf_with_input_error") < 0.3
+    assert results["copy"]["max_bulk_pull_with_input_error"] < 4.5
