@@ -1184,6 +1184,26 @@ def test_an_ensemble_refined_as_a_mixture(tiny_run, tmp_path, capsys, monkeypatc
     for i in range(30):  # the file holds float32
         assert (np.abs(key(mixed[i])[:, None] - key(raw[i])[None, :]).min(1) < 1e-5 * (1 + np.abs(key(mixed[i])))).all()
 
+    # a refiner that also sees the quarks' distances to the jets and the detector event, and
+    # three times the samples resampled down to 16: the kept samples are the members' raw draws
+    assert main(args + ["--set", "model.refine.inputs=jets", "--set", "evaluation.refine_oversample=3", "--output", str(tmp_path / "over")]) == 0
+    over = json.loads((tmp_path / "over" / "report.json").read_text())
+    assert over["refine"]["test"]["samples_per_event"] == 48 and over["refine"]["test"]["kept_per_event"] == 16
+    assert [m["samples_per_event"] for m in over["ensemble"]["members"]] == [24, 24]
+    assert over["refine"]["fit"]["val_loss"] != fit["val_loss"]  # another classifier
+    with h5py.File(tmp_path / "over" / "unfolded.h5") as fh:
+        kept = fh["samples"][()].reshape(30, 16, -1)
+    raw = torch.cat([unfolder.unfold(events, 24, seed=2 + 101 + 7919 * k, refine=False) for k in range(2)], 1).reshape(30, 48, -1).numpy()
+    for i in range(30):
+        assert (np.abs(key(kept[i])[:, None] - key(raw[i])[None, :]).min(1) < 1e-5 * (1 + np.abs(key(kept[i])))).all()
+
+    # one model with its own refiner, oversampled: 8 kept of 24 drawn, all among those draws
+    assert unfolder.refined
+    kept = unfolder.unfold(events, 8, seed=5, oversample=3).reshape(30, 8, -1).numpy()
+    raw = unfolder.unfold(events, 24, seed=5, refine=False).reshape(30, 24, -1).numpy()
+    for i in range(30):
+        assert (np.abs(key(kept[i])[:, None] - key(raw[i])[None, :]).min(1) < 1e-9 * (1 + np.abs(key(kept[i])))).all()
+
     for sets, message in ((["model.refine.method=none", "model.refine.independent_events=0"], "model.refine.method = classifier"),
                           (["model.refine.independent_events=0"], "model.refine.independent_events > 0")):
         assert main(args + [a for x in sets for a in ("--set", x)] + ["--output", str(tmp_path / "bad")]) != 0
@@ -1364,6 +1384,18 @@ def test_systematic_resampling_keeps_equal_weights_and_follows_the_weights():
     weighted = float((torch.softmax(log_w, 1) * x).sum(1).mean())
     assert abs(float(resampled.mean()) - weighted) < 4 / math.sqrt(n * s)
     assert abs(weighted - (mu - mu * math.exp(mu**2) / s)) < 4 * math.sqrt(math.exp(mu**2) / (n * s))
+    # oversampled: S = 800 weighted draws resampled into 100, draw k kept ⌊100 w_k⌋ or ⌈100 w_k⌉ times
+    x = torch.randn(n, 800, generator=gen, dtype=torch.float64)
+    log_w = mu * x - 0.5 * mu**2
+    idx = systematic_resample(log_w, gen, 100)
+    assert idx.shape == (n, 100)
+    counts = torch.zeros(n, 800, dtype=torch.float64).scatter_add_(1, idx, torch.ones(n, 100, dtype=torch.float64))
+    expected = 100 * torch.softmax(log_w, 1)
+    assert bool(((counts >= expected.floor()) & (counts <= expected.ceil())).all())
+    weighted = float((torch.softmax(log_w, 1) * x).sum(1).mean())
+    assert abs(float(x.gather(1, idx).mean()) - weighted) < 4 / math.sqrt(n * 100)
+    with pytest.raises(ValueError, match="n_out must be at least 1"):
+        systematic_resample(log_w, gen, 0)
 
 
 def test_classifier_refinement_moves_a_shifted_posterior_onto_the_true_one():

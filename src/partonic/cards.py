@@ -241,6 +241,14 @@ class RefineSection(Strict):
     #: (data.source = pythia; seed + 10⁶, data.resmear + 1 detector realisations each),
     #: which the cINN has never seen (docs/results.md, "Sampling: the condition network")
     independent_events: NonNegInt = 0
+    #: what the classifier sees besides the channel and the lepton flavour: "partons", the
+    #: parton features in the W candidate's frame and log pT, η of both quarks; "jets",
+    #: also each quark's signed (Δη, Δφ) to the nearer jet of the W candidate and every
+    #: detector feature of the condition. With "jets" it tells the cINN's samples from the
+    #: truth far better (the quarks' distance to their jets) and its ratio varies strongly
+    #: over an event's samples: use it with evaluation.refine_oversample (docs/results.md,
+    #: "A refiner that sees the quark–jet distances")
+    inputs: Literal["partons", "jets"] = "partons"
 
 
 class CINNModel(Strict):
@@ -322,6 +330,10 @@ class UnfoldEvaluation(Strict):
     #: refiners resampled by one classifier between truth and the mixture, fitted on
     #: model.refine.independent_events newly simulated events (sized by model.refine)
     ensemble_refine: Literal["members", "mixture"] = "members"
+    #: with a refiner: draw this many times samples_per_event from the cINN (or the
+    #: ensemble) and let the refiner resample them down to samples_per_event, so that a
+    #: strongly varying ratio still leaves many distinct samples per event (1: as many as kept)
+    refine_oversample: Annotated[int, Field(ge=1, le=64)] = 1
 
     @model_validator(mode="after")
     def _bootstrap_replicas(self):
@@ -342,6 +354,9 @@ class UnfoldCard(CommonCard):
             raise ValueError("model.pairing = classifier keeps the classifier's epoch with the lowest validation cross-entropy, so it needs training.validation_fraction > 0")
         if self.model.refine.independent_events and self.data.source != "pythia":
             raise ValueError(f"model.refine.independent_events simulates events for the refiner, so it needs data.source = pythia, not {self.data.source!r}")
+        if self.evaluation.refine_oversample > 1 and self.model.refine.method == "none":
+            raise ValueError(f"evaluation.refine_oversample = {self.evaluation.refine_oversample} draws samples for the refiner to resample: "
+                             "set model.refine.method = classifier, or refine_oversample = 1")
         if self.model.refine.independent_events and self.model.refine.method == "none":
             raise ValueError("model.refine.independent_events are events for the refiner: set model.refine.method = classifier, or independent_events = 0")
         if self.model.w_coordinates == "jets":

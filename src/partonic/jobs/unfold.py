@@ -660,31 +660,37 @@ def _unfold(unfolder: Unfolder, events: DetectorEvents, card, timing: dict, repo
     before resampling."""
     s = n_samples or card.evaluation.samples_per_event
     seed = card.seed if seed is None else seed
+    refining = refine and unfolder.refined
+    # evaluation.refine_oversample: the refiner resamples that many times s down to s
+    drawn = s * (card.evaluation.refine_oversample if refining else 1)
     device = next(unfolder.parameters()).device
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    with tqdm(total=len(events), unit="ev", desc=f"unfolding ({s} samples/event)") as bar:
-        samples = unfolder.unfold(events, s, batch_size=card.evaluation.batch_size, seed=seed + 101, progress=bar, refine=False)
+    with tqdm(total=len(events), unit="ev", desc=f"unfolding ({drawn} samples/event)") as bar:
+        samples = unfolder.unfold(events, drawn, batch_size=card.evaluation.batch_size, seed=seed + 101, progress=bar, refine=False)
     if device.type == "cuda":
         torch.cuda.synchronize()
     timing["sample_s"] = time.perf_counter() - t0
-    timing["unfold_samples_per_s"] = len(events) * s / timing["sample_s"]
-    if refine and unfolder.refined:
-        samples = _refine(unfolder, events, samples, card, seed + 103, timing, report)
+    timing["unfold_samples_per_s"] = len(events) * drawn / timing["sample_s"]
+    if refining:
+        samples = _refine(unfolder, events, samples, card, seed + 103, timing, report, n_out=s)
     return samples
 
 
-def _refine(unfolder: Unfolder, events: DetectorEvents, raw: torch.Tensor, card, seed: int, timing: dict, report: dict) -> torch.Tensor:
-    """``raw`` resampled by the unfolder's refiner; the weights' spread and, with truth,
-    the figures of ``raw`` in ``report["refine"]``."""
+def _refine(unfolder: Unfolder, events: DetectorEvents, raw: torch.Tensor, card, seed: int, timing: dict, report: dict,
+            n_out: int | None = None) -> torch.Tensor:
+    """``raw`` resampled by the unfolder's refiner into ``n_out`` (default as many) samples
+    per event; the weights' spread and, with truth, the figures of ``raw`` (its first
+    n_out samples per event, a draw of the unrefined posterior of the same size) in
+    ``report["refine"]``."""
     t0 = time.perf_counter()
-    samples, weights = unfolder.refine_samples(events, raw, seed=seed)
+    samples, weights = unfolder.refine_samples(events, raw, seed=seed, n_out=n_out)
     timing["refine_s"] = time.perf_counter() - t0
     refine = report.setdefault("refine", {})
     refine["test"] = weights
     if events.has_truth:
-        refine["unrefined"] = posterior_summary(events, raw, card.evaluation.bins)
+        refine["unrefined"] = posterior_summary(events, raw[:, : samples.shape[1]], card.evaluation.bins)
     return samples
 
 
@@ -701,7 +707,7 @@ def fit_mixture_refiner(unfolders: list[Unfolder], events: DetectorEvents, card,
     mixture = copy.deepcopy(unfolders[0])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the classifier's initial weights: the run is reproducible
-        mixture.new_refiner(r.width, r.layers)
+        mixture.new_refiner(r.width, r.layers, r.inputs)
 
     def sampler(ev, n, s):
         share = -(-n // len(unfolders))
@@ -753,11 +759,14 @@ def _ensemble_unfold(members: list[tuple[str, Unfolder]], events: DetectorEvents
     member's headline figures."""
     s, k = card.evaluation.samples_per_event, len(members)
     shares = [s // k + (1 if i < s % k else 0) for i in range(k)]
+    # with the mixture's refiner and evaluation.refine_oversample, the members draw that
+    # many times their shares, and the mixture's refiner resamples them down to s
+    over = card.evaluation.refine_oversample if mixture is not None else 1
     parts, info = [], []
     for i, ((path, unfolder), n) in enumerate(zip(members, shares)):
         member_timing, member_report = {}, {}
-        part = _unfold(unfolder, events, card, member_timing, member_report, n_samples=n, seed=card.seed + MEMBER_SEED_STEP * i, refine=mixture is None)
-        entry = {"model": path, "samples_per_event": n, "timing": member_timing, **member_report}
+        part = _unfold(unfolder, events, card, member_timing, member_report, n_samples=n * over, seed=card.seed + MEMBER_SEED_STEP * i, refine=mixture is None)
+        entry = {"model": path, "samples_per_event": part.shape[1], "timing": member_timing, **member_report}
         if events.has_truth:
             entry["summary"] = posterior_summary(events, part, card.evaluation.bins)
         info.append(entry)
@@ -767,10 +776,10 @@ def _ensemble_unfold(members: list[tuple[str, Unfolder]], events: DetectorEvents
     order = torch.argsort(torch.rand(samples.shape[:2], generator=torch.Generator().manual_seed(card.seed + 107)), 1)
     samples = samples[torch.arange(len(samples))[:, None], order]
     timing["sample_s"] = sum(e["timing"]["sample_s"] for e in info)
-    timing["unfold_samples_per_s"] = len(events) * s / timing["sample_s"]
+    timing["unfold_samples_per_s"] = len(events) * samples.shape[1] / timing["sample_s"]
     report["ensemble"] = {"members": info, "refine": "members" if mixture is None else "mixture"}
     if mixture is not None:
-        samples = _refine(mixture, events, samples, card, card.seed + 109, timing, report)
+        samples = _refine(mixture, events, samples, card, card.seed + 109, timing, report, n_out=s)
     return samples
 
 

@@ -888,6 +888,8 @@ class Unfolder(nn.Module):
         #: inputs; None otherwise
         refine = getattr(model, "refine", None)
         self.refiner = self.refine_scale = None
+        #: model.refine.inputs: what the refiner sees ("partons" or "jets", :meth:`refine_features`)
+        self.refine_inputs = getattr(refine, "inputs", "partons")
         if refine is not None and refine.method == "classifier":
             self.new_refiner(refine.width, refine.layers)
 
@@ -895,8 +897,16 @@ class Unfolder(nn.Module):
     CPU_PASS = 4096
 
     #: refiner inputs beyond the parton features: log pT and η of both quarks (pT-ordered),
-    #: the jet channel (one-hot) and the lepton flavour
+    #: the jet channel (one-hot) and the lepton flavour; with refine inputs "jets" also
+    #: REFINE_JET_EXTRA more and the detector's continuous features
     REFINE_EXTRA = 8
+    REFINE_JET_EXTRA = 4
+
+    def _refine_dims(self) -> tuple[int, int]:
+        """(the refiner's input dimension, the number of its standardised extra columns)."""
+        if self.refine_inputs == "jets":
+            return self.parton.dim + self.REFINE_EXTRA + self.REFINE_JET_EXTRA + self.detector.n_continuous, 4 + self.REFINE_JET_EXTRA
+        return self.parton.dim + self.REFINE_EXTRA, 4
 
     @staticmethod
     def tensors(events, dtype=torch.float32) -> dict[str, torch.Tensor]:
@@ -1138,20 +1148,23 @@ class Unfolder(nn.Module):
         return rep.inverse(features.reshape(-1, d).cpu().double(), ref).view(n, s, 4, 4)
 
     def unfold(self, events, n_samples: int = 100, batch_size: int = 100_000, seed: int | None = None, progress=None,
-               refine: bool = True) -> torch.Tensor:
+               refine: bool = True, oversample: int = 1) -> torch.Tensor:
         """Posterior samples (N, n_samples, 4, 4) of the partons of each detector event;
-        resampled by the refiner (:meth:`refine_samples`) when it is fitted and ``refine``."""
+        resampled by the refiner (:meth:`refine_samples`) when it is fitted and ``refine``,
+        from ``oversample`` × n_samples drawn samples."""
         _, cond, ref, refs, valid, _ = self._condition(events)
         device = next(self.parameters()).device
         seed = int(seed if seed is not None else np.random.SeedSequence().entropy % 2**63)
         gen = torch.Generator(device=device)
         gen.manual_seed(seed)
-        features, labels = self.sample_features(cond.float(), n_samples, batch_size, gen, progress, valid=valid)
+        refining = refine and self.refined
+        n_draw = n_samples * (int(oversample) if refining else 1)
+        features, labels = self.sample_features(cond.float(), n_draw, batch_size, gen, progress, valid=valid)
         if labels is not None:
             ref = refs[torch.arange(len(labels))[:, None], labels]
         samples = self.to_partons(features, ref)
-        if refine and self.refined:
-            samples, _ = self.refine_samples(events, samples, seed)
+        if refining:
+            samples, _ = self.refine_samples(events, samples, seed, n_out=n_samples)
         return samples
 
     # ------------------------------------------------------------ refinement
@@ -1166,28 +1179,52 @@ class Unfolder(nn.Module):
         the jet channel (one-hot) with the lepton flavour (N, 4)."""
         t = self.tensors(events)
         cond, ref = _cpu64(self.detector)(t["leptons"], t["jets"], t["n_jets"], t["flavour"])
-        return ref, cond[:, self.detector.n_continuous :]
+        n = self.detector.n_continuous
+        if self.refine_inputs == "jets":
+            # the whole detector event (standardised; absent jets' columns are masked to 0)
+            return ref, torch.cat([torch.nan_to_num(cond[:, :n]).clamp(-10.0, 10.0), cond[:, n:]], 1)
+        return ref, cond[:, n:]
 
     def refine_features(self, partons: torch.Tensor, ref: torch.Tensor, tail: torch.Tensor, fit: bool = False) -> torch.Tensor:
         """The refiner's inputs (M, parton dim + 8), float32, for partons (M, 4, 4) with
         their events' references (M, 11) and channel and flavour columns (M, 4): the
         standardised parton features, log pT and η of the harder and the softer quark
-        (standardised; ``fit`` sets that standardisation), and the channel and flavour."""
+        (standardised; ``fit`` sets that standardisation), and the channel and flavour.
+
+        With refine inputs "jets" (``tail`` then also holds the detector's continuous
+        features first, :meth:`_refine_inputs`) each quark's signed Δη and Δφ to the nearer
+        (in ΔR) of the W candidate's two jets (the references' columns 5–10) join the
+        standardised columns: the distance of the quarks to their jets, which the cINN's
+        posteriors get wrong most (docs/results.md)."""
         partons, ref = partons.cpu().double(), ref.cpu().double()
         x = _cpu64(self.parton)(partons, ref)
-        pt, eta, _ = _pt_eta_phi(partons[:, 2:4])
+        pt, eta, phi = _pt_eta_phi(partons[:, 2:4])
         order = pt.argsort(1, descending=True)
-        pt, eta = pt.gather(1, order), eta.gather(1, order)
-        extra = torch.stack([torch.log(pt[:, 0].clamp(min=1e-3)), torch.log(pt[:, 1].clamp(min=1e-3)), eta[:, 0], eta[:, 1]], -1)
+        pt, eta, phi = pt.gather(1, order), eta.gather(1, order), phi.gather(1, order)
+        cols = [torch.log(pt[:, 0].clamp(min=1e-3)), torch.log(pt[:, 1].clamp(min=1e-3)), eta[:, 0], eta[:, 1]]
+        if self.refine_inputs == "jets":
+            jet_a, jet_b = _hypothesis_jets(ref)
+            jet_eta, jet_phi = torch.stack([jet_a[:, 1], jet_b[:, 1]], 1), torch.stack([jet_a[:, 2], jet_b[:, 2]], 1)
+            for q in range(2):
+                d_eta, d_phi = eta[:, q, None] - jet_eta, _wrap(phi[:, q, None] - jet_phi)
+                nearer = (d_eta**2 + d_phi**2).argmin(1, keepdim=True)
+                cols += [d_eta.gather(1, nearer)[:, 0], d_phi.gather(1, nearer)[:, 0]]
+        extra = torch.stack(cols, -1)
         scale = _cpu64(self.refine_scale.fit(extra.to(self.refine_scale.mean)) if fit else self.refine_scale)
         return torch.cat([x, scale(extra)[0], tail.cpu().double()], -1).float()
 
-    def new_refiner(self, width: int, layers: int) -> None:
+    def new_refiner(self, width: int, layers: int, inputs: str | None = None) -> None:
         """A new, unfitted refiner (classifier MLP of ``layers`` × ``width``) in place of
-        any present one, on the cINN's device."""
+        any present one, on the cINN's device; ``inputs`` ("partons" or "jets", default
+        this model's) says what it sees (:meth:`refine_features`)."""
+        if inputs is not None:
+            if inputs not in ("partons", "jets"):
+                raise ValueError(f"refiner inputs must be 'partons' or 'jets', not {inputs!r}")
+            self.refine_inputs = inputs
         device = next(self.cinn.parameters()).device
-        self.refiner = ClassifierRefiner(self.parton.dim + self.REFINE_EXTRA, width, layers).to(device)
-        self.refine_scale = Standardise(4).to(device)
+        n_in, n_scaled = self._refine_dims()
+        self.refiner = ClassifierRefiner(n_in, width, layers).to(device)
+        self.refine_scale = Standardise(n_scaled).to(device)
         if "refiner_fitted" in self._buffers:
             self.refiner_fitted = torch.tensor(False, device=device)
         else:
@@ -1227,13 +1264,15 @@ class Unfolder(nn.Module):
         return info
 
     @torch.no_grad()
-    def refine_samples(self, events, samples: torch.Tensor, seed: int, chunk: int = 1_000_000) -> tuple[torch.Tensor, dict]:
+    def refine_samples(self, events, samples: torch.Tensor, seed: int, chunk: int = 1_000_000, n_out: int | None = None) -> tuple[torch.Tensor, dict]:
         """Resample each event's posterior samples (N, S, 4, 4) in proportion to the
-        refiner's ratio r (systematic resampling: sample k is kept ⌊S w_k⌋ or ⌈S w_k⌉
-        times, w = r / Σ r over the event's samples). As S grows the result follows
-        q(x | d) r(x, d), the truth's posterior where the classifier is exact. Returns
-        the resampled samples and the spread of the weights: the mean and the smallest
-        effective sample size (Σ r)²/Σ r² of an event, and the standard deviation of ln r."""
+        refiner's ratio r into ``n_out`` (default S) samples (systematic resampling:
+        sample k is kept ⌊n_out w_k⌋ or ⌈n_out w_k⌉ times, w = r / Σ r over the event's
+        samples). As S grows the result follows q(x | d) r(x, d), the truth's posterior
+        where the classifier is exact; S > n_out (oversampling) keeps more distinct
+        samples where r varies strongly. Returns the resampled samples and the spread of
+        the weights: the mean and the smallest effective sample size (Σ r)²/Σ r² of an
+        event, and the standard deviation of ln r."""
         if not self.refined:
             raise ValueError("refine_samples needs a fitted refiner (fit_refiner)")
         n, s = samples.shape[:2]
@@ -1246,8 +1285,8 @@ class Unfolder(nn.Module):
             f = self.refine_features(flat[lo : lo + per], ref[ev].repeat_interleave(s, 0), tail[ev].repeat_interleave(s, 0))
             log_r[lo : lo + per] = self.refiner.log_ratio(f).cpu()
         log_r = log_r.view(n, s)
-        idx = systematic_resample(log_r, torch.Generator().manual_seed(int(seed)))
+        idx = systematic_resample(log_r, torch.Generator().manual_seed(int(seed)), n_out)
         out = samples.gather(1, idx[:, :, None, None].expand(-1, -1, *samples.shape[2:]))
         ess = 1.0 / (torch.softmax(log_r, 1) ** 2).sum(1)
         return out, {"effective_samples_mean": float(ess.mean()), "effective_samples_min": float(ess.min()), "log_ratio_std": float(log_r.std()),
-                     "samples_per_event": s}
+                     "samples_per_event": s, "kept_per_event": idx.shape[1]}

@@ -33,15 +33,18 @@ from .flows import mlp
 __all__ = ["ClassifierRefiner", "systematic_resample", "unweight_with_copies"]
 
 
-def systematic_resample(log_weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Indices (N, S) that resample each row of S weighted draws, log-weights (N, S),
-    into S unweighted ones: systematic resampling (one uniform u per row, the points
-    (u + k)/S, k = 0 … S − 1, on the cumulative normalised weights), so draw k is kept
-    ⌊S w_k⌋ or ⌈S w_k⌉ times: less added noise than multinomial resampling, and every
-    draw kept once when the weights are equal."""
+def systematic_resample(log_weights: torch.Tensor, generator: torch.Generator, n_out: int | None = None) -> torch.Tensor:
+    """Indices (N, n_out) that resample each row of S weighted draws, log-weights (N, S),
+    into n_out (default S) unweighted ones: systematic resampling (one uniform u per row,
+    the points (u + k)/n_out, k = 0 … n_out − 1, on the cumulative normalised weights), so
+    draw k is kept ⌊n_out w_k⌋ or ⌈n_out w_k⌉ times: less added noise than multinomial
+    resampling, and every draw kept once when the weights are equal and n_out = S."""
     n, s = log_weights.shape
+    m = s if n_out is None else int(n_out)
+    if m < 1:
+        raise ValueError(f"systematic_resample: n_out must be at least 1, got {n_out}")
     w = torch.softmax(log_weights.double(), 1)
-    u = (torch.rand(n, 1, generator=generator, dtype=torch.float64, device=generator.device) + torch.arange(s, dtype=torch.float64, device=generator.device)) / s
+    u = (torch.rand(n, 1, generator=generator, dtype=torch.float64, device=generator.device) + torch.arange(m, dtype=torch.float64, device=generator.device)) / m
     return torch.searchsorted(w.to(u.device).cumsum(1), u).clamp(max=s - 1)
 
 
