@@ -1176,7 +1176,8 @@ class Unfolder(nn.Module):
     def _refine_inputs(self, events) -> tuple[torch.Tensor, torch.Tensor]:
         """Per event: the references of the W candidate (N, 11), not of any hypothesis, so
         the refiner's inputs are a function of the partons and the detector alone; and
-        the jet channel (one-hot) with the lepton flavour (N, 4)."""
+        the jet channel (one-hot) with the lepton flavour (N, 4), after the detector's
+        continuous condition features with refine inputs "jets"."""
         t = self.tensors(events)
         cond, ref = _cpu64(self.detector)(t["leptons"], t["jets"], t["n_jets"], t["flavour"])
         n = self.detector.n_continuous
@@ -1186,7 +1187,8 @@ class Unfolder(nn.Module):
         return ref, cond[:, n:]
 
     def refine_features(self, partons: torch.Tensor, ref: torch.Tensor, tail: torch.Tensor, fit: bool = False) -> torch.Tensor:
-        """The refiner's inputs (M, parton dim + 8), float32, for partons (M, 4, 4) with
+        """The refiner's inputs (M, :meth:`_refine_dims`: parton dim + 8 with refine inputs
+        "partons"), float32, for partons (M, 4, 4) with
         their events' references (M, 11) and channel and flavour columns (M, 4): the
         standardised parton features, log pT and η of the harder and the softer quark
         (standardised; ``fit`` sets that standardisation), and the channel and flavour.
