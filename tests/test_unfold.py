@@ -1186,7 +1186,10 @@ def test_an_ensemble_refined_as_a_mixture(tiny_run, tmp_path, capsys, monkeypatc
 
     # a refiner that also sees the quarks' distances to the jets and the detector event, and
     # three times the samples resampled down to 16: the kept samples are the members' raw draws
+    capsys.readouterr()
     assert main(args + ["--set", "model.refine.inputs=jets", "--set", "evaluation.refine_oversample=3", "--output", str(tmp_path / "over")]) == 0
+    refinement_line = next(line for line in capsys.readouterr().out.splitlines() if "refinement:" in line)
+    assert "of 48 per event" in refinement_line and "resampled to 16" in refinement_line, refinement_line
     over = json.loads((tmp_path / "over" / "report.json").read_text())
     assert over["refine"]["test"]["samples_per_event"] == 48 and over["refine"]["test"]["kept_per_event"] == 16
     assert [m["samples_per_event"] for m in over["ensemble"]["members"]] == [24, 24]

@@ -502,7 +502,9 @@ def _summary(report: dict, path: Path) -> str:
         t = refine["test"]
         ev = refine.get("events", {})
         learnt = f"; learnt from {ev['events']} {ev['source']} events" if ev else ""
-        lines.append(f"  refinement: {t['effective_samples_mean']:.1f} effective samples of {t['samples_per_event']} per event (fewest {t['effective_samples_min']:.1f}){learnt}")
+        kept = t.get("kept_per_event", t["samples_per_event"])
+        down = f", resampled to {kept}" if kept != t["samples_per_event"] else ""
+        lines.append(f"  refinement: {t['effective_samples_mean']:.1f} effective samples of {t['samples_per_event']} per event (fewest {t['effective_samples_min']:.1f}){down}{learnt}")
     if "unrefined" in refine:
         dev = ", ".join(f"{c} {v['max_calibration_deviation']:.3f}" for c, v in refine["unrefined"].items())
         lines.append(f"    before it, max |coverage − q|: {dev}")
