@@ -15,7 +15,7 @@ from partonic.io.lhe import LHEInit, LHEProcess, read_lhe, write_lhe
 from partonic.jobs.unweight import kinematics_from_leptons, leptons_from_kinematics, training_weights, unweight_with_copies
 from partonic.models.refine import ClassifierRefiner
 from partonic.models.weighted_flow import DrellYanPreprocessing, QuantileStandardise, Standardise, WeightedFlow
-from partonic.models.weighted_gan import WeightedGAN
+from partonic.models.weighted_gan import MarginalMap, WeightedGAN
 from partonic.simulate.pythia import shower_lhe
 from partonic.train import _batch_order, train
 
@@ -308,6 +308,87 @@ def test_a_fixed_coordinate_keeps_the_weighted_input_marginal_through_training(t
         parse_card({"job": "unweight", "name": "x", "model": {**base, "fixed_coordinate": "mll"}})
 
 
+def test_marginal_map_carries_one_marginal_onto_another_and_keeps_the_ranks():
+    """MarginalMap between the quantile tables of N(0, 1) and N(1, 2²): normal events
+    come out with mean 1 and standard deviation 2 within their standard errors, the
+    map is continuous across its outermost points (a shift beyond them), an identity
+    coordinate is untouched, and bad tables are refused."""
+    levels = 4096
+    p = torch.from_numpy((np.arange(levels) + 0.5) / levels)
+    q = torch.from_numpy(stats.norm.ppf(p.numpy()))
+    mm = MarginalMap(2, levels=levels)
+    assert not mm.fitted
+    info = mm.fit(torch.stack([q, q], 1), torch.stack([1 + 2 * q, 1 + 2 * q], 1), identity=(1,))
+    assert mm.fitted and info["max_shift"][1] == 0.0 and info["max_shift"][0] > 1.0
+    n = 400_000
+    u = torch.randn(n, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    v = mm(u)
+    assert abs(float(v[:, 0].mean()) - 1.0) < 4 * 2.0 / math.sqrt(n)
+    assert abs(float(v[:, 0].std()) - 2.0) < 4 * 2.0 / math.sqrt(2 * n)
+    torch.testing.assert_close(v[:, 1], u[:, 1])
+    assert torch.equal(torch.argsort(v[:, 0]), torch.argsort(u[:, 0]))  # increasing: the copula is kept
+    edge = q[-1].item()
+    out = mm(torch.tensor([[edge - 1e-9, 0.0], [edge + 1.0, 0.0], [q[0].item() - 2.0, 0.0]], dtype=torch.float64))[:, 0]
+    torch.testing.assert_close(out, torch.tensor([1 + 2 * edge, 2 + 2 * edge, 1 + 2 * q[0].item() - 2.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="shape"):
+        mm.fit(torch.stack([q, q], 1)[:10], torch.stack([q, q], 1))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        mm.fit(torch.stack([q.flip(0), q], 1), torch.stack([q, q], 1))
+
+
+def test_marginal_calibration_gives_a_wrong_generator_the_weighted_input_marginals():
+    """model.marginal_calibration: an untrained GAN's marginals are far from the weighted
+    camel; after calibrate_marginals each coordinate's marginal is the weighted input's
+    within its statistical precision (4.5 standard errors on 17 bulk bins), the events of
+    one noise stream keep their order in every coordinate, the map travels in the
+    checkpoint, a fixed coordinate keeps the identity, and the card allows it for gan
+    only."""
+    x1, w = weighted_camel(60_000, seed=7)
+    x2 = 0.5 * x1 + 0.3 * torch.randn(len(x1), 1, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    x = torch.cat([x1, x2], 1)
+    pre = QuantileStandardise(2).fit(x, w)
+    torch.manual_seed(0)
+    gan = WeightedGAN(pre, dim=2, latent_dim=4, width=32, layers=2, marginal_calibration=True)
+    with pytest.raises(RuntimeError, match="calibrate_marginals"):
+        gan.sample(10)
+    edges = np.linspace(-3.0, 2.0, 26)
+    z = torch.randn(50_000, 4, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = pre.inverse(gan.generator(z).double())[0]
+    with pytest.raises(AssertionError):
+        check_against_camel(before[:, 0].numpy(), x1[:, 0].numpy(), w.numpy(), edges, max_pull=4.5)
+    info = gan.calibrate_marginals(x, w, n_generated=2_000_000, generator=torch.Generator().manual_seed(5))
+    assert len(info["max_shift"]) == 2
+    s = gan.sample(400_000, generator=torch.Generator().manual_seed(4))
+    check_against_camel(s[:, 0].numpy(), x1[:, 0].numpy(), w.numpy(), edges, max_pull=4.5)
+    # the second coordinate against the weighted input's own histogram, both errors
+    e2 = np.linspace(-2.0, 1.5, 15)
+    h, _ = np.histogram(s[:, 1].numpy(), e2)
+    tw, _ = np.histogram(x2[:, 0].numpy(), e2, weights=w.numpy())
+    tw2, _ = np.histogram(x2[:, 0].numpy(), e2, weights=w.numpy() ** 2)
+    p_in, p_gen = tw / w.sum().item(), h / len(s)
+    bulk = p_in > 0.01
+    pull = (p_gen - p_in)[bulk] / np.sqrt(tw2 / w.sum().item() ** 2 + p_gen / len(s))[bulk]
+    assert np.abs(pull).max() < 4.5, np.round(pull, 2)
+    with torch.no_grad():
+        after = pre.inverse(gan.marginal_map(gan.generator(z).double()))[0]
+    for k in range(2):
+        assert torch.equal(torch.argsort(after[:, k]), torch.argsort(before[:, k]))
+    loaded = WeightedGAN(pre, dim=2, latent_dim=4, width=32, layers=2, marginal_calibration=True)
+    loaded.load_state_dict(gan.state_dict())
+    torch.testing.assert_close(loaded.sample(1000, generator=torch.Generator().manual_seed(9)), gan.sample(1000, generator=torch.Generator().manual_seed(9)))
+    fixed = WeightedGAN(pre, dim=2, latent_dim=4, width=32, layers=2, generator="residual", fixed_coordinates=(0,), marginal_calibration=True)
+    fixed.calibrate_marginals(x, w, n_generated=200_000, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        u = fixed.generator(z).double()
+    torch.testing.assert_close(fixed.marginal_map(u)[:, 0], u[:, 0])
+    with pytest.raises(ValueError, match="marginal_calibration"):
+        WeightedGAN(pre, dim=2).calibrate_marginals(x, w)
+    assert parse_card({"job": "unweight", "name": "x", "model": {"method": "gan", "marginal_calibration": True}}).model.marginal_calibration
+    with pytest.raises(CardError, match="marginal_calibration"):
+        parse_card({"job": "unweight", "name": "x", "model": {"method": "flow", "marginal_calibration": True}})
+
+
 def _near_camel(n, g):
     """A generator that is close to the camel back but visibly wrong: modes 10% too
     wide, shifted by 0.1, with 45 : 55 instead of 50 : 50."""
@@ -515,8 +596,11 @@ def test_unweight_job_from_weighted_lhe_with_negative_weights(tmp_path, monkeypa
 
 def test_unweight_job_gan_with_classifier_refinement(tmp_path, monkeypatch):
     out, report = run_job(tmp_path, "refined", ["model.method=gan", "model.refine=classifier", "model.refine_epochs=2", "model.generator=residual",
-                                                "model.rapidity=bounded", "model.marginal_weight=0.5", "model.marginal_target=input"], monkeypatch)
+                                                "model.rapidity=bounded", "model.marginal_weight=0.5", "model.marginal_target=input",
+                                                "model.marginal_calibration=true"], monkeypatch)
     m = report["methods"]["gan"]
+    calib = report["training"]["marginal_calibration"]
+    assert calib["coordinates"] == ["m_ll", "y_ll", "cos_theta"] and len(calib["max_shift"]) == 3 and all(v > 0 for v in calib["max_shift"])
     assert report["refine"]["data_events"] == report["training_events"] and report["refine"]["best_epoch"] in (1, 2)
     assert 0 < m["refine"]["efficiency"] <= 1 and m["refine"]["r_max"] == pytest.approx(report["refine"]["r_max"])
     raw, big = m["large_sample_unrefined"], m["large_sample"]
@@ -526,6 +610,7 @@ def test_unweight_job_gan_with_classifier_refinement(tmp_path, monkeypatch):
     assert set(m["tails_unrefined"]) == set(m["tails"]) and all(v["ratio"] >= 0 for v in m["tails_unrefined"].values())
     saved = torch.load(out / "model.pt", weights_only=False)
     # the marginal targets came from the whole training input (quantiles of near-normal coordinates)
+    assert bool(saved["state_dict"]["marginal_map.is_fitted"])  # the map travels in the checkpoint
     qs = saved["state_dict"]["input_quantiles.quantiles"]
     assert torch.all(torch.diff(qs, dim=0) >= 0) and torch.all(qs[0] < -2.5) and torch.all(qs[-1] > 2.5)
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

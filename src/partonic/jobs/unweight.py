@@ -280,7 +280,8 @@ def network_model(pre: DrellYanPreprocessing, m) -> WeightedGAN | WeightedFlow:
         return WeightedGAN(pre, dim=3, latent_dim=m.latent_dim, width=m.width, layers=m.layers, gradient_penalty=m.gradient_penalty,
                            discriminator_lr_factor=m.discriminator_lr_factor, ema_decay=m.ema_decay, generator=m.generator,
                            marginal_weight=m.marginal_weight, marginal_target=m.marginal_target,
-                           fixed_coordinates=() if m.fixed_coordinate == "none" else (NETWORK_COORDINATES.index(m.fixed_coordinate),))
+                           fixed_coordinates=() if m.fixed_coordinate == "none" else (NETWORK_COORDINATES.index(m.fixed_coordinate),),
+                           marginal_calibration=m.marginal_calibration)
     return WeightedFlow(pre, dim=3, blocks=m.blocks, bins=m.bins, width=m.width, layers=m.layers)
 
 
@@ -426,6 +427,10 @@ def run(card, args) -> int:
             raise JobError(str(exc)) from None
         timing["train_s"] += result.train_s
         summaries.append(result.summary(kept_best=card.training.keep_best))
+        if method == "gan" and m.marginal_calibration:
+            t0 = time.perf_counter()
+            calib = model.calibrate_marginals(x_train[tr_idx], w_train[tr_idx], generator=torch.Generator().manual_seed(seed + 9))
+            summaries[-1]["marginal_calibration"] = {"coordinates": list(NETWORK_COORDINATES), **calib, "fit_s": round(time.perf_counter() - t0, 2)}
         models.append(model.eval())
     report["training"] = summaries[0]
     if m.ensemble > 1:

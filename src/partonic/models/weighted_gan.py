@@ -28,7 +28,7 @@ from torch.func import functional_call
 
 from .flows import mlp
 
-__all__ = ["WeightedGAN", "ResidualGenerator", "SampleQuantiles", "marginal_distance", "gan_losses", "gan_optimizer_groups", "latent_batches", "weight_average", "update_weight_average"]
+__all__ = ["WeightedGAN", "ResidualGenerator", "SampleQuantiles", "MarginalMap", "marginal_distance", "gan_losses", "gan_optimizer_groups", "latent_batches", "weight_average", "update_weight_average"]
 
 
 class WeightedGAN(nn.Module):
@@ -65,6 +65,12 @@ class WeightedGAN(nn.Module):
             "input", the Cramér distance (:meth:`SampleQuantiles.cramer`) to the
             quantile function of the whole weighted training input, fitted once by
             :meth:`fit_marginal_targets` before training.
+        marginal_calibration: when True, :meth:`calibrate_marginals` fits, after
+            training, a monotone map per coordinate (:class:`MarginalMap`) that carries
+            the generated marginal onto the weighted training input's, and
+            :meth:`sample` applies it. Fixed coordinates keep the identity (their
+            marginal is the input's already). The joint structure (the copula) stays
+            the network's.
 
     Example:
         >>> gan = WeightedGAN(pre, dim=3)
@@ -74,7 +80,7 @@ class WeightedGAN(nn.Module):
 
     def __init__(self, preprocessing: nn.Module, dim: int, latent_dim: int = 8, width: int = 128, layers: int = 4, gradient_penalty: float = 0.0,
                  discriminator_lr_factor: float = 1.0, ema_decay: float = 0.0, generator: str = "mlp", marginal_weight: float = 0.0,
-                 marginal_target: str = "batch", fixed_coordinates: tuple[int, ...] = ()):
+                 marginal_target: str = "batch", fixed_coordinates: tuple[int, ...] = (), marginal_calibration: bool = False):
         super().__init__()
         self.preprocessing = preprocessing
         self.dim, self.latent_dim = dim, latent_dim
@@ -96,6 +102,8 @@ class WeightedGAN(nn.Module):
             raise ValueError(f"marginal_target must be 'batch' or 'input', got {marginal_target!r}")
         self.marginal_target = marginal_target
         self.input_quantiles = SampleQuantiles(dim) if marginal_target == "input" else None
+        self.fixed_coordinates = tuple(fixed_coordinates)
+        self.marginal_map = MarginalMap(dim) if marginal_calibration else None
 
     def fit_marginal_targets(self, x: torch.Tensor, w: torch.Tensor) -> None:
         """The quantile functions of the whole weighted training input (physics
@@ -106,6 +114,20 @@ class WeightedGAN(nn.Module):
         with torch.no_grad():
             u = torch.cat([self.preprocessing(x[i:i + 262_144])[0] for i in range(0, len(x), 262_144)])
         self.input_quantiles.fit(u, w)
+
+    @torch.no_grad()
+    def calibrate_marginals(self, x: torch.Tensor, w: torch.Tensor, n_generated: int = 4_000_000, generator: torch.Generator | None = None) -> dict:
+        """Fit the marginal map (``marginal_calibration``) after training: the quantiles of
+        ``n_generated`` events of the averaged generator against those of the weighted
+        training input (physics variables x, weights w), in the network's coordinates.
+        Returns, per coordinate, the largest shift the map applies within the central
+        99% of the generated marginal (in units of the coordinate)."""
+        if self.marginal_map is None:
+            raise ValueError("calibrate_marginals needs marginal_calibration=True")
+        net = self.generator_ema if self.generator_ema is not None else self.generator
+        target = SampleQuantiles(self.dim).fit(torch.cat([self.preprocessing(x[i:i + 262_144])[0] for i in range(0, len(x), 262_144)]), w)
+        generated = SampleQuantiles(self.dim).fit(torch.cat(list(net(z) for z in latent_batches(net, self.latent_dim, n_generated, generator, 262_144))))
+        return self.marginal_map.fit(generated.quantiles, target.quantiles, identity=self.fixed_coordinates)
 
     def optimizer_groups(self) -> list[dict]:
         return gan_optimizer_groups(self.generator, self.discriminator, self.discriminator_lr_factor)
@@ -141,7 +163,13 @@ class WeightedGAN(nn.Module):
     def sample(self, n: int, generator: torch.Generator | None = None, batch_size: int = 262_144) -> torch.Tensor:
         """n events in physics variables, from the averaged generator when there is one."""
         net = self.generator_ema if self.generator_ema is not None else self.generator
-        return torch.cat([self.preprocessing.inverse(net(z).double())[0] for z in latent_batches(net, self.latent_dim, n, generator, batch_size)])
+        if self.marginal_map is not None and not self.marginal_map.fitted:
+            raise RuntimeError("marginal_calibration is on but calibrate_marginals has not been called")
+
+        def latent(z: torch.Tensor) -> torch.Tensor:
+            u = net(z).double()
+            return u if self.marginal_map is None else self.marginal_map(u)
+        return torch.cat([self.preprocessing.inverse(latent(z))[0] for z in latent_batches(net, self.latent_dim, n, generator, batch_size)])
 
 
 class ResidualGenerator(nn.Module):
@@ -247,6 +275,62 @@ class SampleQuantiles(nn.Module):
         j = torch.arange(m, dtype=x.dtype, device=x.device)
         e_yy = 2 * (q * (2 * j - m + 1)).sum(1) / (m * m)
         return (e_xy.mean(1) - 0.5 * e_xx - 0.5 * e_yy).sum()
+
+
+class MarginalMap(nn.Module):
+    """A monotone map per coordinate that carries one marginal onto another: the
+    piecewise-linear function through the points (q_from[j], q_to[j]) of two quantile
+    tables on the same probability grid, continued beyond the outermost points by a
+    shift (slope 1). Applied to events of the ``from`` distribution, each coordinate
+    then follows the ``to`` marginal (empirical quantile mapping), while the
+    dependence between coordinates (their copula) is unchanged, since every map is
+    increasing.
+
+    The tables are buffers (in the checkpoint); ``fitted`` says whether :meth:`fit` ran.
+    """
+
+    def __init__(self, dim: int, levels: int = 8192):
+        super().__init__()
+        self.register_buffer("q_from", torch.zeros(levels, dim, dtype=torch.float64))
+        self.register_buffer("q_to", torch.zeros(levels, dim, dtype=torch.float64))
+        self.register_buffer("is_fitted", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def fitted(self) -> bool:
+        return bool(self.is_fitted)
+
+    @torch.no_grad()
+    def fit(self, q_from: torch.Tensor, q_to: torch.Tensor, identity: tuple[int, ...] = ()) -> dict:
+        """Set the tables (levels, dim) each; coordinates in ``identity`` map to themselves.
+        Returns {"max_shift": [...]}: per coordinate the largest |map(u) − u| over the
+        central 99% of the ``from`` quantiles."""
+        if q_from.shape != self.q_from.shape or q_to.shape != self.q_to.shape:
+            raise ValueError(f"quantile tables must have shape {tuple(self.q_from.shape)}, got {tuple(q_from.shape)} and {tuple(q_to.shape)}")
+        q_from, q_to = q_from.double().to(self.q_from.device), q_to.double().to(self.q_to.device).clone()
+        if bool((q_from[1:] < q_from[:-1]).any()) or bool((q_to[1:] < q_to[:-1]).any()):
+            raise ValueError("quantile tables must be non-decreasing")
+        for k in identity:
+            q_to[:, k] = q_from[:, k]
+        self.q_from.copy_(q_from)
+        self.q_to.copy_(q_to)
+        self.is_fitted.fill_(True)
+        levels = q_from.shape[0]
+        central = slice(int(0.005 * levels), levels - int(0.005 * levels))
+        return {"max_shift": [round(float(v), 5) for v in (q_to[central] - q_from[central]).abs().max(0).values]}
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        qf, qt = self.q_from.to(u.dtype), self.q_to.to(u.dtype)
+        out = torch.empty_like(u)
+        for k in range(u.shape[1]):
+            a, b, x = qf[:, k].contiguous(), qt[:, k].contiguous(), u[:, k].contiguous()
+            hi = torch.searchsorted(a, x).clamp(1, len(a) - 1)
+            lo = hi - 1
+            step = (a[hi] - a[lo]).clamp(min=torch.finfo(u.dtype).tiny)
+            t = ((x - a[lo]) / step).clamp(0.0, 1.0)
+            y = b[lo] + t * (b[hi] - b[lo])
+            y = torch.where(x < a[0], x - a[0] + b[0], y)
+            out[:, k] = torch.where(x > a[-1], x - a[-1] + b[-1], y)
+        return out
 
 
 def marginal_distance(fake: torch.Tensor, real: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
