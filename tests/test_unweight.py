@@ -601,6 +601,10 @@ def test_unweight_job_gan_with_classifier_refinement(tmp_path, monkeypatch):
     m = report["methods"]["gan"]
     calib = report["training"]["marginal_calibration"]
     assert calib["coordinates"] == ["m_ll", "y_ll", "cos_theta"] and len(calib["max_shift"]) == 3 and all(v > 0 for v in calib["max_shift"])
+    # the ablation: the same noise without the maps, a different sample of the same size
+    unc = m["large_sample_uncalibrated"]
+    assert unc["events"] == m["large_sample"]["events"] and set(unc["observables"]) == set(m["large_sample"]["observables"])
+    assert unc["observables"]["cos_theta"]["ratio"] != m["large_sample_unrefined"]["observables"]["cos_theta"]["ratio"]
     assert report["refine"]["data_events"] == report["training_events"] and report["refine"]["best_epoch"] in (1, 2)
     assert 0 < m["refine"]["efficiency"] <= 1 and m["refine"]["r_max"] == pytest.approx(report["refine"]["r_max"])
     raw, big = m["large_sample_unrefined"], m["large_sample"]

@@ -436,18 +436,19 @@ def run(card, args) -> int:
     if m.ensemble > 1:
         report["ensemble"] = {"members": m.ensemble, "seeds": [card.seed + ENSEMBLE_SEED_STEP * k for k in range(m.ensemble)], "training": summaries}
 
-    def draw_one(net, n: int, gen: torch.Generator) -> torch.Tensor:
+    def draw_one(net, n: int, gen: torch.Generator, calibrated: bool = True) -> torch.Tensor:
         if method == "gan":
-            return net.sample(n, generator=gen)
+            return net.sample(n, generator=gen, calibrated=calibrated)
         return torch.cat([net.sample(min(200_000, n - s), generator=gen)[0] for s in range(0, n, 200_000)])
 
-    def draw(n: int, gen: torch.Generator) -> torch.Tensor:
+    def draw(n: int, gen: torch.Generator, calibrated: bool = True) -> torch.Tensor:
         """n events of the network itself (physics variables); of an ensemble, an equal
-        share from each member, shuffled: events of the members' mixture."""
+        share from each member, shuffled: events of the members' mixture.
+        ``calibrated=False``: a GAN's events without its marginal map (the ablation)."""
         if len(models) == 1:
-            return draw_one(models[0], n, gen)
+            return draw_one(models[0], n, gen, calibrated)
         shares = [n // len(models) + (1 if k < n % len(models) else 0) for k in range(len(models))]
-        x = torch.cat([draw_one(net, s, gen) for net, s in zip(models, shares) if s])
+        x = torch.cat([draw_one(net, s, gen, calibrated) for net, s in zip(models, shares) if s])
         return x[torch.randperm(n, generator=gen).to(x.device)]
 
     def features(x: torch.Tensor) -> torch.Tensor:
@@ -531,6 +532,12 @@ def run(card, args) -> int:
             del x_raw, raw_obs
         else:
             x_big = draw(n_tail, tail_gen)
+        if method == "gan" and m.marginal_calibration:
+            # the ablation: the same noise without the marginal maps
+            x_raw = draw(n_tail, torch.Generator().manual_seed(card.seed + 4), calibrated=False)
+            raw_obs = observables(x_raw, phi(len(x_raw)), generator.lepton_mass)
+            method_report["large_sample_uncalibrated"] = {"events": n_tail, **_bulk_summary(raw_obs, None, truth, setup.m_min)}
+            del x_raw, raw_obs
         m_tail = x_big[:, 0]
         # the large sample also measures the network's qMSE with little sampling noise
         big_obs = observables(x_big, phi(len(x_big)), generator.lepton_mass)
@@ -613,6 +620,9 @@ def _summary(report: dict, path: Path) -> str:
         raw = m["large_sample_unrefined"]
         lines.append(f"  before the classifier refinement: {raw['max_bulk_deviation']:.3f} ± {raw['max_bulk_deviation_error']:.3f} ({raw['worst_observable']}); "
                      f"refinement efficiency {m['refine']['efficiency']:.3f}")
+    if "large_sample_uncalibrated" in m:
+        raw = m["large_sample_uncalibrated"]
+        lines.append(f"  without the marginal calibration: {raw['max_bulk_deviation']:.3f} ± {raw['max_bulk_deviation_error']:.3f} ({raw['worst_observable']})")
     if "unweighting_efficiency" in m:
         lines.append(f"  exact reweighting: unweighting efficiency {m['unweighting_efficiency']:.3f}, σ = {m['sigma_pb']:.2f} ± {m['sigma_error_pb']:.2f} pb")
     return "\n".join(lines)

@@ -160,15 +160,17 @@ class WeightedGAN(nn.Module):
         return out
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None, batch_size: int = 262_144) -> torch.Tensor:
-        """n events in physics variables, from the averaged generator when there is one."""
+    def sample(self, n: int, generator: torch.Generator | None = None, batch_size: int = 262_144, calibrated: bool = True) -> torch.Tensor:
+        """n events in physics variables, from the averaged generator when there is one,
+        through the marginal map when there is one (``calibrated=False``: without it)."""
         net = self.generator_ema if self.generator_ema is not None else self.generator
-        if self.marginal_map is not None and not self.marginal_map.fitted:
+        use_map = self.marginal_map is not None and calibrated
+        if use_map and not self.marginal_map.fitted:
             raise RuntimeError("marginal_calibration is on but calibrate_marginals has not been called")
 
         def latent(z: torch.Tensor) -> torch.Tensor:
             u = net(z).double()
-            return u if self.marginal_map is None else self.marginal_map(u)
+            return self.marginal_map(u) if use_map else u
         return torch.cat([self.preprocessing.inverse(latent(z))[0] for z in latent_batches(net, self.latent_dim, n, generator, batch_size)])
 
 
