@@ -13,7 +13,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+#: a histogram bin is "bulk" when it holds at least this fraction of the reference
+BULK_FRACTION = 0.01
+
 __all__ = [
+    "BULK_FRACTION",
     "UnweightingEfficiency",
     "unweighting_efficiency",
     "hit_or_miss",
@@ -128,14 +132,14 @@ class HistogramComparison:
         return self.chi2 / max(self.ndf, 1)
 
 
-def compare_histograms(sample, reference, edges, sample_weights=None, reference_weights=None, bulk_fraction: float = 0.01) -> HistogramComparison:
+def compare_histograms(sample, reference, edges, sample_weights=None, reference_weights=None, bulk_fraction: float = BULK_FRACTION) -> HistogramComparison:
     """Compare shapes (both normalised to unit area within the edges)."""
     hs, es = weighted_histogram(sample, edges, sample_weights)
     hr, er = weighted_histogram(reference, edges, reference_weights)
     return _compare(hs, es, hr, er, edges, bulk_fraction)
 
 
-def compare_to_expected(sample, expected, edges, sample_weights=None, bulk_fraction: float = 0.01) -> HistogramComparison:
+def compare_to_expected(sample, expected, edges, sample_weights=None, bulk_fraction: float = BULK_FRACTION) -> HistogramComparison:
     """Compare a sample's shape with an exactly known one: ``expected`` holds the
     reference's content per bin (e.g. σ from a quadrature), without statistical error,
     so the ratio errors and pulls are the sample's alone."""

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..evaluate.metrics import (
+    BULK_FRACTION,
     amplification,
     compare_histograms,
     compare_to_expected,
@@ -244,7 +245,7 @@ def _input_limited_summary(obs, net_summary: dict, train_obs, w_train, input_sum
         r, e = np.asarray(net["ratio"], dtype=float), np.asarray(net["ratio_error"], dtype=float)
         ri, ei = np.asarray(inp["ratio"], dtype=float), np.asarray(inp["ratio_error"], dtype=float)
         reference = truth.exact[name] if truth.exact is not None else np.histogram(truth.obs[name], edges, weights=truth.weights)[0]
-        bulk = (reference / reference.sum() >= 0.01) & np.isfinite(r) & np.isfinite(ri) & (e > 0) & (ei > 0)
+        bulk = (reference / reference.sum() >= BULK_FRACTION) & np.isfinite(r) & np.isfinite(ri) & (e > 0) & (ei > 0)
         pull = (r[bulk] - 1) / np.hypot(e[bulk], ei[bulk])
         out[name] = {
             "vs_input_max_bulk_deviation": vs_input.max_bulk_deviation, "vs_input_chi2_ndf": vs_input.chi2_ndf,
