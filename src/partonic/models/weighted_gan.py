@@ -102,7 +102,6 @@ class WeightedGAN(nn.Module):
             raise ValueError(f"marginal_target must be 'batch' or 'input', got {marginal_target!r}")
         self.marginal_target = marginal_target
         self.input_quantiles = SampleQuantiles(dim) if marginal_target == "input" else None
-        self.fixed_coordinates = tuple(fixed_coordinates)
         self.marginal_map = MarginalMap(dim) if marginal_calibration else None
 
     def fit_marginal_targets(self, x: torch.Tensor, w: torch.Tensor) -> None:
@@ -111,9 +110,12 @@ class WeightedGAN(nn.Module):
         "input"``; kept in the checkpoint."""
         if self.input_quantiles is None:
             raise ValueError("fit_marginal_targets needs marginal_target='input'")
-        with torch.no_grad():
-            u = torch.cat([self.preprocessing(x[i:i + 262_144])[0] for i in range(0, len(x), 262_144)])
-        self.input_quantiles.fit(u, w)
+        self.input_quantiles.fit(self._coordinates(x), w)
+
+    @torch.no_grad()
+    def _coordinates(self, x: torch.Tensor, batch_size: int = 262_144) -> torch.Tensor:
+        """Physics variables x in the network's coordinates (the preprocessing), in batches."""
+        return torch.cat([self.preprocessing(x[i:i + batch_size])[0] for i in range(0, len(x), batch_size)])
 
     @torch.no_grad()
     def calibrate_marginals(self, x: torch.Tensor, w: torch.Tensor, n_generated: int = 4_000_000, generator: torch.Generator | None = None) -> dict:
@@ -125,9 +127,10 @@ class WeightedGAN(nn.Module):
         if self.marginal_map is None:
             raise ValueError("calibrate_marginals needs marginal_calibration=True")
         net = self.generator_ema if self.generator_ema is not None else self.generator
-        target = SampleQuantiles(self.dim).fit(torch.cat([self.preprocessing(x[i:i + 262_144])[0] for i in range(0, len(x), 262_144)]), w)
-        generated = SampleQuantiles(self.dim).fit(torch.cat(list(net(z) for z in latent_batches(net, self.latent_dim, n_generated, generator, 262_144))))
-        return self.marginal_map.fit(generated.quantiles, target.quantiles, identity=self.fixed_coordinates)
+        target = SampleQuantiles(self.dim).fit(self._coordinates(x), w)
+        generated = SampleQuantiles(self.dim).fit(torch.cat([net(z) for z in latent_batches(net, self.latent_dim, n_generated, generator, 262_144)]))
+        # a residual generator's fixed coordinates keep the identity
+        return self.marginal_map.fit(generated.quantiles, target.quantiles, identity=getattr(self.generator, "fixed", ()))
 
     def optimizer_groups(self) -> list[dict]:
         return gan_optimizer_groups(self.generator, self.discriminator, self.discriminator_lr_factor)
