@@ -58,7 +58,7 @@ def test_wrong_type_and_range_name_field_value_and_rule():
         load_card("cards/zw.yaml", ["model.refine.independent_events=1000", "model.refine.method=none"])
     with pytest.raises(CardError, match="evaluation.refine_oversample = 4 draws samples for the refiner to resample: set model.refine.method = classifier"):
         load_card("cards/zw.yaml", ["evaluation.refine_oversample=4", "model.refine.method=none", "model.refine.independent_events=0"])
-    with pytest.raises(CardError, match="model.refine.inputs = \"detector\": Input should be 'partons' or 'jets'"):
+    with pytest.raises(CardError, match="model.refine.inputs = \"detector\": Input should be 'partons', 'jets' or 'partons_then_jets'"):
         load_card("cards/zw.yaml", ["model.refine.inputs=detector"])
     with pytest.raises(CardError, match="model.z_azimuth = 'balance' is the reference of the Z system's azimuth: it needs model.leptons = system, not 'momenta'"):
         load_card("cards/zw.yaml", ["model.z_azimuth=balance", "model.leptons=momenta"])

@@ -1200,6 +1200,12 @@ def test_an_ensemble_refined_as_a_mixture(tiny_run, tmp_path, capsys, monkeypatc
     for i in range(30):
         assert (np.abs(key(kept[i])[:, None] - key(raw[i])[None, :]).min(1) < 1e-5 * (1 + np.abs(key(kept[i])))).all()
 
+    # two refiner stages for the mixture: both fits in the report
+    assert main(args + ["--set", "model.refine.inputs=partons_then_jets", "--set", "evaluation.refine_oversample=2", "--output", str(tmp_path / "two")]) == 0
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert two["refine"]["fit"]["second_stage"]["data_events"] == two["refine"]["fit"]["data_events"]
+    assert two["refine"]["test"]["samples_per_event"] == 32 and two["refine"]["test"]["kept_per_event"] == 16
+
     # one model with its own refiner, oversampled: 8 kept of 24 drawn, all among those draws
     assert unfolder.refined
     kept = unfolder.unfold(events, 8, seed=5, oversample=3).reshape(30, 8, -1).numpy()
@@ -1399,6 +1405,49 @@ def test_systematic_resampling_keeps_equal_weights_and_follows_the_weights():
     assert abs(float(x.gather(1, idx).mean()) - weighted) < 4 / math.sqrt(n * 100)
     with pytest.raises(ValueError, match="n_out must be at least 1"):
         systematic_resample(log_w, gen, 0)
+
+
+def test_two_refiner_stages(tiny_run):
+    """model.refine.inputs = partons_then_jets: a partons classifier, then a jets one fitted
+    against the samples weighted by the first's ratio; resampling uses the sum of both
+    log-ratios (checked against the stages evaluated by hand), and the checkpoint holds
+    both stages (a model built from such a card loads it strictly). Unknown inputs are
+    refused by name."""
+    import h5py
+
+    from partonic.jobs.unfold import load_model
+    from partonic.models.refine import systematic_resample
+
+    root, _ = tiny_run
+    with h5py.File(root / "run" / "unfolded.h5") as fh:
+        events = DetectorEvents(**{k: fh["detector"][k][()] for k in fh["detector"].keys()})
+    unfolder, trained = load_model(str(root / "run" / "model.pt"), torch.device("cpu"))
+    unfolder.new_refiner(16, 2, "partons_then_jets")
+    assert [k for k, _, _ in unfolder._refine_stages()] == ["partons", "jets"]
+    info = unfolder.fit_refiner(events, 2, 2, seed=4, progress=False)
+    second = info["second_stage"]
+    assert second["data_events"] == info["data_events"] == len(events) and second["generated_events"] == 2 * len(events)
+    assert unfolder.refined and unfolder.refiner_jets is not None
+    # the two stages see different inputs: the second the quark-jet distances and the detector
+    assert unfolder.refiner_jets.net[0].in_features > unfolder.refiner.net[0].in_features
+
+    raw = unfolder.unfold(events, 12, seed=8, refine=False)
+    kept, weights = unfolder.refine_samples(events, raw, seed=9, n_out=4)
+    n, s = raw.shape[:2]
+    log_r = torch.zeros(n * s, dtype=torch.float64)
+    for k, (_, refiner, _) in enumerate(unfolder._refine_stages()):
+        ref, tail = unfolder._refine_inputs(events, k)
+        log_r += refiner.log_ratio(unfolder.refine_features(raw.reshape(-1, 4, 4), ref.repeat_interleave(s, 0), tail.repeat_interleave(s, 0), stage=k))
+    idx = systematic_resample(log_r.view(n, s), torch.Generator().manual_seed(9), 4)
+    torch.testing.assert_close(kept, raw.gather(1, idx[:, :, None, None].expand(-1, -1, 4, 4)))
+    assert math.isclose(weights["log_ratio_std"], float(log_r.std()), rel_tol=1e-9)
+
+    card = trained.model.model_copy(update={"refine": trained.model.refine.model_copy(update={"method": "classifier", "inputs": "partons_then_jets", "width": 16, "layers": 2})})
+    again = Unfolder(trained.data.detector.max_jets, card)
+    again.load_state_dict(unfolder.state_dict())  # strict: both stages' keys
+    assert again.refined and any(k.startswith("refiner_jets.") for k in again.state_dict())
+    with pytest.raises(ValueError, match="refiner inputs must be one of 'partons', 'jets', 'partons_then_jets', not 'detector'"):
+        unfolder.new_refiner(16, 2, "detector")
 
 
 def test_classifier_refinement_moves_a_shifted_posterior_onto_the_true_one():

@@ -248,7 +248,10 @@ class RefineSection(Strict):
     #: truth far better (the quarks' distance to their jets) and its ratio varies strongly
     #: over an event's samples: use it with evaluation.refine_oversample (docs/results.md,
     #: "A refiner that sees the quark–jet distances")
-    inputs: Literal["partons", "jets"] = "partons"
+    #: "partons_then_jets": two classifiers, the "partons" one first, then a "jets" one
+    #: against the samples weighted by the first's ratio; resampling uses the product of
+    #: both ratios (docs/results.md, "Two refiner stages")
+    inputs: Literal["partons", "jets", "partons_then_jets"] = "partons"
 
 
 class CINNModel(Strict):

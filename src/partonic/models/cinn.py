@@ -888,7 +888,10 @@ class Unfolder(nn.Module):
         #: inputs; None otherwise
         refine = getattr(model, "refine", None)
         self.refiner = self.refine_scale = None
-        #: model.refine.inputs: what the refiner sees ("partons" or "jets", :meth:`refine_features`)
+        #: the second stage of refine inputs "partons_then_jets" (:meth:`fit_refiner`); None otherwise
+        self.refiner_jets = self.refine_scale_jets = None
+        #: model.refine.inputs: what the refiner sees ("partons", "jets", or both in two
+        #: stages, "partons_then_jets": :data:`REFINE_STAGES`, :meth:`refine_features`)
         self.refine_inputs = getattr(refine, "inputs", "partons")
         if refine is not None and refine.method == "classifier":
             self.new_refiner(refine.width, refine.layers)
@@ -901,10 +904,21 @@ class Unfolder(nn.Module):
     #: REFINE_JET_EXTRA more and the detector's continuous features
     REFINE_EXTRA = 8
     REFINE_JET_EXTRA = 4
+    #: model.refine.inputs → the inputs of each refiner stage, in the order they are fitted
+    REFINE_STAGES = {"partons": ("partons",), "jets": ("jets",), "partons_then_jets": ("partons", "jets")}
 
-    def _refine_dims(self) -> tuple[int, int]:
-        """(the refiner's input dimension, the number of its standardised extra columns)."""
-        if self.refine_inputs == "jets":
+    def _refine_stages(self) -> list[tuple[str, ClassifierRefiner, Standardise]]:
+        """Each refiner stage's (inputs, classifier, standardisation of its extra columns)."""
+        kinds = self.REFINE_STAGES[self.refine_inputs]
+        stages = [(kinds[0], self.refiner, self.refine_scale)]
+        if len(kinds) > 1:
+            stages.append((kinds[1], self.refiner_jets, self.refine_scale_jets))
+        return stages
+
+    def _refine_dims(self, kind: str) -> tuple[int, int]:
+        """(the input dimension of a refiner that sees ``kind`` ("partons" or "jets"), the
+        number of its standardised extra columns)."""
+        if kind == "jets":
             return self.parton.dim + self.REFINE_EXTRA + self.REFINE_JET_EXTRA + self.detector.n_continuous, 4 + self.REFINE_JET_EXTRA
         return self.parton.dim + self.REFINE_EXTRA, 4
 
@@ -1173,38 +1187,39 @@ class Unfolder(nn.Module):
         """Whether a fitted refiner resamples the posteriors."""
         return self.refiner is not None and bool(self.refiner_fitted)
 
-    def _refine_inputs(self, events) -> tuple[torch.Tensor, torch.Tensor]:
+    def _refine_inputs(self, events, stage: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Per event: the references of the W candidate (N, 11), not of any hypothesis, so
         the refiner's inputs are a function of the partons and the detector alone; and
         the jet channel (one-hot) with the lepton flavour (N, 4), after the detector's
-        continuous condition features with refine inputs "jets"."""
+        continuous condition features for a ``stage`` that sees "jets"."""
         t = self.tensors(events)
         cond, ref = _cpu64(self.detector)(t["leptons"], t["jets"], t["n_jets"], t["flavour"])
         n = self.detector.n_continuous
-        if self.refine_inputs == "jets":
+        if self._refine_stages()[stage][0] == "jets":
             # the whole detector event (standardised; absent jets' columns are masked to 0)
             return ref, torch.cat([torch.nan_to_num(cond[:, :n]).clamp(-10.0, 10.0), cond[:, n:]], 1)
         return ref, cond[:, n:]
 
-    def refine_features(self, partons: torch.Tensor, ref: torch.Tensor, tail: torch.Tensor, fit: bool = False) -> torch.Tensor:
-        """The refiner's inputs (M, :meth:`_refine_dims`: parton dim + 8 with refine inputs
+    def refine_features(self, partons: torch.Tensor, ref: torch.Tensor, tail: torch.Tensor, fit: bool = False, stage: int = 0) -> torch.Tensor:
+        """The inputs of refiner ``stage`` (M, :meth:`_refine_dims`: parton dim + 8 for
         "partons"), float32, for partons (M, 4, 4) with
         their events' references (M, 11) and channel and flavour columns (M, 4): the
         standardised parton features, log pT and η of the harder and the softer quark
         (standardised; ``fit`` sets that standardisation), and the channel and flavour.
 
-        With refine inputs "jets" (``tail`` then also holds the detector's continuous
+        For a stage that sees "jets" (``tail`` then also holds the detector's continuous
         features first, :meth:`_refine_inputs`) each quark's signed Δη and Δφ to the nearer
         (in ΔR) of the W candidate's two jets (the references' columns 5–10) join the
         standardised columns: the distance of the quarks to their jets, which the cINN's
         posteriors get wrong most (docs/results.md)."""
+        kind, _, standardise = self._refine_stages()[stage]
         partons, ref = partons.cpu().double(), ref.cpu().double()
         x = _cpu64(self.parton)(partons, ref)
         pt, eta, phi = _pt_eta_phi(partons[:, 2:4])
         order = pt.argsort(1, descending=True)
         pt, eta, phi = pt.gather(1, order), eta.gather(1, order), phi.gather(1, order)
         cols = [torch.log(pt[:, 0].clamp(min=1e-3)), torch.log(pt[:, 1].clamp(min=1e-3)), eta[:, 0], eta[:, 1]]
-        if self.refine_inputs == "jets":
+        if kind == "jets":
             jet_a, jet_b = _hypothesis_jets(ref)
             jet_eta, jet_phi = torch.stack([jet_a[:, 1], jet_b[:, 1]], 1), torch.stack([jet_a[:, 2], jet_b[:, 2]], 1)
             for q in range(2):
@@ -1212,21 +1227,27 @@ class Unfolder(nn.Module):
                 nearer = (d_eta**2 + d_phi**2).argmin(1, keepdim=True)
                 cols += [d_eta.gather(1, nearer)[:, 0], d_phi.gather(1, nearer)[:, 0]]
         extra = torch.stack(cols, -1)
-        scale = _cpu64(self.refine_scale.fit(extra.to(self.refine_scale.mean)) if fit else self.refine_scale)
+        scale = _cpu64(standardise.fit(extra.to(standardise.mean)) if fit else standardise)
         return torch.cat([x, scale(extra)[0], tail.cpu().double()], -1).float()
 
     def new_refiner(self, width: int, layers: int, inputs: str | None = None) -> None:
-        """A new, unfitted refiner (classifier MLP of ``layers`` × ``width``) in place of
-        any present one, on the cINN's device; ``inputs`` ("partons" or "jets", default
-        this model's) says what it sees (:meth:`refine_features`)."""
+        """A new, unfitted refiner (classifier MLP of ``layers`` × ``width``, one per stage)
+        in place of any present one, on the cINN's device; ``inputs`` (a key of
+        :data:`REFINE_STAGES`, default this model's) says what it sees (:meth:`refine_features`)."""
         if inputs is not None:
-            if inputs not in ("partons", "jets"):
-                raise ValueError(f"refiner inputs must be 'partons' or 'jets', not {inputs!r}")
+            if inputs not in self.REFINE_STAGES:
+                raise ValueError(f"refiner inputs must be one of {', '.join(map(repr, self.REFINE_STAGES))}, not {inputs!r}")
             self.refine_inputs = inputs
         device = next(self.cinn.parameters()).device
-        n_in, n_scaled = self._refine_dims()
+        kinds = self.REFINE_STAGES[self.refine_inputs]
+        n_in, n_scaled = self._refine_dims(kinds[0])
         self.refiner = ClassifierRefiner(n_in, width, layers).to(device)
         self.refine_scale = Standardise(n_scaled).to(device)
+        self.refiner_jets = self.refine_scale_jets = None
+        if len(kinds) > 1:
+            n_in, n_scaled = self._refine_dims(kinds[1])
+            self.refiner_jets = ClassifierRefiner(n_in, width, layers).to(device)
+            self.refine_scale_jets = Standardise(n_scaled).to(device)
         if "refiner_fitted" in self._buffers:
             self.refiner_fitted = torch.tensor(False, device=device)
         else:
@@ -1249,20 +1270,38 @@ class Unfolder(nn.Module):
         (central 68% intervals of pT,q1 covering 0.643 instead of 0.666, docs/results.md).
         ``sampler(events, samples, seed)``, when given, draws the generated class (N, S,
         4, 4), S ≥ samples, instead of this cINN: an ensemble's mixture, whose refiner is
-        this model's copy (jobs/unfold.py). Returns the classifier's fit summary."""
+        this model's copy (jobs/unfold.py).
+
+        With two stages (refine inputs "partons_then_jets") the second classifier learns
+        the truth against the same generated samples weighted by the first one's ratio
+        r₁: at its optimum r₂ = p/(q r₁), so r₁ r₂ = p/q as with one stage, but the
+        first stage's correction of the quarks' momenta stays where the second, busy
+        with the quark–jet distances, does not learn it (docs/results.md, "Two refiner
+        stages"). Returns the first classifier's fit summary, with the second's under
+        "second_stage"."""
         if self.refiner is None:
             raise ValueError("fit_refiner needs model.refine.method = classifier")
-        ref, tail = self._refine_inputs(events)
         truth = self.tensors(events)["partons"]
         if sampler is None:
             gen = self.unfold(events, samples, batch_size=batch_size, seed=seed, refine=False)
         else:
             gen = sampler(events, samples, seed)
             samples = gen.shape[1]
-        f_truth = self.refine_features(truth, ref, tail, fit=True)
-        f_gen = self.refine_features(gen.reshape(-1, 4, 4), ref.repeat_interleave(samples, 0), tail.repeat_interleave(samples, 0))
-        info = self.refiner.fit(f_truth, torch.ones(len(f_truth)), f_gen, epochs=epochs, seed=seed, progress=progress)
+        gen = gen.reshape(-1, 4, 4)
+        infos, log_r = [], None
+        for k, (_, refiner, _) in enumerate(self._refine_stages()):
+            ref, tail = self._refine_inputs(events, k)
+            f_truth = self.refine_features(truth, ref, tail, fit=True, stage=k)
+            f_gen = self.refine_features(gen, ref.repeat_interleave(samples, 0), tail.repeat_interleave(samples, 0), stage=k)
+            weights = None if log_r is None else log_r.exp()
+            infos.append(refiner.fit(f_truth, torch.ones(len(f_truth)), f_gen, epochs=epochs, seed=seed, progress=progress, generated_weights=weights))
+            stage_log_r = refiner.log_ratio(f_gen).cpu()
+            log_r = stage_log_r if log_r is None else log_r + stage_log_r
+            del f_truth, f_gen
         self.refiner_fitted.fill_(True)
+        info = infos[0]
+        if len(infos) > 1:
+            info["second_stage"] = infos[1]
         return info
 
     @torch.no_grad()
@@ -1278,14 +1317,16 @@ class Unfolder(nn.Module):
         if not self.refined:
             raise ValueError("refine_samples needs a fitted refiner (fit_refiner)")
         n, s = samples.shape[:2]
-        ref, tail = self._refine_inputs(events)
-        log_r = torch.empty(n * s, dtype=torch.float64)
+        stages = self._refine_stages()
+        inputs = [self._refine_inputs(events, k) for k in range(len(stages))]
+        log_r = torch.zeros(n * s, dtype=torch.float64)
         flat = samples.reshape(-1, 4, 4)
         per = max(1, chunk // s) * s
         for lo in range(0, n * s, per):
             ev = slice(lo // s, (lo + per) // s)
-            f = self.refine_features(flat[lo : lo + per], ref[ev].repeat_interleave(s, 0), tail[ev].repeat_interleave(s, 0))
-            log_r[lo : lo + per] = self.refiner.log_ratio(f).cpu()
+            for k, ((_, refiner, _), (ref, tail)) in enumerate(zip(stages, inputs)):
+                f = self.refine_features(flat[lo : lo + per], ref[ev].repeat_interleave(s, 0), tail[ev].repeat_interleave(s, 0), stage=k)
+                log_r[lo : lo + per] += refiner.log_ratio(f).cpu()
         log_r = log_r.view(n, s)
         idx = systematic_resample(log_r, torch.Generator().manual_seed(int(seed)), n_out)
         out = samples.gather(1, idx[:, :, None, None].expand(-1, -1, *samples.shape[2:]))

@@ -90,10 +90,11 @@ class ClassifierRefiner(nn.Module):
         return torch.cat(out).clamp(-self.MAX_LOG_RATIO, self.MAX_LOG_RATIO) if out else torch.zeros(0, dtype=torch.float64, device=p.device)
 
     def fit(self, data: torch.Tensor, weights: torch.Tensor, generated: torch.Tensor, epochs: int = 20, batch_size: int = 4096, lr: float = 1e-3,
-            validation_fraction: float = 0.1, seed: int = 0, progress: bool | None = None) -> dict:
+            validation_fraction: float = 0.1, seed: int = 0, progress: bool | None = None, generated_weights: torch.Tensor | None = None) -> dict:
         """Train on data features with their weights (label 1) against generated
-        features (label 0), each class normalised to the same total weight; keep the
-        epoch with the lowest validation loss, then set r_max. Returns a summary."""
+        features (label 0) with theirs (``generated_weights``, default equal; positive),
+        each class normalised to the same total weight; keep the epoch with the lowest
+        validation loss, then set r_max. Returns a summary."""
         from tqdm.auto import tqdm
 
         if len(data) != len(weights):
@@ -106,12 +107,20 @@ class ClassifierRefiner(nn.Module):
         if w.sum() <= 0:
             raise ValueError("ClassifierRefiner.fit: the data weights sum to ≤ 0")
         n_d, n_g = len(data), len(generated)
+        if generated_weights is None:
+            wg = torch.ones(n_g, dtype=torch.float64)
+        else:
+            wg = generated_weights.detach().double().cpu()
+            if len(wg) != n_g:
+                raise ValueError(f"ClassifierRefiner.fit: {n_g} generated events but {len(wg)} generated weights")
+            if not bool((wg > 0).all()) or not bool(torch.isfinite(wg).all()):
+                raise ValueError("ClassifierRefiner.fit: the generated weights must be positive and finite")
         half = 0.5 * (n_d + n_g)
         # everything on the network's device once: no host-device copy per batch
         x = torch.cat([data.detach().float().to(p.device), generated.detach().float().to(p.device)])
         y = torch.cat([torch.ones(n_d), torch.zeros(n_g)]).to(p.device)
         # equal total weight per class; the mean |weight| of an event is about 1
-        cw = torch.cat([(w * (half / w.sum())).float(), torch.full((n_g,), half / n_g)]).to(p.device)
+        cw = torch.cat([(w * (half / w.sum())).float(), (wg * (half / wg.sum())).float()]).to(p.device)
         order = torch.randperm(len(x), generator=gen).to(p.device)
         n_val = int(validation_fraction * len(x))
         val, tr = order[:n_val], order[n_val:]
