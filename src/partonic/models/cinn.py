@@ -1288,15 +1288,16 @@ class Unfolder(nn.Module):
             gen = sampler(events, samples, seed)
             samples = gen.shape[1]
         gen = gen.reshape(-1, 4, 4)
-        infos, log_r = [], None
-        for k, (_, refiner, _) in enumerate(self._refine_stages()):
+        infos, log_r, stages = [], None, self._refine_stages()
+        for k, (_, refiner, _) in enumerate(stages):
             ref, tail = self._refine_inputs(events, k)
             f_truth = self.refine_features(truth, ref, tail, fit=True, stage=k)
             f_gen = self.refine_features(gen, ref.repeat_interleave(samples, 0), tail.repeat_interleave(samples, 0), stage=k)
             weights = None if log_r is None else log_r.exp()
             infos.append(refiner.fit(f_truth, torch.ones(len(f_truth)), f_gen, epochs=epochs, seed=seed, progress=progress, generated_weights=weights))
-            stage_log_r = refiner.log_ratio(f_gen).cpu()
-            log_r = stage_log_r if log_r is None else log_r + stage_log_r
+            if k + 1 < len(stages):  # the next stage's generated weights
+                stage_log_r = refiner.log_ratio(f_gen).cpu()
+                log_r = stage_log_r if log_r is None else log_r + stage_log_r
             del f_truth, f_gen
         self.refiner_fitted.fill_(True)
         info = infos[0]
