@@ -1192,15 +1192,30 @@ class Unfolder(nn.Module):
         the refiner's inputs are a function of the partons and the detector alone; and
         the jet channel (one-hot) with the lepton flavour (N, 4), after the detector's
         continuous condition features for a ``stage`` that sees "jets"."""
+        return self._refine_inputs_all(events)[stage]
+
+    def _refine_inputs_all(self, events) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`_refine_inputs` of every stage, from one pass of the detector representation."""
         t = self.tensors(events)
         cond, ref = _cpu64(self.detector)(t["leptons"], t["jets"], t["n_jets"], t["flavour"])
         n = self.detector.n_continuous
-        if self._refine_stages()[stage][0] == "jets":
-            # the whole detector event (standardised; absent jets' columns are masked to 0)
-            return ref, torch.cat([torch.nan_to_num(cond[:, :n]).clamp(-10.0, 10.0), cond[:, n:]], 1)
-        return ref, cond[:, n:]
+        # "jets": the whole detector event (standardised; absent jets' columns are masked to 0)
+        tails = {"partons": cond[:, n:], "jets": torch.cat([torch.nan_to_num(cond[:, :n]).clamp(-10.0, 10.0), cond[:, n:]], 1)}
+        return [(ref, tails[kind]) for kind, _, _ in self._refine_stages()]
 
-    def refine_features(self, partons: torch.Tensor, ref: torch.Tensor, tail: torch.Tensor, fit: bool = False, stage: int = 0) -> torch.Tensor:
+    def _refine_parts(self, partons: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """What every stage's features share (:meth:`refine_features`): the parton
+        features, log pT and η of the harder and the softer quark, and the quarks' η, φ
+        (pT-ordered)."""
+        partons, ref = partons.cpu().double(), ref.cpu().double()
+        x = _cpu64(self.parton)(partons, ref)
+        pt, eta, phi = _pt_eta_phi(partons[:, 2:4])
+        order = pt.argsort(1, descending=True)
+        pt, eta, phi = pt.gather(1, order), eta.gather(1, order), phi.gather(1, order)
+        return x, [torch.log(pt[:, 0].clamp(min=1e-3)), torch.log(pt[:, 1].clamp(min=1e-3)), eta[:, 0], eta[:, 1]], eta, phi
+
+    def refine_features(self, partons: torch.Tensor, ref: torch.Tensor, tail: torch.Tensor, fit: bool = False, stage: int = 0,
+                        parts: tuple | None = None) -> torch.Tensor:
         """The inputs of refiner ``stage`` (M, :meth:`_refine_dims`: parton dim + 8 for
         "partons"), float32, for partons (M, 4, 4) with
         their events' references (M, 11) and channel and flavour columns (M, 4): the
@@ -1211,16 +1226,13 @@ class Unfolder(nn.Module):
         features first, :meth:`_refine_inputs`) each quark's signed Δη and Δφ to the nearer
         (in ΔR) of the W candidate's two jets (the references' columns 5–10) join the
         standardised columns: the distance of the quarks to their jets, which the cINN's
-        posteriors get wrong most (docs/results.md)."""
+        posteriors get wrong most (docs/results.md). ``parts``: :meth:`_refine_parts` of the
+        same partons, when another stage has computed them."""
         kind, _, standardise = self._refine_stages()[stage]
-        partons, ref = partons.cpu().double(), ref.cpu().double()
-        x = _cpu64(self.parton)(partons, ref)
-        pt, eta, phi = _pt_eta_phi(partons[:, 2:4])
-        order = pt.argsort(1, descending=True)
-        pt, eta, phi = pt.gather(1, order), eta.gather(1, order), phi.gather(1, order)
-        cols = [torch.log(pt[:, 0].clamp(min=1e-3)), torch.log(pt[:, 1].clamp(min=1e-3)), eta[:, 0], eta[:, 1]]
+        x, cols, eta, phi = parts if parts is not None else self._refine_parts(partons, ref)
+        cols = list(cols)
         if kind == "jets":
-            jet_a, jet_b = _hypothesis_jets(ref)
+            jet_a, jet_b = _hypothesis_jets(ref.cpu().double())
             jet_eta, jet_phi = torch.stack([jet_a[:, 1], jet_b[:, 1]], 1), torch.stack([jet_a[:, 2], jet_b[:, 2]], 1)
             for q in range(2):
                 d_eta, d_phi = eta[:, q, None] - jet_eta, _wrap(phi[:, q, None] - jet_phi)
@@ -1289,10 +1301,13 @@ class Unfolder(nn.Module):
             samples = gen.shape[1]
         gen = gen.reshape(-1, 4, 4)
         infos, log_r, stages = [], None, self._refine_stages()
-        for k, (_, refiner, _) in enumerate(stages):
-            ref, tail = self._refine_inputs(events, k)
-            f_truth = self.refine_features(truth, ref, tail, fit=True, stage=k)
-            f_gen = self.refine_features(gen, ref.repeat_interleave(samples, 0), tail.repeat_interleave(samples, 0), stage=k)
+        inputs = self._refine_inputs_all(events)
+        ref = inputs[0][0]
+        ref_gen = ref.repeat_interleave(samples, 0)
+        parts_truth, parts_gen = self._refine_parts(truth, ref), self._refine_parts(gen, ref_gen)
+        for k, ((_, refiner, _), (_, tail)) in enumerate(zip(stages, inputs)):
+            f_truth = self.refine_features(truth, ref, tail, fit=True, stage=k, parts=parts_truth)
+            f_gen = self.refine_features(gen, ref_gen, tail.repeat_interleave(samples, 0), stage=k, parts=parts_gen)
             weights = None if log_r is None else log_r.exp()
             infos.append(refiner.fit(f_truth, torch.ones(len(f_truth)), f_gen, epochs=epochs, seed=seed, progress=progress, generated_weights=weights))
             if k + 1 < len(stages):  # the next stage's generated weights
@@ -1319,14 +1334,17 @@ class Unfolder(nn.Module):
             raise ValueError("refine_samples needs a fitted refiner (fit_refiner)")
         n, s = samples.shape[:2]
         stages = self._refine_stages()
-        inputs = [self._refine_inputs(events, k) for k in range(len(stages))]
+        inputs = self._refine_inputs_all(events)
+        ref = inputs[0][0]
         log_r = torch.zeros(n * s, dtype=torch.float64)
         flat = samples.reshape(-1, 4, 4)
         per = max(1, chunk // s) * s
         for lo in range(0, n * s, per):
             ev = slice(lo // s, (lo + per) // s)
-            for k, ((_, refiner, _), (ref, tail)) in enumerate(zip(stages, inputs)):
-                f = self.refine_features(flat[lo : lo + per], ref[ev].repeat_interleave(s, 0), tail[ev].repeat_interleave(s, 0), stage=k)
+            ref_rep = ref[ev].repeat_interleave(s, 0)
+            parts = self._refine_parts(flat[lo : lo + per], ref_rep)  # shared by the stages
+            for k, ((_, refiner, _), (_, tail)) in enumerate(zip(stages, inputs)):
+                f = self.refine_features(flat[lo : lo + per], ref_rep, tail[ev].repeat_interleave(s, 0), stage=k, parts=parts)
                 log_r[lo : lo + per] += refiner.log_ratio(f).cpu()
         log_r = log_r.view(n, s)
         idx = systematic_resample(log_r, torch.Generator().manual_seed(int(seed)), n_out)
