@@ -12,7 +12,7 @@ import torch
 from partonic.cards import CINNModel, DetectorSection
 from partonic.cli import main
 from partonic.jobs.unfold import lepton_veto_cuts
-from partonic.evaluate.calibration import calibration, noise_floor, quantile_ranks
+from partonic.evaluate.calibration import calibration, coverage_curve, noise_floor, quantile_ranks
 from partonic.io.lhe import read_lhe
 from partonic.models import cinn
 from partonic.models.cinn import ConditionalINN, PartonRepresentation, Unfolder, parton_observables
@@ -191,8 +191,8 @@ def test_calibration_of_exact_posteriors_and_a_too_narrow_one():
     truth = mean + sd * rng.normal(size=n)
     exact = mean[:, None] + sd[:, None] * rng.normal(size=(n, s))
     cal = calibration(exact, truth)
-    # binomial error of a coverage fraction (≤ 0.5/√n) at 4σ, plus the rank discreteness 0.5/(S + 1)
-    tol = 4 * 0.5 / math.sqrt(n) + 0.5 / (s + 1)
+    # binomial error of a coverage fraction (≤ 0.5/√n) at 4σ; the curve has no discreteness offset
+    tol = 4 * 0.5 / math.sqrt(n)
     assert cal.max_deviation < tol
     assert cal.coverage_68 == pytest.approx(0.68, abs=4 * math.sqrt(0.68 * 0.32 / n))
     assert cal.coverage_95 == pytest.approx(0.95, abs=4 * math.sqrt(0.95 * 0.05 / n))
@@ -201,6 +201,22 @@ def test_calibration_of_exact_posteriors_and_a_too_narrow_one():
     assert calibration(narrow, truth).max_deviation > 3 * tol
     ranks = quantile_ranks(np.array([[1.0, 2.0, 3.0]]), np.array([2.5]))
     assert ranks[0] == pytest.approx((2 + 0.5) / 4)
+
+
+def test_coverage_curve_of_perfectly_uniform_ranks_is_the_diagonal():
+    """S + 1 events whose truths have 0, 1, …, S samples below them: the ranks are as
+    uniform as S samples allow, so the coverage must be q at every q, not only on the
+    rank levels (the step function "rank ≤ q" is off by up to ½/(S + 1))."""
+    s = 100
+    samples = np.tile(np.arange(s, dtype=np.float64), (s + 1, 1))
+    truth = np.arange(s + 1) - 0.5  # event k: exactly k samples below
+    q = np.linspace(0.0, 1.0, 21)
+    np.testing.assert_allclose(coverage_curve(samples, truth, q), q, atol=1e-12)
+    step = (quantile_ranks(samples, truth)[None, :] <= q[:, None]).mean(1)
+    assert np.abs(step - q).max() == pytest.approx(0.5 / (s + 1), rel=0.1)
+    # a truth equal to a sample counts half: one sample of three below, one tied → k = 1.5
+    tied = coverage_curve(np.array([[1.0, 2.0, 3.0]]), np.array([2.0]), np.array([0.25, 0.5, 0.625]))
+    np.testing.assert_allclose(tied, [0.0, 0.5, 1.0])
 
 
 def test_calibration_noise_floor_is_the_95_percent_point_for_calibrated_posteriors():
@@ -256,8 +272,8 @@ def test_cinn_learns_a_known_gaussian_posterior_and_is_calibrated():
     assert samples.std(1).mean() == pytest.approx(post_sd, rel=0.05)
     for k in range(2):
         cal = calibration(samples[:, :, k], x_t[:, k])
-        # binomial error of a coverage point at 4σ, plus the rank discreteness
-        assert cal.max_deviation < 4 * 0.5 / math.sqrt(n_test) + 0.5 / (s + 1)
+        # binomial error of a coverage point at 4σ
+        assert cal.max_deviation < 4 * 0.5 / math.sqrt(n_test)
 
 
 def test_spline_cinn_learns_a_two_mode_posterior():
@@ -963,8 +979,8 @@ def test_unfold_job_end_to_end(tiny_run):
         assert set(entry) >= {"max_deviation", "coverage_68", "coverage_95", "q", "coverage", "noise_floor"}
         assert len(entry["q"]) == len(entry["coverage"])
         assert entry["noise_floor"] == report["calibration_noise_floor"]["inclusive"]
-        # near the Kolmogorov 95% point 1.36/√n: lowered by the 21-point q grid, raised by the rank discreteness
-        assert 0.9 < entry["noise_floor"] * math.sqrt(entry["n_events"]) < 1.36 + 0.5
+        # near (below) the Kolmogorov 95% point 1.36/√n, lowered by the 21-point q grid
+        assert 0.9 < entry["noise_floor"] * math.sqrt(entry["n_events"]) < 1.36
         ratio = report["ratio_to_truth"]["inclusive"][obs]
         assert set(ratio) >= {"max_bulk_deviation", "max_bulk_deviation_error", "max_bulk_pull", "ratio", "ratio_error", "edges"}
         assert len(ratio["ratio_error"]) == len(ratio["ratio"]) == len(ratio["edges"]) - 1
