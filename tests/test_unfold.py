@@ -15,7 +15,7 @@ from partonic.jobs.unfold import lepton_veto_cuts
 from partonic.evaluate.calibration import calibration, coverage_curve, noise_floor, quantile_ranks
 from partonic.io.lhe import read_lhe
 from partonic.models import cinn
-from partonic.models.cinn import ConditionalINN, PartonRepresentation, Unfolder, parton_observables
+from partonic.models.cinn import ConditionalINN, PartonRepresentation, Unfolder, parton_event_ids, parton_observables
 from partonic.physics import kinematics as kin
 from partonic.simulate.detector import DetectorEvents, apply_detector, jet_energy_resolution
 from partonic.simulate.pythia import simulate_zw
@@ -1443,6 +1443,13 @@ def test_two_refiner_stages(tiny_run):
     info = unfolder.fit_refiner(events, 2, 2, seed=4, progress=False)
     second = info["second_stage"]
     assert second["data_events"] == info["data_events"] == len(events) and second["generated_events"] == 2 * len(events)
+    # validation by parton event: the realisations of one parton event share an id
+    assert info["validation"] == second["validation"] == "groups"
+    partons = Unfolder.tensors(events)["partons"]
+    ids = parton_event_ids(torch.cat([partons, partons[:5]]))
+    assert (ids[-5:] == ids[:5]).all() and len(set(ids[: len(events)].tolist())) == len(np.unique(partons.reshape(len(events), -1).numpy(), axis=0))
+    with pytest.raises(ValueError, match="'events' or 'rows'"):
+        unfolder.fit_refiner(events, 2, 2, seed=4, progress=False, validation="parton")
     assert unfolder.refined and unfolder.refiner_jets is not None
     # the two stages see different inputs: the second the quark-jet distances and the detector
     assert unfolder.refiner_jets.net[0].in_features > unfolder.refiner.net[0].in_features

@@ -13,7 +13,7 @@ from partonic.cli import main
 from partonic.evaluate.metrics import compare_histograms, compare_to_expected
 from partonic.io.lhe import LHEInit, LHEProcess, read_lhe, write_lhe
 from partonic.jobs.unweight import kinematics_from_leptons, leptons_from_kinematics, training_weights, unweight_with_copies
-from partonic.models.refine import ClassifierRefiner
+from partonic.models.refine import ClassifierRefiner, validation_split
 from partonic.models.weighted_flow import DrellYanPreprocessing, QuantileStandardise, Standardise, WeightedFlow
 from partonic.models.weighted_gan import MarginalMap, WeightedGAN
 from partonic.simulate.pythia import shower_lhe
@@ -446,6 +446,47 @@ def test_classifier_weights_of_the_generated_class():
         ref.fit(data, torch.ones(n), generated, generated_weights=ratio[:10])
     with pytest.raises(ValueError, match="positive and finite"):
         ref.fit(data, torch.ones(n), generated, generated_weights=ratio - 1.0)
+
+
+def test_validation_split_keeps_groups_whole():
+    g = torch.Generator().manual_seed(3)
+    groups = torch.randint(0, 500, (3000,), generator=g)
+    generated_groups = groups.repeat_interleave(2)
+    val, tr = validation_split(3000, 6000, 0.1, g, groups, generated_groups)
+    assert sorted(torch.cat([val, tr]).tolist()) == list(range(9000))
+    ids = torch.cat([groups, generated_groups])
+    assert not set(ids[val].tolist()) & set(ids[tr].tolist())
+    assert len(set(ids[val].tolist())) == int(0.1 * len(set(ids.tolist())))
+    val, tr = validation_split(3000, 6000, 0.1, g)
+    assert len(val) == 900 and len(tr) == 8100
+    with pytest.raises(ValueError, match="or for neither"):
+        validation_split(3000, 6000, 0.1, g, groups, None)
+    with pytest.raises(ValueError, match="group ids"):
+        validation_split(3000, 6000, 0.1, g, groups[:10], generated_groups)
+
+
+def test_group_validation_does_not_reward_memorising_repeated_data():
+    """Data and generated events from the same N(0, 1) in 6 dimensions, but each data point
+    repeated 5 times (one parton event under 5 detector realisations): there is nothing to
+    learn, so an honest validation loss cannot go below ln 2 = 0.693. Split by rows, the
+    validation data are copies of training data and the memorising classifier's loss
+    falls to about 0.64; split by groups it stays at ln 2 (best epoch early) and rises
+    as the network memorises. A loss of 1000 validation events near ln 2 scatters by
+    less than 0.005, so the margins 0.02 and 0.005 are several standard errors."""
+    g = torch.Generator().manual_seed(2)
+    n, d, k = 1000, 6, 5
+    data = torch.randn(n, d, generator=g).repeat(k, 1)
+    generated = torch.randn(k * n, d, generator=g)
+    losses = {}
+    for split, kw in (("rows", {}), ("groups", {"groups": torch.arange(n).repeat(k), "generated_groups": torch.arange(n, (k + 1) * n)})):
+        torch.manual_seed(0)
+        info = ClassifierRefiner(d, width=256, layers=3).fit(data, torch.ones(k * n), generated, epochs=30, batch_size=256, lr=3e-3, seed=1,
+                                                             progress=False, **kw)
+        assert info["validation"] == split
+        losses[split] = info
+    assert losses["rows"]["best_val_loss"] < math.log(2) - 0.02
+    assert losses["groups"]["best_val_loss"] > math.log(2) - 0.005
+    assert losses["groups"]["val_loss"][-1] > math.log(2) + 0.02 and losses["groups"]["best_epoch"] <= 5
 
 
 def test_copy_unweighting_is_unbiased_below_the_maximum():

@@ -252,6 +252,11 @@ class RefineSection(Strict):
     #: against the samples weighted by the first's ratio; resampling uses the product of
     #: both ratios (docs/results.md, "Two refiner stages")
     inputs: Literal["partons", "jets", "partons_then_jets"] = "partons"
+    #: the classifier's validation events (early stopping): "events" holds out whole parton
+    #: events, all their detector realisations and samples; "rows" single rows, of which
+    #: most share their parton truth with a training row of another realisation
+    #: (docs/results.md, "The refiner's validation split")
+    validation: Literal["events", "rows"] = "events"
 
 
 class CINNModel(Strict):

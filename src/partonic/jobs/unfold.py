@@ -632,7 +632,8 @@ def run(card, args) -> int:
             refine_ev, events_info = independent_refine_events(card)
             timing["refine_simulate_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        report["refine"] = {"events": events_info, "fit": unfolder.fit_refiner(refine_ev, r.samples, r.epochs, seed=card.seed + 53, batch_size=card.evaluation.batch_size)}
+        report["refine"] = {"events": events_info, "fit": unfolder.fit_refiner(refine_ev, r.samples, r.epochs, seed=card.seed + 53, batch_size=card.evaluation.batch_size,
+                                                                                           validation=r.validation)}
         timing["refine_fit_s"] = time.perf_counter() - t0
     buffer = io.BytesIO()
     torch.save({"kind": "partonic-unfold-cinn", "state_dict": unfolder.state_dict(), "card": report["card"], "version": report["partonic_version"]}, buffer)
@@ -716,7 +717,7 @@ def fit_mixture_refiner(unfolders: list[Unfolder], events: DetectorEvents, card,
         return torch.cat([u.unfold(ev, share, batch_size=card.evaluation.batch_size, seed=s + MEMBER_SEED_STEP * i, refine=False)
                           for i, u in enumerate(unfolders)], 1)
 
-    info = mixture.fit_refiner(events, r.samples, r.epochs, seed=seed, batch_size=card.evaluation.batch_size, sampler=sampler)
+    info = mixture.fit_refiner(events, r.samples, r.epochs, seed=seed, batch_size=card.evaluation.batch_size, sampler=sampler, validation=r.validation)
     return mixture, info
 
 

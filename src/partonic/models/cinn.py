@@ -803,6 +803,14 @@ def parton_observables(partons: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
+def parton_event_ids(partons) -> np.ndarray:
+    """An integer per event, equal for events with identical parton momenta (N, 4, 4):
+    the detector realisations of one parton event share it."""
+    p = partons.detach().cpu().numpy() if isinstance(partons, torch.Tensor) else np.asarray(partons)
+    flat = np.ascontiguousarray(p.reshape(len(p), -1))
+    return np.unique(flat, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
 def quark_jet_distances(partons: torch.Tensor, jets: torch.Tensor, chunk: int = 5_000) -> dict[str, torch.Tensor]:
     """ΔR of the harder and the softer quark to the nearest present jet of their event:
     ``partons`` (N, S, 4, 4) samples or (N, 4, 4) truth, ``jets`` (N, J, 4) with absent
@@ -1266,7 +1274,7 @@ class Unfolder(nn.Module):
             self.register_buffer("refiner_fitted", torch.tensor(False, device=device))
 
     def fit_refiner(self, events, samples: int = 2, epochs: int = 20, seed: int = 0, batch_size: int = 100_000, progress: bool | None = None,
-                    sampler=None) -> dict:
+                    sampler=None, validation: str = "events") -> dict:
         """Fit the refiner after the cINN: a classifier between the events' parton truth
         (label 1) and ``samples`` cINN samples per event (label 0), both with the
         event's detector-level channel and references (:class:`ClassifierRefiner`, the
@@ -1290,9 +1298,17 @@ class Unfolder(nn.Module):
         first stage's correction of the quarks' momenta stays where the second, busy
         with the quark–jet distances, does not learn it (docs/results.md, "Two refiner
         stages"). Returns the first classifier's fit summary, with the second's under
-        "second_stage"."""
+        "second_stage".
+
+        ``validation`` "events" (default) holds out whole parton events for the
+        classifiers' validation loss (early stopping): every detector realisation of a
+        held-out parton event, and every sample drawn for them; "rows" holds out single
+        rows, so a validation truth is mostly also a training truth under another
+        realisation (docs/results.md, "The refiner's validation split")."""
         if self.refiner is None:
             raise ValueError("fit_refiner needs model.refine.method = classifier")
+        if validation not in ("events", "rows"):
+            raise ValueError(f"fit_refiner: validation must be 'events' or 'rows', got {validation!r}")
         truth = self.tensors(events)["partons"]
         if sampler is None:
             gen = self.unfold(events, samples, batch_size=batch_size, seed=seed, refine=False)
@@ -1300,6 +1316,11 @@ class Unfolder(nn.Module):
             gen = sampler(events, samples, seed)
             samples = gen.shape[1]
         gen = gen.reshape(-1, 4, 4)
+        groups = generated_groups = None
+        if validation == "events":
+            # one group per parton event: its realisations have the same parton truth
+            groups = torch.as_tensor(parton_event_ids(truth))
+            generated_groups = groups.repeat_interleave(samples)
         infos, log_r, stages = [], None, self._refine_stages()
         inputs = self._refine_inputs_all(events)
         ref = inputs[0][0]
@@ -1309,7 +1330,8 @@ class Unfolder(nn.Module):
             f_truth = self.refine_features(truth, ref, tail, fit=True, stage=k, parts=parts_truth)
             f_gen = self.refine_features(gen, ref_gen, tail.repeat_interleave(samples, 0), stage=k, parts=parts_gen)
             weights = None if log_r is None else log_r.exp()
-            infos.append(refiner.fit(f_truth, torch.ones(len(f_truth)), f_gen, epochs=epochs, seed=seed, progress=progress, generated_weights=weights))
+            infos.append(refiner.fit(f_truth, torch.ones(len(f_truth)), f_gen, epochs=epochs, seed=seed, progress=progress, generated_weights=weights,
+                                     groups=groups, generated_groups=generated_groups))
             if k + 1 < len(stages):  # the next stage's generated weights
                 stage_log_r = refiner.log_ratio(f_gen).cpu()
                 log_r = stage_log_r if log_r is None else log_r + stage_log_r
@@ -1321,7 +1343,8 @@ class Unfolder(nn.Module):
         return info
 
     @torch.no_grad()
-    def refine_samples(self, events, samples: torch.Tensor, seed: int, chunk: int = 1_000_000, n_out: int | None = None) -> tuple[torch.Tensor, dict]:
+    def refine_samples(self, events, samples: torch.Tensor, seed: int, chunk: int = 1_000_000, n_out: int | None = None,
+                       progress: bool | None = None) -> tuple[torch.Tensor, dict]:
         """Resample each event's posterior samples (N, S, 4, 4) in proportion to the
         refiner's ratio r into ``n_out`` (default S) samples (systematic resampling:
         sample k is kept ⌊n_out w_k⌋ or ⌈n_out w_k⌉ times, w = r / Σ r over the event's
@@ -1329,7 +1352,10 @@ class Unfolder(nn.Module):
         where the classifier is exact; S > n_out (oversampling) keeps more distinct
         samples where r varies strongly. Returns the resampled samples and the spread of
         the weights: the mean and the smallest effective sample size (Σ r)²/Σ r² of an
-        event, and the standard deviation of ln r."""
+        event, and the standard deviation of ln r. ``progress``: a progress bar over the
+        events (None: on a terminal only)."""
+        from tqdm.auto import tqdm
+
         if not self.refined:
             raise ValueError("refine_samples needs a fitted refiner (fit_refiner)")
         n, s = samples.shape[:2]
@@ -1339,6 +1365,7 @@ class Unfolder(nn.Module):
         log_r = torch.zeros(n * s, dtype=torch.float64)
         flat = samples.reshape(-1, 4, 4)
         per = max(1, chunk // s) * s
+        bar = tqdm(total=n, desc="refining (classifier ratio)", unit="ev", disable=not progress if progress is not None else None, leave=False)
         for lo in range(0, n * s, per):
             ev = slice(lo // s, (lo + per) // s)
             ref_rep = ref[ev].repeat_interleave(s, 0)
@@ -1346,6 +1373,8 @@ class Unfolder(nn.Module):
             for k, ((_, refiner, _), (_, tail)) in enumerate(zip(stages, inputs)):
                 f = self.refine_features(flat[lo : lo + per], ref_rep, tail[ev].repeat_interleave(s, 0), stage=k, parts=parts)
                 log_r[lo : lo + per] += refiner.log_ratio(f).cpu()
+            bar.update(min(n, (lo + per) // s) - lo // s)
+        bar.close()
         log_r = log_r.view(n, s)
         idx = systematic_resample(log_r, torch.Generator().manual_seed(int(seed)), n_out)
         out = samples.gather(1, idx[:, :, None, None].expand(-1, -1, *samples.shape[2:]))

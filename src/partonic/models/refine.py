@@ -30,7 +30,7 @@ from torch import nn
 from ..evaluate.metrics import unweighting_efficiency
 from .flows import mlp
 
-__all__ = ["ClassifierRefiner", "systematic_resample", "unweight_with_copies"]
+__all__ = ["ClassifierRefiner", "systematic_resample", "unweight_with_copies", "validation_split"]
 
 
 def systematic_resample(log_weights: torch.Tensor, generator: torch.Generator, n_out: int | None = None) -> torch.Tensor:
@@ -55,6 +55,31 @@ def unweight_with_copies(weights: torch.Tensor, w_max: float, gen: torch.Generat
     ratio = (weights.clamp(min=0) / w_max).cpu()
     copies = torch.floor(ratio) + (torch.rand(ratio.shape, generator=gen, dtype=ratio.dtype) < ratio - torch.floor(ratio)).to(ratio.dtype)
     return torch.repeat_interleave(torch.arange(len(ratio)), copies.long()).to(weights.device)
+
+
+def validation_split(n_data: int, n_generated: int, fraction: float, generator: torch.Generator,
+                     groups: torch.Tensor | None = None, generated_groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validation and training rows of the data rows 0 … n_data − 1 followed by the
+    generated rows: a random ``fraction`` of the rows, or, with group ids for both
+    (``groups``, ``generated_groups``), every row of a random ``fraction`` of the
+    groups, so that no group has rows on both sides."""
+    n = n_data + n_generated
+    if (groups is None) != (generated_groups is None):
+        raise ValueError("ClassifierRefiner.fit: give groups for both the data and the generated events, or for neither")
+    if groups is None:
+        order = torch.randperm(n, generator=generator)
+        n_val = int(fraction * n)
+        return order[:n_val], order[n_val:]
+    if len(groups) != n_data or len(generated_groups) != n_generated:
+        raise ValueError(f"ClassifierRefiner.fit: {n_data} data and {n_generated} generated events, but {len(groups)} and {len(generated_groups)} group ids")
+    _, ids = torch.unique(torch.cat([torch.as_tensor(groups).long().cpu(), torch.as_tensor(generated_groups).long().cpu()]), return_inverse=True)
+    n_groups = int(ids.max()) + 1 if n else 0
+    held = torch.zeros(n_groups, dtype=torch.bool)
+    held[torch.randperm(n_groups, generator=generator)[: int(fraction * n_groups)]] = True
+    in_val = held[ids]
+    # shuffled within each side, as the row split is
+    val, tr = torch.nonzero(in_val)[:, 0], torch.nonzero(~in_val)[:, 0]
+    return val[torch.randperm(len(val), generator=generator)], tr[torch.randperm(len(tr), generator=generator)]
 
 
 class ClassifierRefiner(nn.Module):
@@ -90,11 +115,18 @@ class ClassifierRefiner(nn.Module):
         return torch.cat(out).clamp(-self.MAX_LOG_RATIO, self.MAX_LOG_RATIO) if out else torch.zeros(0, dtype=torch.float64, device=p.device)
 
     def fit(self, data: torch.Tensor, weights: torch.Tensor, generated: torch.Tensor, epochs: int = 20, batch_size: int = 4096, lr: float = 1e-3,
-            validation_fraction: float = 0.1, seed: int = 0, progress: bool | None = None, generated_weights: torch.Tensor | None = None) -> dict:
+            validation_fraction: float = 0.1, seed: int = 0, progress: bool | None = None, generated_weights: torch.Tensor | None = None,
+            groups: torch.Tensor | None = None, generated_groups: torch.Tensor | None = None) -> dict:
         """Train on data features with their weights (label 1) against generated
         features (label 0) with theirs (``generated_weights``, default equal; positive),
         each class normalised to the same total weight; keep the epoch with the lowest
-        validation loss, then set r_max. Returns a summary."""
+        validation loss, then set r_max. Returns a summary.
+
+        ``groups`` and ``generated_groups`` (integer ids per row, both or neither) hold
+        out whole groups for validation instead of single rows: rows that share
+        something the classifier can memorise (one parton event under several detector
+        realisations, and the samples drawn for it) must not be split between training
+        and validation, or the validation loss rewards memorising them."""
         from tqdm.auto import tqdm
 
         if len(data) != len(weights):
@@ -121,9 +153,8 @@ class ClassifierRefiner(nn.Module):
         y = torch.cat([torch.ones(n_d), torch.zeros(n_g)]).to(p.device)
         # equal total weight per class; the mean |weight| of an event is about 1
         cw = torch.cat([(w * (half / w.sum())).float(), (wg * (half / wg.sum())).float()]).to(p.device)
-        order = torch.randperm(len(x), generator=gen).to(p.device)
-        n_val = int(validation_fraction * len(x))
-        val, tr = order[:n_val], order[n_val:]
+        val, tr = validation_split(n_d, n_g, validation_fraction, gen, groups, generated_groups)
+        val, tr, n_val = val.to(p.device), tr.to(p.device), len(val)
         loss_fn = nn.BCEWithLogitsLoss(reduction="none")
 
         def mean_loss(idx) -> float:
@@ -164,7 +195,7 @@ class ClassifierRefiner(nn.Module):
         eff = unweighting_efficiency(r)
         self.r_max.fill_(eff.w_max)
         return {"epochs": epochs, "best_epoch": best_epoch, "val_loss": history, "best_val_loss": best,
-                "val_loss_before_training": before,
+                "val_loss_before_training": before, "validation": "rows" if groups is None else "groups", "validation_rows": int(n_val),
                 "data_events": n_d, "generated_events": n_g, "r_max": eff.w_max, "mean_r": float(r.mean()),
                 "r_std": float(r.std()), "expected_efficiency": float(r.mean()) / eff.w_max,
                 "overweight_fraction": eff.overweight_fraction}
