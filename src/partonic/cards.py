@@ -255,7 +255,7 @@ class RefineSection(Strict):
     #: the classifier's validation events (early stopping): "events" holds out whole parton
     #: events, all their detector realisations and samples; "rows" single rows, of which
     #: most share their parton truth with a training row of another realisation
-    #: (docs/results.md, "The refiner's validation split")
+    #: (docs/results.md, "The coverage estimator, the refiner's validation split, and two stages")
     validation: Literal["events", "rows"] = "events"
 
 

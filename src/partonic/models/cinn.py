@@ -1304,7 +1304,8 @@ class Unfolder(nn.Module):
         classifiers' validation loss (early stopping): every detector realisation of a
         held-out parton event, and every sample drawn for them; "rows" holds out single
         rows, so a validation truth is mostly also a training truth under another
-        realisation (docs/results.md, "The refiner's validation split")."""
+        realisation (docs/results.md, "The coverage estimator, the refiner's validation
+        split, and two stages")."""
         if self.refiner is None:
             raise ValueError("fit_refiner needs model.refine.method = classifier")
         if validation not in ("events", "rows"):
