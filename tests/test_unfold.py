@@ -1458,8 +1458,7 @@ def test_two_refiner_stages(tiny_run):
     kept, weights = unfolder.refine_samples(events, raw, seed=9, n_out=4)
     n, s = raw.shape[:2]
     log_r = torch.zeros(n * s, dtype=torch.float64)
-    for k, (_, refiner, _) in enumerate(unfolder._refine_stages()):
-        ref, tail = unfolder._refine_inputs(events, k)
+    for k, ((_, refiner, _), (ref, tail)) in enumerate(zip(unfolder._refine_stages(), unfolder._refine_inputs_all(events))):
         log_r += refiner.log_ratio(unfolder.refine_features(raw.reshape(-1, 4, 4), ref.repeat_interleave(s, 0), tail.repeat_interleave(s, 0), stage=k))
     idx = systematic_resample(log_r.view(n, s), torch.Generator().manual_seed(9), 4)
     torch.testing.assert_close(kept, raw.gather(1, idx[:, :, None, None].expand(-1, -1, 4, 4)))

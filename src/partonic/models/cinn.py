@@ -1195,15 +1195,12 @@ class Unfolder(nn.Module):
         """Whether a fitted refiner resamples the posteriors."""
         return self.refiner is not None and bool(self.refiner_fitted)
 
-    def _refine_inputs(self, events, stage: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per event: the references of the W candidate (N, 11), not of any hypothesis, so
-        the refiner's inputs are a function of the partons and the detector alone; and
-        the jet channel (one-hot) with the lepton flavour (N, 4), after the detector's
-        continuous condition features for a ``stage`` that sees "jets"."""
-        return self._refine_inputs_all(events)[stage]
-
     def _refine_inputs_all(self, events) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """:meth:`_refine_inputs` of every stage, from one pass of the detector representation."""
+        """Per refiner stage and event, from one pass of the detector representation: the
+        references of the W candidate (N, 11), not of any hypothesis, so the refiner's
+        inputs are a function of the partons and the detector alone; and the jet channel
+        (one-hot) with the lepton flavour (N, 4), after the detector's continuous
+        condition features for a stage that sees "jets"."""
         t = self.tensors(events)
         cond, ref = _cpu64(self.detector)(t["leptons"], t["jets"], t["n_jets"], t["flavour"])
         n = self.detector.n_continuous
@@ -1231,7 +1228,7 @@ class Unfolder(nn.Module):
         (standardised; ``fit`` sets that standardisation), and the channel and flavour.
 
         For a stage that sees "jets" (``tail`` then also holds the detector's continuous
-        features first, :meth:`_refine_inputs`) each quark's signed Δη and Δφ to the nearer
+        features first, :meth:`_refine_inputs_all`) each quark's signed Δη and Δφ to the nearer
         (in ΔR) of the W candidate's two jets (the references' columns 5–10) join the
         standardised columns: the distance of the quarks to their jets, which the cINN's
         posteriors get wrong most (docs/results.md). ``parts``: :meth:`_refine_parts` of the
