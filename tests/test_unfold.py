@@ -1236,6 +1236,60 @@ def test_an_ensemble_refined_as_a_mixture(tiny_run, tmp_path, capsys, monkeypatc
         assert message in err and "evaluation.ensemble_refine = members" in err
 
 
+def test_an_ensemble_trained_in_one_run(tiny_run, tmp_path, capsys, monkeypatch):
+    """model.ensemble = 2 with the mixture's refiner: member 0 is the single-model run's
+    cINN (same seed, same data), member 1 another (seed + 7919); model.pt holds both and
+    the fitted mixture refiner, so unfolding the run's test events with it again gives
+    the run's samples without refitting; without a classifier the card is refused."""
+    import h5py
+
+    from partonic.jobs.unfold import ENSEMBLE_KIND, load_model, load_models
+
+    root, card = tiny_run
+    monkeypatch.setenv("PARTONIC_CACHE", str(root / "cache"))  # the tiny run's events and independent events
+    sets = ["--set", "model.ensemble=2", "--set", "evaluation.ensemble_refine=mixture"]
+    out = tmp_path / "ens"
+    assert main(["unfold", "--card", str(card), "--output", str(out)] + sets) == 0
+    assert "member1 (8 samples/event) alone, before the mixture's refiner" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    single = json.loads((root / "run" / "report.json").read_text())
+    members = report["ensemble"]["members"]
+    assert report["ensemble"]["refine"] == "mixture" and [m["seed"] for m in members] == [2, 2 + 7919]
+    assert all(m["training"]["steps"] > 0 and "inclusive" in m["summary"] for m in members)
+    assert report["training"] == members[0]["training"] and report["training"]["final_loss"] == single["training"]["final_loss"]
+    assert report["timing"]["train_s"] == pytest.approx(sum(m["train_s"] for m in members))
+    assert {**report["refine"]["events"], "cached": True} == {**single["refine"]["events"], "cached": True} and "refine" not in members[0]  # one refiner, for the mixture
+    assert (out / "member1" / "checkpoint.pt").is_file()  # member 1 checkpoints apart: --resume keeps both
+
+    state = torch.load(out / "model.pt", map_location="cpu", weights_only=False)
+    assert state["kind"] == ENSEMBLE_KIND and len(state["members"]) == 2 and state["mixture"] is not None
+    units, _, mixture = load_models(out / "model.pt", torch.device("cpu"))
+    alone, _ = load_model(root / "run" / "model.pt", torch.device("cpu"))
+    cinn = lambda u: {k: v for k, v in u.state_dict().items() if not k.startswith("refine")}
+    reference = cinn(alone)
+    assert all(torch.equal(v, reference[k]) for k, v in cinn(units[0]).items())
+    assert not all(torch.equal(v, reference[k]) for k, v in cinn(units[1]).items())
+    assert mixture.refined and not units[0].refined and not units[1].refined
+    with pytest.raises(Exception, match="ensemble of 2"):
+        load_model(out / "model.pt", torch.device("cpu"))
+
+    # the saved ensemble unfolds its own test events into the same samples, with the stored refiner
+    again = tmp_path / "again"
+    with h5py.File(out / "unfolded.h5") as fh:
+        DetectorEvents(**{k: fh["detector"][k][()] for k in fh["detector"].keys()}).to_hdf5(tmp_path / "test_events.h5")
+    assert main(["unfold", "--card", str(card), "--model", str(out / "model.pt"), "--input", str(tmp_path / "test_events.h5"), "--output", str(again)] + sets) == 0
+    applied = json.loads((again / "report.json").read_text())
+    assert [m["model"] for m in applied["ensemble"]["members"]] == [f"{out / 'model.pt'}#0", f"{out / 'model.pt'}#1"]
+    assert "refine_fit_s" not in applied["timing"] and "refine_simulate_s" not in applied["timing"]
+    with h5py.File(out / "unfolded.h5") as fa, h5py.File(again / "unfolded.h5") as fb:
+        np.testing.assert_array_equal(fa["samples"][()], fb["samples"][()])
+    assert applied["max_calibration_deviation"] == report["max_calibration_deviation"]
+
+    assert main(["unfold", "--card", str(card), "--output", str(tmp_path / "bad"), "--set", "model.ensemble=2", "--set",
+                 "evaluation.ensemble_refine=mixture", "--set", "model.refine.method=none", "--set", "model.refine.independent_events=0"]) != 0
+    assert "model.ensemble = 2 with evaluation.ensemble_refine = mixture" in capsys.readouterr().err
+
+
 def test_unfold_bad_inputs_give_clear_errors(tiny_run, tmp_path, capsys):
     root, card = tiny_run
     model = str(root / "run" / "model.pt")

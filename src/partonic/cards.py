@@ -320,6 +320,11 @@ class CINNModel(Strict):
     #: decay per step of a moving average of the cINN's weights that then unfolds
     #: (0: the last iterate)
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    #: train this many cINNs and unfold with the mixture of their posteriors: member k
+    #: (k > 0) starts, is batched and gets its data.resmear detector realisations from the
+    #: seed card.seed + 7919·k, on the same events (evaluation.ensemble_refine says how the
+    #: mixture is refined); model.pt then holds every member and the mixture's refiner
+    ensemble: Annotated[int, Field(ge=1, le=16)] = 1
     mmd: MMDSection = MMDSection()
     refine: RefineSection = RefineSection()
 
@@ -367,6 +372,9 @@ class UnfoldCard(CommonCard):
                              "set model.refine.method = classifier, or refine_oversample = 1")
         if self.model.refine.independent_events and self.model.refine.method == "none":
             raise ValueError("model.refine.independent_events are events for the refiner: set model.refine.method = classifier, or independent_events = 0")
+        if self.model.ensemble > 1 and self.evaluation.ensemble_refine == "mixture" and self.model.refine.method == "none":
+            raise ValueError(f"model.ensemble = {self.model.ensemble} with evaluation.ensemble_refine = mixture refines the members' mixture by a classifier: "
+                             "set model.refine.method = classifier, or evaluation.ensemble_refine = members")
         if self.model.w_coordinates == "jets":
             if self.model.leptons != "system":
                 raise ValueError(f"model.w_coordinates = jets takes the Z's pT from the W's: it needs model.leptons = system, not {self.model.leptons!r}")

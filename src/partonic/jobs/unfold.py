@@ -582,69 +582,78 @@ def run(card, args) -> int:
         raise JobError(f"only {len(events)} events pass the selection; raise data.n_events")
 
     tr, va, te = _split(len(events), card)
-    train_ev, val_ev, test_ev = events.subset(tr), events.subset(va), events.subset(te)
+    base_ev, val_ev, test_ev = events.subset(tr), events.subset(va), events.subset(te)
+    del events
     if card.evaluation.test_events:
         test_ev = test_ev.subset(slice(0, card.evaluation.test_events))
-    report["training_events"], report["validation_events"], report["test_events"] = len(train_ev), len(val_ev), len(test_ev)
-    if card.data.resmear:
-        extra, _ = resmeared_events(particle["arrays"], card.data.detector, card.seed, card.data.resmear, exclude=particle["rows"][np.concatenate([va, te])])
-        train_ev = _concatenate([train_ev, extra])
-        report["training_events_resmeared"] = len(extra)
-    del particle
-    # the refiner learns from these (without the rotated copies: half the time, and the
-    # rotation is a symmetry the cINN's samples already share)
-    refine_ev = train_ev
-    if card.data.symmetrise:
-        train_ev = _concatenate([train_ev, train_ev.rotated()])
-        report["training_events_symmetrised"] = len(train_ev)
+    report["training_events"], report["validation_events"], report["test_events"] = len(base_ev), len(val_ev), len(test_ev)
     report["samples_per_event"] = card.evaluation.samples_per_event
+    held_out = particle["rows"][np.concatenate([va, te])] if card.data.resmear else None
+    n_members = card.model.ensemble
+    mixture_refine = n_members > 1 and card.evaluation.ensemble_refine == "mixture"
+    refine_events: tuple | None = None  # model.refine.independent_events, simulated once for every member
 
-    seed_everything(card.seed)
-    unfolder = Unfolder(card.data.detector.max_jets, card.model).fit(train_ev)
-    data = unfolder.training_data(train_ev)
-    val = unfolder.training_data(val_ev) if len(val_ev) else None
-    pairing_fit = None
-    if unfolder.pairs:
-        if val is None:
-            raise JobError("model.pairing = classifier needs validation events (training.validation_fraction > 0)")
-        t0 = time.perf_counter()
-        m = card.model
-        pairing_fit = unfolder.fit_pairing(data, val, epochs=m.pairing_epochs, dropout=m.pairing_dropout, batch_size=card.training.batch_size,
-                                           seed=card.seed, device=device)
-        timing["pairing_fit_s"] = time.perf_counter() - t0
-    weights = channel_weights(train_ev.n_jets, card.data.channel_balance)
-    if weights is not None:
-        report["training_channel_share"] = _channel_share(train_ev.n_jets, weights)
-    try:
-        result = train(unfolder, lambda m, b: m.loss(b), data, card.training, folder.path, seed=card.seed, device=device,
-                       val_data=val, resume=args.resume, description="training cINN", sample_weights=weights)
-    except TrainingError as exc:
-        raise JobError(str(exc)) from None
-    timing["train_s"] = result.train_s
-    timing["train_s_per_epoch"] = result.train_s / max(result.epochs, 1e-9)
-    report["training"] = result.summary(kept_best=card.training.keep_best)
-    if unfolder.refiner is not None:
-        unfolder.eval()
-        r = card.model.refine
-        events_info: dict = {"source": "training", "events": len(refine_ev)}
-        if r.independent_events:
+    def member_refine_events(train_events):
+        nonlocal refine_events
+        if not card.model.refine.independent_events:
+            return train_events, {"source": "training", "events": len(train_events)}
+        if refine_events is None:
             t0 = time.perf_counter()
-            refine_ev, events_info = independent_refine_events(card)
+            refine_events = independent_refine_events(card)
             timing["refine_simulate_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        report["refine"] = {"events": events_info, "fit": unfolder.fit_refiner(refine_ev, r.samples, r.epochs, seed=card.seed + 53, batch_size=card.evaluation.batch_size,
-                                                                                           validation=r.validation)}
-        timing["refine_fit_s"] = time.perf_counter() - t0
-    buffer = io.BytesIO()
-    torch.save({"kind": "partonic-unfold-cinn", "state_dict": unfolder.state_dict(), "card": report["card"], "version": report["partonic_version"]}, buffer)
-    atomic_write_bytes(folder.path / "model.pt", buffer.getvalue())
-    report["outputs"]["model"] = "model.pt"
+        return refine_events
 
-    unfolder.eval()
-    samples = _unfold(unfolder, test_ev, card, timing, report)
-    if unfolder.pairs:
-        report["pairing"] = {"fit": pairing_fit, "test": unfolder.pairing_summary(test_ev)}
-    plots = evaluate(test_ev, samples, card, folder.path, report, train_events=train_ev)
+    members, member_info = [], []
+    for k in range(n_members):
+        seed = card.seed + MEMBER_SEED_STEP * k
+        member_report: dict = {}
+        train_ev, refine_ev = _member_training_events(base_ev, particle, held_out, card, seed, member_report)
+        if k == 0:
+            report.update(member_report)
+            first_train_ev, first_refine_ev = train_ev, refine_ev
+        unfolder, fit = _train_member(train_ev, val_ev, card, seed, folder.path / f"member{k}" if k else folder.path, args.resume, device,
+                                      timing if k == 0 else {}, label=f" {k + 1}/{n_members}" if n_members > 1 else "")
+        del train_ev
+        if unfolder.refiner is not None and not mixture_refine:
+            unfolder.eval()
+            r = card.model.refine
+            refine_ev, events_info = member_refine_events(refine_ev)
+            t0 = time.perf_counter()
+            fit["refine"] = {"events": events_info, "fit": unfolder.fit_refiner(refine_ev, r.samples, r.epochs, seed=seed + 53, batch_size=card.evaluation.batch_size,
+                                                                                validation=r.validation)}
+            timing["refine_fit_s"] = timing.get("refine_fit_s", 0.0) + time.perf_counter() - t0
+        del refine_ev
+        members.append(unfolder.eval())
+        member_info.append({"seed": seed, **fit})
+    del particle, base_ev
+    report["training"] = member_info[0]["training"]
+    if "training_channel_share" in member_info[0]:
+        report["training_channel_share"] = member_info[0]["training_channel_share"]
+    if n_members > 1:
+        timing["train_s"] = sum(info["train_s"] for info in member_info)
+    if n_members == 1 and "refine" in member_info[0]:
+        report["refine"] = member_info[0]["refine"]
+    mixture = None
+    if mixture_refine:
+        refine_ev, events_info = member_refine_events(first_refine_ev)
+        t0 = time.perf_counter()
+        mixture, fit = fit_mixture_refiner(members, refine_ev, card, seed=card.seed + 53)
+        timing["refine_fit_s"] = time.perf_counter() - t0
+        report["refine"] = {"events": events_info, "fit": fit}
+        del refine_ev
+    refine_events = first_refine_ev = None
+    _save_model(folder, report, members, mixture)
+
+    if n_members == 1:
+        samples = _unfold(members[0], test_ev, card, timing, report)
+    else:
+        samples = _ensemble_unfold([(f"member{k}", u) for k, u in enumerate(members)], test_ev, card, timing, report, mixture=mixture)
+        for entry, info in zip(report["ensemble"]["members"], member_info):
+            for key, value in info.items():  # a member's own refiner: its fit beside its test figures
+                entry[key] = {**value, **entry[key]} if key == "refine" and key in entry else value
+    if members[0].pairs:
+        report["pairing"] = {"fit": member_info[0].get("pairing_fit"), "test": members[0].pairing_summary(test_ev)}
+    plots = evaluate(test_ev, samples, card, folder.path, report, train_events=first_train_ev)
     _save_samples(folder.path / "unfolded.h5", test_ev, samples)
     report["outputs"]["samples"] = "unfolded.h5"
     if card.lhe.write:
@@ -653,6 +662,78 @@ def run(card, args) -> int:
     folder.write_report(report)
     print(_summary(report, folder.path))
     return 0
+
+
+def _member_training_events(base: DetectorEvents, particle: dict | None, held_out: np.ndarray | None, card, seed: int,
+                            report: dict) -> tuple[DetectorEvents, DetectorEvents]:
+    """One ensemble member's training events: the card's training split with
+    data.resmear more detector realisations drawn from ``seed`` (never of the validation
+    and test events' particle-level rows, ``held_out``), then with data.symmetrise the
+    rotated copies. Returns them and the events its refiner would learn from when it has
+    no independent events (the same, without the rotated copies: half the time, and the
+    rotation is a symmetry the cINN's samples already share); counts go into ``report``."""
+    train_ev = base
+    if card.data.resmear:
+        extra, _ = resmeared_events(particle["arrays"], card.data.detector, seed, card.data.resmear, exclude=held_out)
+        train_ev = _concatenate([train_ev, extra])
+        report["training_events_resmeared"] = len(extra)
+    refine_ev = train_ev
+    if card.data.symmetrise:
+        train_ev = _concatenate([train_ev, train_ev.rotated()])
+        report["training_events_symmetrised"] = len(train_ev)
+    return train_ev, refine_ev
+
+
+def _train_member(train_ev: DetectorEvents, val_ev: DetectorEvents, card, seed: int, run_dir: Path, resume: bool, device,
+                  timing: dict, label: str = "") -> tuple[Unfolder, dict]:
+    """A cINN (with its pairing classifier) trained from ``seed`` on ``train_ev``,
+    checkpointed in ``run_dir``; its training (and pairing fit) summary."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(seed)
+    unfolder = Unfolder(card.data.detector.max_jets, card.model).fit(train_ev)
+    data = unfolder.training_data(train_ev)
+    val = unfolder.training_data(val_ev) if len(val_ev) else None
+    info: dict = {}
+    if unfolder.pairs:
+        if val is None:
+            raise JobError("model.pairing = classifier needs validation events (training.validation_fraction > 0)")
+        t0 = time.perf_counter()
+        m = card.model
+        info["pairing_fit"] = unfolder.fit_pairing(data, val, epochs=m.pairing_epochs, dropout=m.pairing_dropout, batch_size=card.training.batch_size,
+                                                   seed=seed, device=device)
+        timing["pairing_fit_s"] = time.perf_counter() - t0
+    weights = channel_weights(train_ev.n_jets, card.data.channel_balance)
+    if weights is not None:
+        info["training_channel_share"] = _channel_share(train_ev.n_jets, weights)
+    try:
+        result = train(unfolder, lambda m, b: m.loss(b), data, card.training, run_dir, seed=seed, device=device,
+                       val_data=val, resume=resume, description="training cINN" + label, sample_weights=weights)
+    except TrainingError as exc:
+        raise JobError(str(exc)) from None
+    timing["train_s"] = result.train_s
+    timing["train_s_per_epoch"] = result.train_s / max(result.epochs, 1e-9)
+    info["training"] = result.summary(kept_best=card.training.keep_best)
+    info["train_s"] = result.train_s
+    return unfolder, info
+
+
+#: model.pt of an ensemble (``model.ensemble`` > 1): every member's state and the mixture's refiner
+ENSEMBLE_KIND = "partonic-unfold-ensemble"
+
+
+def _save_model(folder: RunFolder, report: dict, members: list[Unfolder], mixture: Unfolder | None) -> None:
+    """model.pt: the cINN (kind partonic-unfold-cinn) or, for an ensemble, every member and
+    the mixture's refiner (held as the refitted copy of the first member)."""
+    meta = {"card": report["card"], "version": report["partonic_version"]}
+    if len(members) == 1:
+        state = {"kind": "partonic-unfold-cinn", "state_dict": members[0].state_dict(), **meta}
+    else:
+        state = {"kind": ENSEMBLE_KIND, "members": [u.state_dict() for u in members],
+                 "mixture": mixture.state_dict() if mixture is not None else None, **meta}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(folder.path / "model.pt", buffer.getvalue())
+    report["outputs"]["model"] = "model.pt"
 
 
 def _unfold(unfolder: Unfolder, events: DetectorEvents, card, timing: dict, report: dict, n_samples: int | None = None, seed: int | None = None,
@@ -726,8 +807,10 @@ def fit_mixture_refiner(unfolders: list[Unfolder], events: DetectorEvents, card,
 _LEGACY_REPRESENTATION = {"azimuth": "interval", "quark_label": "energy", "leptons": "momenta", "decay_angle": "atanh"}
 
 
-def load_model(path: str | Path, device: torch.device) -> tuple[Unfolder, object]:
-    """A trained :class:`Unfolder` and the card it was trained with."""
+def load_models(path: str | Path, device: torch.device) -> tuple[list[Unfolder], object, Unfolder | None]:
+    """The trained :class:`Unfolder` (or every member of a ``model.ensemble`` run), the
+    card it was trained with, and an ensemble's mixture refiner (held as a refitted copy
+    of its first member; None for one model or an ensemble refined by its members)."""
     path = Path(path)
     if not path.is_file():
         raise JobError(f"--model {path}: no such file")
@@ -735,7 +818,8 @@ def load_model(path: str | Path, device: torch.device) -> tuple[Unfolder, object
         state = load_checkpoint(path, "cpu")
     except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error here
         raise JobError(f"--model {path}: not a readable model file ({exc})") from None
-    if not isinstance(state, dict) or state.get("kind") != "partonic-unfold-cinn":
+    kind = state.get("kind") if isinstance(state, dict) else None
+    if kind not in ("partonic-unfold-cinn", ENSEMBLE_KIND):
         raise JobError(f"--model {path}: not a partonic unfolding model (expected the model.pt of an unfold run)")
     card = copy.deepcopy(state["card"])
     if isinstance(card, dict) and isinstance(card.get("model"), dict):
@@ -743,9 +827,23 @@ def load_model(path: str | Path, device: torch.device) -> tuple[Unfolder, object
         for key, value in _LEGACY_REPRESENTATION.items():
             card["model"].setdefault(key, value)
     trained = parse_card(card, source=f"{path} (card)")
-    unfolder = Unfolder(trained.data.detector.max_jets, trained.model)
-    unfolder.load_state_dict(state["state_dict"])
-    return unfolder.to(device).eval(), trained
+
+    def build(state_dict):
+        unfolder = Unfolder(trained.data.detector.max_jets, trained.model)
+        unfolder.load_state_dict(state_dict)
+        return unfolder.to(device).eval()
+
+    if kind == ENSEMBLE_KIND:
+        return [build(sd) for sd in state["members"]], trained, build(state["mixture"]) if state.get("mixture") is not None else None
+    return [build(state["state_dict"])], trained, None
+
+
+def load_model(path: str | Path, device: torch.device) -> tuple[Unfolder, object]:
+    """A trained :class:`Unfolder` and the card it was trained with (one model, not an ensemble)."""
+    members, trained, _ = load_models(path, device)
+    if len(members) > 1:
+        raise JobError(f"--model {path}: holds an ensemble of {len(members)} models; load it with load_models")
+    return members[0], trained
 
 
 #: the seeds of an ensemble's member k are the card's (or the refiner's) plus k times this
@@ -810,7 +908,10 @@ def apply_model(card, args) -> int:
     if not (paths and args.input):
         raise JobError("unfolding new data needs both --model RUN/model.pt and --input FILE")
     device = resolve_device(card.device)
-    members = [(str(p), *load_model(p, device)) for p in paths]
+    loaded = [(str(p), *load_models(p, device)) for p in paths]
+    # an ensemble's model.pt brings its members (named path#k) and, refined as a mixture, its fitted refiner
+    members = [(name if len(units) == 1 else f"{name}#{k}", u, trained) for name, units, trained, _ in loaded for k, u in enumerate(units)]
+    stored_mixture = loaded[0][3] if len(loaded) == 1 and card.evaluation.ensemble_refine == "mixture" else None
     _, unfolder, trained = members[0]
     for path, _, other in members[1:]:
         if other.data.detector != trained.data.detector:
@@ -818,7 +919,7 @@ def apply_model(card, args) -> int:
     if card.evaluation.samples_per_event < len(members):
         # before any simulation or refiner fit: each member draws at least one sample per event
         raise JobError(f"an ensemble of {len(members)} models needs evaluation.samples_per_event ≥ {len(members)}, got {card.evaluation.samples_per_event}")
-    if len(members) > 1 and card.evaluation.ensemble_refine == "mixture":
+    if len(members) > 1 and card.evaluation.ensemble_refine == "mixture" and stored_mixture is None:
         ensemble_card = _mixture_refine_card(card, trained)
     output = args.output or str(Path(card.output or Path("runs") / card.name).with_name(f"{card.name}_unfolded"))
     folder = RunFolder.create(card, device, output, args.resume)
@@ -840,8 +941,8 @@ def apply_model(card, args) -> int:
     if len(members) == 1:
         samples = _unfold(unfolder, events, card, report["timing"], report)
     else:
-        mixture = None
-        if card.evaluation.ensemble_refine == "mixture":
+        mixture = stored_mixture
+        if card.evaluation.ensemble_refine == "mixture" and mixture is None:
             t0 = time.perf_counter()
             refine_ev, events_info = independent_refine_events(ensemble_card)
             report["timing"]["refine_simulate_s"] = time.perf_counter() - t0
