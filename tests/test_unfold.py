@@ -1284,6 +1284,10 @@ def test_an_ensemble_trained_in_one_run(tiny_run, tmp_path, capsys, monkeypatch)
     with h5py.File(out / "unfolded.h5") as fa, h5py.File(again / "unfolded.h5") as fb:
         np.testing.assert_array_equal(fa["samples"][()], fb["samples"][()])
     assert applied["max_calibration_deviation"] == report["max_calibration_deviation"]
+    # refined by its members instead, the ensemble's unrefined members are named in a warning
+    with pytest.warns(UserWarning, match="no refiners of their own"):
+        assert main(["unfold", "--card", str(card), "--model", str(out / "model.pt"), "--input", str(tmp_path / "test_events.h5"),
+                     "--output", str(tmp_path / "members"), "--set", "evaluation.ensemble_refine=members"]) == 0
 
     assert main(["unfold", "--card", str(card), "--output", str(tmp_path / "bad"), "--set", "model.ensemble=2", "--set",
                  "evaluation.ensemble_refine=mixture", "--set", "model.refine.method=none", "--set", "model.refine.independent_events=0"]) != 0

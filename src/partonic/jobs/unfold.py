@@ -16,6 +16,7 @@ import copy
 import io
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -912,6 +913,11 @@ def apply_model(card, args) -> int:
     # an ensemble's model.pt brings its members (named path#k) and, refined as a mixture, its fitted refiner
     members = [(name if len(units) == 1 else f"{name}#{k}", u, trained) for name, units, trained, _ in loaded for k, u in enumerate(units)]
     stored_mixture = loaded[0][3] if len(loaded) == 1 and card.evaluation.ensemble_refine == "mixture" else None
+    for name, units, _, mix in loaded:
+        if mix is not None and card.evaluation.ensemble_refine == "members" and not any(u.refined for u in units):
+            # trained with ensemble_refine = mixture: the members have no refiners of their own
+            warnings.warn(f"--model {name}: its members were trained to be refined as a mixture and have no refiners of their own; "
+                          "with evaluation.ensemble_refine = members their samples are not refined (set it to mixture to use the stored refiner)", stacklevel=2)
     _, unfolder, trained = members[0]
     for path, _, other in members[1:]:
         if other.data.detector != trained.data.detector:
