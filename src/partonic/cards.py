@@ -292,6 +292,13 @@ class CINNModel(Strict):
     pairing_width: Annotated[int, Field(ge=4, le=4096)] = 256
     pairing_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.3
     pairing_epochs: Annotated[int, Field(ge=1, le=1000)] = 12
+    #: with pairing: classifier, a second discrete label beside the W hypothesis: where
+    #: the truth's quarks lie. "forward": a quark beyond |η| = 2.5 or not; "forward_soft":
+    #: also a central quark below pT = 25 GeV (the jet acceptance). The classifier gives
+    #: p(hypothesis, region | detector); the cINN, told the region, learns a posterior
+    #: on that region alone, and its samples outside it are redrawn (a quark that made
+    #: no jet is forward or soft: two disjoint regions, models/cinn.py, quark_regions)
+    quark_regions: Literal["none", "forward", "forward_soft"] = "none"
     #: the W decay azimuth as an interval [−π, π) or as a point on the plane
     #: (cos φ, sin φ), which has no seam for posteriors with modes at 0 and π
     azimuth: Literal["interval", "plane"] = "plane"
@@ -365,6 +372,8 @@ class UnfoldCard(CommonCard):
     def _pairing_needs_validation(self):
         if self.model.pairing == "classifier" and self.training.validation_fraction == 0:
             raise ValueError("model.pairing = classifier keeps the classifier's epoch with the lowest validation cross-entropy, so it needs training.validation_fraction > 0")
+        if self.model.quark_regions != "none" and self.model.pairing != "classifier":
+            raise ValueError(f"model.quark_regions = {self.model.quark_regions!r} is a label of the pairing classifier: it needs model.pairing = classifier")
         if self.model.refine.independent_events and self.data.source != "pythia":
             raise ValueError(f"model.refine.independent_events simulates events for the refiner, so it needs data.source = pythia, not {self.data.source!r}")
         if self.evaluation.refine_oversample > 1 and self.model.refine.method == "none":

@@ -239,6 +239,35 @@ def pairing_labels(partons: torch.Tensor, jets: torch.Tensor, valid: torch.Tenso
     return torch.where(valid, score, math.inf).argmin(1)
 
 
+#: the quark regions of ``model.quark_regions`` (:func:`quark_regions`): their number
+QUARK_REGIONS = {"none": 1, "forward": 2, "forward_soft": 3}
+#: the jet acceptance that bounds them: |η| of a central quark, pT of a hard one (GeV)
+REGION_ETA, REGION_PT = 2.5, 25.0
+
+
+def quark_regions(partons: torch.Tensor, kind: str) -> torch.Tensor:
+    """Where the two quarks of partons (..., 4, 4) lie, as a label (...): with ``kind``
+    "forward", 1 if a quark has |η| > 2.5, else 0; with "forward_soft", 2 for that, 1 if
+    a quark is central with pT < 25 GeV, else 0 (both central and hard); "none": 0.
+
+    A quark that made no jet is forward or soft: given the detector, its posterior lives
+    on two disjoint regions, and a flow fills the gap between them (docs/results.md,
+    "Where the pT,q1 excess comes from"). A function of the truth alone, so
+    p(x | d) = Σ_t p(t | d) p(x | d, t) holds exactly, and p(x | d, t) is zero outside
+    region t."""
+    n = QUARK_REGIONS[kind]
+    if n == 1:
+        return torch.zeros(partons.shape[:-2], dtype=torch.long, device=partons.device)
+    q = partons[..., 2:4, :]
+    pt = torch.hypot(q[..., 1], q[..., 2])
+    eta = torch.asinh(q[..., 3] / pt.clamp(min=1e-9))
+    forward = (eta.abs() > REGION_ETA).any(-1)
+    if n == 2:
+        return forward.long()
+    soft = ((pt < REGION_PT) & (eta.abs() <= REGION_ETA)).any(-1)
+    return torch.where(forward, 2, soft.long())
+
+
 class PairingClassifier(nn.Module):
     """p(k | detector) over the W hypotheses: an MLP on the condition features, with
     dropout only where :meth:`Unfolder.fit_pairing` asks for it (the labels are noisy:
@@ -869,11 +898,24 @@ class Unfolder(nn.Module):
         #: W hypotheses (pairs of jet slots) of ``pairing: classifier``; empty otherwise
         self.pairs = jet_pairs(max_jets) if pairing == "classifier" else []
         n_hyp = len(self.pairs)
-        #: p(k | detector) over the hypotheses, or None
-        self.classifier = PairingClassifier(self.detector.dim, n_hyp, getattr(model, "pairing_width", 256), getattr(model, "pairing_layers", 2)) if n_hyp else None
+        #: ``model.quark_regions``: the quarks' region (:func:`quark_regions`) joins the
+        #: hypothesis in the label, label = k · n_regions + region
+        self.regions = getattr(model, "quark_regions", "none")
+        if self.regions not in QUARK_REGIONS:
+            raise ValueError(f"quark_regions must be one of {', '.join(map(repr, QUARK_REGIONS))}, not {self.regions!r}")
+        self.n_regions = QUARK_REGIONS[self.regions]
+        if self.n_regions > 1 and not n_hyp:
+            raise ValueError(f"quark_regions = {self.regions!r} is a label of the pairing classifier: it needs pairing = 'classifier'")
+        #: sampling with quark regions: rounds of redrawing the samples outside their
+        #: region, and what the last :meth:`unfold` redrew (None without regions)
+        self.region_rounds = 20
+        self.region_stats: dict | None = None
+        #: p(k | detector) over the hypotheses (and regions), or None
+        self.classifier = PairingClassifier(self.detector.dim, n_hyp * self.n_regions, getattr(model, "pairing_width", 256),
+                                            getattr(model, "pairing_layers", 2)) if n_hyp else None
         self.cinn = ConditionalINN(
             self.parton.dim,
-            self.detector.dim + (n_hyp + 5 if n_hyp else 0),
+            self.detector.dim + (n_hyp + 5 + (self.n_regions if self.n_regions > 1 else 0) if n_hyp else 0),
             blocks=model.blocks,
             subnet_layers=model.subnet_layers,
             subnet_width=model.subnet_width,
@@ -944,7 +986,8 @@ class Unfolder(nn.Module):
 
     def _hypotheses(self, t: dict, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """References of every W hypothesis (N, P, 11): the event's, with the decay azimuth
-        and cos θ and the two jets of that pair; which hypotheses exist (N, P); the truth's label (N,) or None."""
+        and cos θ and the two jets of that pair; which labels exist (N, P · n_regions:
+        every region of a present pair); the truth's label (N,) or None."""
         jets = t["jets"][:, : self.detector.max_jets]
         phi, cos, valid = pair_axes(jets, self.pairs)
         refs = ref[:, None, :].repeat(1, len(self.pairs), 1)
@@ -958,7 +1001,16 @@ class Unfolder(nn.Module):
             for k, (i, j) in enumerate(self.pairs):
                 refs[:, k, 3] = torch.where(valid[:, k], z_balance_azimuth(z, jets[:, i] + jets[:, j]).to(refs.dtype), refs[:, k, 3])
         label = pairing_labels(t["partons"], jets, valid, self.pairs) if "partons" in t else None
+        if self.n_regions > 1:
+            valid = valid.repeat_interleave(self.n_regions, 1)
+            if label is not None:
+                label = label * self.n_regions + quark_regions(t["partons"], self.regions)
         return refs, valid, label
+
+    def hypothesis_of(self, label: torch.Tensor) -> torch.Tensor:
+        """The W hypothesis (index into :attr:`pairs`) of a label (with quark regions,
+        label = k · n_regions + region)."""
+        return torch.div(label, self.n_regions, rounding_mode="floor")
 
     def fit(self, events) -> "Unfolder":
         """Fit both standardisations on training events (double precision)."""
@@ -967,7 +1019,7 @@ class Unfolder(nn.Module):
         _, ref = self.detector(t["leptons"], t["jets"], t["n_jets"], t["flavour"])
         if self.pairs:
             refs, _, label = self._hypotheses(t, ref)
-            ref = refs[torch.arange(len(label)), label]
+            ref = refs[torch.arange(len(label)), self.hypothesis_of(label)]
         self.parton.double().fit(t["partons"], ref)
         self.detector.float()
         self.parton.float()
@@ -980,7 +1032,7 @@ class Unfolder(nn.Module):
         if self.pairs:
             refs, valid, label = self._hypotheses(t, ref)
             if label is not None:
-                ref = refs[torch.arange(len(label)), label]
+                ref = refs[torch.arange(len(label)), self.hypothesis_of(label)]
         return t, cond, ref, refs, valid, label
 
     def features(self, events) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -1001,11 +1053,16 @@ class Unfolder(nn.Module):
 
     def _hypothesis_condition(self, cond: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """The condition with the hypothesis: one-hot k and pair k's five standardised
-        decay coordinates (from the pair features)."""
+        decay coordinates (from the pair features), and with quark regions the region
+        (one-hot)."""
         n_hyp = len(self.pairs)
+        k = self.hypothesis_of(label)
         first = self.detector.n_continuous - 5 * n_hyp
-        cols = first + 5 * label[:, None] + torch.arange(5, device=cond.device)
-        return torch.cat([cond, nn.functional.one_hot(label, n_hyp).to(cond.dtype), cond.gather(1, cols)], -1)
+        cols = first + 5 * k[:, None] + torch.arange(5, device=cond.device)
+        parts = [cond, nn.functional.one_hot(k, n_hyp).to(cond.dtype), cond.gather(1, cols)]
+        if self.n_regions > 1:
+            parts.append(nn.functional.one_hot(label % self.n_regions, self.n_regions).to(cond.dtype))
+        return torch.cat(parts, -1)
 
     @torch.no_grad()
     def pairing_summary(self, events) -> dict[str, dict[str, float]]:
@@ -1029,7 +1086,14 @@ class Unfolder(nn.Module):
             if mask.any():
                 out[name] = {"events": int(mask.sum()), "accuracy": float((top.indices == label)[mask].double().mean()),
                              "mean_top_probability": float(top.values[mask].mean()), "cross_entropy": float(ce[mask].mean()),
-                             "candidate_accuracy": float((candidate == label)[mask].double().mean())}
+                             "candidate_accuracy": float((candidate == self.hypothesis_of(label))[mask].double().mean())}
+                if self.n_regions > 1:
+                    pair_top = self.hypothesis_of(top.indices)
+                    region_probs = probs.view(len(probs), -1, self.n_regions).sum(1)
+                    out[name]["pair_accuracy"] = float((pair_top == self.hypothesis_of(label))[mask].double().mean())
+                    out[name]["region_accuracy"] = float((region_probs.argmax(1) == label % self.n_regions)[mask].double().mean())
+                    out[name]["region_fractions"] = torch.bincount(label[mask] % self.n_regions, minlength=self.n_regions).div(int(mask.sum())).tolist()
+                    out[name]["region_predicted"] = region_probs[mask].mean(0).tolist()
         return out
 
     def fit_pairing(self, data: Sequence[torch.Tensor], val_data: Sequence[torch.Tensor], epochs: int = 12, dropout: float = 0.3, lr: float = 1e-3,
@@ -1147,7 +1211,7 @@ class Unfolder(nn.Module):
                 probs = torch.softmax(self.pairing_logits(c, valid[lo : lo + per].to(device)), -1)
                 k = torch.multinomial(probs, n_samples, replacement=True, generator=generator)
                 labels[lo : lo + per] = k.cpu()
-                n_hyp = len(self.pairs)
+                n_hyp = len(self.pairs) * self.n_regions  # labels
                 every = torch.arange(n_hyp, device=device).repeat(m)
                 emb = inn.condition_net(self._hypothesis_condition(c.repeat_interleave(n_hyp, 0), every)).view(m, n_hyp, -1)
                 emb = emb[torch.arange(m, device=device)[:, None], k].reshape(m * n_samples, -1)
@@ -1183,11 +1247,45 @@ class Unfolder(nn.Module):
         n_draw = n_samples * (int(oversample) if refining else 1)
         features, labels = self.sample_features(cond.float(), n_draw, batch_size, gen, progress, valid=valid)
         if labels is not None:
-            ref = refs[torch.arange(len(labels))[:, None], labels]
+            ref = refs[torch.arange(len(labels))[:, None], self.hypothesis_of(labels)]
         samples = self.to_partons(features, ref)
+        del features
+        if self.n_regions > 1:
+            self.region_stats = self._redraw_outside_regions(samples, labels, cond.float(), refs, gen, batch_size)
         if refining:
             samples, _ = self.refine_samples(events, samples, seed, n_out=n_samples)
         return samples
+
+    @torch.no_grad()
+    def _redraw_outside_regions(self, samples: torch.Tensor, labels: torch.Tensor, cond: torch.Tensor, refs: torch.Tensor,
+                                generator: torch.Generator, batch_size: int) -> dict:
+        """Redraw, in place, every sample (N, S, 4, 4) that lies outside the quark region of
+        its label (N, S), from the cINN given the same label, for up to
+        :attr:`region_rounds` rounds: the posterior given the region, truncated to it
+        (the flow leaks over the region's sharp edges; rejection restores them exactly).
+        Returns the share of samples drawn outside their region at first, and the share
+        still outside after the last round (kept as drawn)."""
+        device = next(self.parameters()).device
+        inn = self.cinn_ema if self.cinn_ema is not None else self.cinn
+        region = labels % self.n_regions
+        outside = quark_regions(samples, self.regions) != region
+        first = float(outside.double().mean())
+        rounds = 0
+        pass_size = batch_size if device.type != "cpu" else min(batch_size, self.CPU_PASS)
+        while outside.any() and rounds < self.region_rounds:
+            ev, sm = outside.nonzero(as_tuple=True)
+            for lo in range(0, len(ev), pass_size):
+                e, j = ev[lo : lo + pass_size], sm[lo : lo + pass_size]
+                lab = labels[e, j]
+                emb = inn.condition_net(self._hypothesis_condition(cond[e].to(device), lab.to(device)))
+                z = torch.randn(len(e), self.cinn.dim, device=device, generator=generator)
+                x, _ = inn.inverse_embedded(z, emb)
+                new = self.to_partons(x.cpu()[:, None], refs[e, self.hypothesis_of(lab)])[:, 0].to(samples.dtype)
+                inside = quark_regions(new, self.regions) == region[e, j]
+                samples[e[inside], j[inside]] = new[inside]
+                outside[e[inside], j[inside]] = False
+            rounds += 1
+        return {"outside_first": first, "outside_last": float(outside.double().mean()), "rounds": rounds}
 
     # ------------------------------------------------------------ refinement
     @property
