@@ -295,9 +295,9 @@ class CINNModel(Strict):
     #: with pairing: classifier, a second discrete label beside the W hypothesis: where
     #: the truth's quarks lie. "forward": a quark beyond |η| = 2.5 or not; "forward_soft":
     #: also a central quark below pT = 25 GeV (the jet acceptance). The classifier gives
-    #: p(hypothesis, region | detector); the cINN, told the region, learns a posterior
-    #: on that region alone, and its samples outside it are redrawn (a quark that made
-    #: no jet is forward or soft: two disjoint regions, models/cinn.py, quark_regions)
+    #: p(hypothesis, region | detector); the cINN, told the region, learns the posterior
+    #: on that region (a quark that made no jet is forward or soft: two disjoint
+    #: regions, models/cinn.py, quark_regions)
     quark_regions: Literal["none", "forward", "forward_soft"] = "none"
     #: the W decay azimuth as an interval [−π, π) or as a point on the plane
     #: (cos φ, sin φ), which has no seam for posteriors with modes at 0 and π

@@ -759,7 +759,7 @@ def _unfold(unfolder: Unfolder, events: DetectorEvents, card, timing: dict, repo
     timing["sample_s"] = time.perf_counter() - t0
     timing["unfold_samples_per_s"] = len(events) * drawn / timing["sample_s"]
     if unfolder.region_stats is not None:
-        # model.quark_regions: the samples first drawn outside their label's region, redrawn
+        # model.quark_regions: the share of samples outside their label's region (the cINN's leak, kept)
         report["quark_regions"] = {"kind": unfolder.regions, **unfolder.region_stats}
     if refining:
         samples = _refine(unfolder, events, samples, card, seed + 103, timing, report, n_out=s)
