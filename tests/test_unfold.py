@@ -1011,7 +1011,7 @@ seed: 2
 device: cpu
 data: {{n_events: {n}, workers: 1, test_fraction: 0.3, channel_balance: 1.0, resmear: 1}}
 model: {{coupling: spline, blocks: 3, subnet_width: 24, condition_width: 24, condition_dim: 8, pairing: classifier, pairing_width: 16, pairing_epochs: 3,
-        refine: {{method: classifier, epochs: 2, width: 16, layers: 2, independent_events: 1200}}}}
+        quark_regions: forward_soft, refine: {{method: classifier, epochs: 2, width: 16, layers: 2, independent_events: 1200}}}}
 training: {{batch_size: 64, epochs: 2, checkpoint_every: 1000}}
 evaluation: {{samples_per_event: 16, bins: 8, bootstrap: 20}}
 """
@@ -1067,7 +1067,12 @@ def test_unfold_job_end_to_end(tiny_run):
     # pairing: classifier, fitted for its 3 epochs before the cINN, and scored on the test events
     pairing = report["pairing"]
     assert len(pairing["fit"]["val_cross_entropy"]) == 3 and 1 <= pairing["fit"]["best_epoch"] <= 3
-    assert pairing["test"]["inclusive"]["events"] == report["test_events"] and pairing["test"]["2j"]["accuracy"] == 1.0
+    assert pairing["test"]["inclusive"]["events"] == report["test_events"] and pairing["test"]["2j"]["pair_accuracy"] == 1.0
+    # quark_regions: forward_soft, the cards' setting: the label's second part, and the samples' leak out of it
+    for entry in pairing["test"].values():
+        assert len(entry["region_fractions"]) == len(entry["region_predicted"]) == 3 and sum(entry["region_fractions"]) == pytest.approx(1.0)
+        assert entry["accuracy"] <= min(entry["pair_accuracy"], entry["region_accuracy"])
+    assert report["quark_regions"]["kind"] == "forward_soft" and 0.0 <= report["quark_regions"]["outside"] < 1.0
     assert report["timing"]["pairing_fit_s"] > 0
     # refine: classifier, fitted for its 2 epochs on the training events (2 cINN samples each),
     # the test posteriors resampled, and the figures before resampling reported
