@@ -260,9 +260,7 @@ def quark_regions(partons: torch.Tensor, kind: str) -> torch.Tensor:
     n = QUARK_REGIONS[kind]
     if n == 1:
         return torch.zeros(partons.shape[:-2], dtype=torch.long, device=partons.device)
-    q = partons[..., 2:4, :]
-    pt = torch.hypot(q[..., 1], q[..., 2])
-    eta = torch.asinh(q[..., 3] / pt.clamp(min=1e-9))
+    pt, eta, _ = _pt_eta_phi(partons[..., 2:4, :])
     forward = (eta.abs() > REGION_ETA).any(-1)
     if n == 2:
         return forward.long()
