@@ -750,41 +750,6 @@ def test_quark_regions_label_the_truth_and_samples_stay_in_their_region():
         Unfolder(4, CINNModel(blocks=1, quark_regions="forward"))
 
 
-def test_soft_region_edges_label_with_the_logistic_probability():
-    """model.region_edge_pt / region_edge_eta: a quark at pT is labelled soft with
-    probability σ((25 − pT)/scale), one at |η| forward with σ((|η| − 2.5)/scale), from
-    the seeded generator; without a generator (reports) the edges stay sharp."""
-    def quark(pt, eta):
-        return [pt * math.cosh(eta), pt, 0.0, pt * math.sinh(eta)]
-    lep = [[50.0, 0.0, 50.0, 0.0], [50.0, 0.0, -50.0, 0.0]]
-    n = 20000
-    soft27 = torch.tensor([lep + [quark(60, 0.3), quark(27, -1.0)]] * n, dtype=torch.float64)
-    fwd24 = torch.tensor([lep + [quark(60, 2.4), quark(70, 0.2)]] * n, dtype=torch.float64)
-    p = 1 / (1 + math.exp(2 / 3))  # σ(−2/3) for both: 2 GeV below at scale 3, 0.1 inside at scale 0.15
-    tol = 4 * math.sqrt(p * (1 - p) / n)  # four standard errors
-    for partons, region in ((soft27, 1), (fwd24, 2)):
-        sharp = cinn.quark_regions(partons, "forward_soft")
-        assert bool((sharp == 0).all())
-        soft = cinn.quark_regions(partons, "forward_soft", (3.0, 0.15), torch.Generator().manual_seed(1))
-        assert float((soft == region).double().mean()) == pytest.approx(p, abs=tol)
-        # the other edge lies 10 scales away: σ(−10) = 5 × 10⁻⁵
-        assert float((soft == 3 - region).double().mean()) < 5e-4
-    assert torch.equal(cinn.quark_regions(soft27, "forward_soft", (0.0, 0.0), torch.Generator().manual_seed(2)), cinn.quark_regions(soft27, "forward_soft"))
-
-    # the Unfolder draws them in training_data only, reproducibly from the seed
-    ev, _, _ = _events_with_isr_jets(240, seed=3)
-    model = CINNModel(blocks=2, subnet_width=16, condition_width=16, condition_dim=4, pairing="classifier", quark_regions="forward_soft",
-                      region_edge_pt=5.0, region_edge_eta=0.3)
-    unfolder = Unfolder(4, model).fit(ev)
-    a, b, c = (unfolder.training_data(ev, seed=s)[2] for s in (0, 0, 1))
-    assert torch.equal(a, b) and not torch.equal(a, c) and torch.equal(a // 3, c // 3)  # the pair never changes
-    _, _, _, _, _, report_label = unfolder._condition(ev)
-    assert torch.equal(report_label % 3, cinn.quark_regions(torch.as_tensor(ev.partons), "forward_soft"))
-    from partonic.cards import parse_card
-    with pytest.raises(Exception, match="region_edge_pt and model.region_edge_eta .* need quark_regions"):
-        parse_card({"job": "unfold", "name": "edges", "model": {"pairing": "classifier", "region_edge_pt": 3.0}})
-
-
 @pytest.mark.parametrize("pairing", ["candidate", "classifier"])
 def test_sampling_with_the_condition_network_once_per_event_equals_the_direct_inverse(pairing, monkeypatch):
     """sample_features runs the condition network once per event (and W hypothesis) and

@@ -299,14 +299,6 @@ class CINNModel(Strict):
     #: on that region (a quark that made no jet is forward or soft: two disjoint
     #: regions, models/cinn.py, quark_regions)
     quark_regions: Literal["none", "forward", "forward_soft"] = "none"
-    #: soft region edges for training: each training event's edges are drawn from a
-    #: logistic distribution about 25 GeV and |η| = 2.5 with these scales (GeV, units
-    #: of η), so a quark at pT is labelled soft with probability σ((25 − pT)/scale).
-    #: The label stays a function of the truth (and independent noise), so the mixture
-    #: over regions is still the posterior, and each region's posterior has a smooth
-    #: edge a flow can follow. 0: sharp edges. Reports use the sharp edges.
-    region_edge_pt: Annotated[float, Field(ge=0.0, le=25.0)] = 0.0
-    region_edge_eta: Annotated[float, Field(ge=0.0, le=2.5)] = 0.0
     #: the W decay azimuth as an interval [−π, π) or as a point on the plane
     #: (cos φ, sin φ), which has no seam for posteriors with modes at 0 and π
     azimuth: Literal["interval", "plane"] = "plane"
@@ -382,8 +374,6 @@ class UnfoldCard(CommonCard):
             raise ValueError("model.pairing = classifier keeps the classifier's epoch with the lowest validation cross-entropy, so it needs training.validation_fraction > 0")
         if self.model.quark_regions != "none" and self.model.pairing != "classifier":
             raise ValueError(f"model.quark_regions = {self.model.quark_regions!r} is a label of the pairing classifier: it needs model.pairing = classifier")
-        if (self.model.region_edge_pt or self.model.region_edge_eta) and self.model.quark_regions == "none":
-            raise ValueError("model.region_edge_pt and model.region_edge_eta soften the edges of model.quark_regions: they need quark_regions = forward or forward_soft, not 'none'")
         if self.model.refine.independent_events and self.data.source != "pythia":
             raise ValueError(f"model.refine.independent_events simulates events for the refiner, so it needs data.source = pythia, not {self.data.source!r}")
         if self.evaluation.refine_oversample > 1 and self.model.refine.method == "none":

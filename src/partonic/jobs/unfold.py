@@ -692,9 +692,8 @@ def _train_member(train_ev: DetectorEvents, val_ev: DetectorEvents, card, seed: 
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(seed)
     unfolder = Unfolder(card.data.detector.max_jets, card.model).fit(train_ev)
-    # soft region edges (model.region_edge_*) draw each event's edges: independent draws for the two sets
-    data = unfolder.training_data(train_ev, seed=seed)
-    val = unfolder.training_data(val_ev, seed=seed + 7919) if len(val_ev) else None
+    data = unfolder.training_data(train_ev)
+    val = unfolder.training_data(val_ev) if len(val_ev) else None
     info: dict = {}
     if unfolder.pairs:
         if val is None:

@@ -245,8 +245,7 @@ QUARK_REGIONS = {"none": 1, "forward": 2, "forward_soft": 3}
 REGION_ETA, REGION_PT = 2.5, 25.0
 
 
-def quark_regions(partons: torch.Tensor, kind: str, edges: tuple[float, float] = (0.0, 0.0),
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+def quark_regions(partons: torch.Tensor, kind: str) -> torch.Tensor:
     """Where the two quarks of partons (..., 4, 4) lie, as a label (...): with ``kind``
     "forward", 1 if a quark has |η| > 2.5, else 0; with "forward_soft", 2 for that, 1 if
     a quark is central with pT < 25 GeV, else 0 (both central and hard); "none": 0.
@@ -257,37 +256,16 @@ def quark_regions(partons: torch.Tensor, kind: str, edges: tuple[float, float] =
     p(x | d) = Σ_t p(t | d) p(x | d, t) holds exactly, and p(x | d, t) is zero outside
     region t. The cINN given t learns that posterior, up to a leak across the region's
     edges, which is kept: where two regions meet, each one's leak fills the other's dip.
-
-    ``edges`` = (scale in pT (GeV), scale in |η|) > 0 softens the edges: each event's
-    thresholds are 25 GeV and 2.5 shifted by logistic noise of that scale (drawn with
-    ``generator``; the same shift for both quarks), so a quark at pT is soft with
-    probability σ((25 − pT)/scale). The label is then a function of the truth and
-    independent noise: the mixture over regions is still the posterior, and each
-    region's posterior falls off smoothly at its edge, which a flow can follow.
     """
     n = QUARK_REGIONS[kind]
     if n == 1:
         return torch.zeros(partons.shape[:-2], dtype=torch.long, device=partons.device)
     pt, eta, _ = _pt_eta_phi(partons[..., 2:4, :])
-    eta_edge, pt_edge = _region_thresholds(partons.shape[:-2], edges, generator, pt.dtype, pt.device)
-    forward = (eta.abs() > eta_edge[..., None]).any(-1)
+    forward = (eta.abs() > REGION_ETA).any(-1)
     if n == 2:
         return forward.long()
-    soft = ((pt < pt_edge[..., None]) & (eta.abs() <= eta_edge[..., None])).any(-1)
+    soft = ((pt < REGION_PT) & (eta.abs() <= REGION_ETA)).any(-1)
     return torch.where(forward, 2, soft.long())
-
-
-def _region_thresholds(shape, edges: tuple[float, float], generator, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-event |η| and pT thresholds of :func:`quark_regions`: 2.5 and 25 GeV plus
-    logistic noise of scale ``edges`` (η, pT order of the return; 0: exact)."""
-    out = []
-    for centre, scale in ((REGION_ETA, edges[1]), (REGION_PT, edges[0])):
-        shift = torch.zeros(shape, dtype=dtype)
-        if scale > 0:
-            u = torch.rand(shape, dtype=dtype, generator=generator).clamp(1e-12, 1 - 1e-12)
-            shift = scale * torch.log(u / (1 - u))
-        out.append((centre + shift).to(device))
-    return out[0], out[1]
 
 
 class PairingClassifier(nn.Module):
@@ -926,9 +904,6 @@ class Unfolder(nn.Module):
         if self.regions not in QUARK_REGIONS:
             raise ValueError(f"quark_regions must be one of {', '.join(map(repr, QUARK_REGIONS))}, not {self.regions!r}")
         self.n_regions = QUARK_REGIONS[self.regions]
-        #: ``model.region_edge_pt``, ``model.region_edge_eta``: the logistic scales of the
-        #: regions' edges in the training labels (:meth:`training_data`); (0, 0): sharp
-        self.region_edges = (float(getattr(model, "region_edge_pt", 0.0)), float(getattr(model, "region_edge_eta", 0.0)))
         if self.n_regions > 1 and not n_hyp:
             raise ValueError(f"quark_regions = {self.regions!r} is a label of the pairing classifier: it needs pairing = 'classifier'")
         #: with quark regions, the share of the last :meth:`unfold`'s samples that lie
@@ -1008,11 +983,10 @@ class Unfolder(nn.Module):
             out["partons"] = massless(torch.as_tensor(events.partons, dtype=torch.float64))
         return out
 
-    def _hypotheses(self, t: dict, ref: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _hypotheses(self, t: dict, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """References of every W hypothesis (N, P, 11): the event's, with the decay azimuth
         and cos θ and the two jets of that pair; which labels exist (N, P · n_regions:
-        every region of a present pair); the truth's label (N,) or None. With a
-        ``generator``, the regions' edges are softened by :attr:`region_edges`."""
+        every region of a present pair); the truth's label (N,) or None."""
         jets = t["jets"][:, : self.detector.max_jets]
         phi, cos, valid = pair_axes(jets, self.pairs)
         refs = ref[:, None, :].repeat(1, len(self.pairs), 1)
@@ -1029,8 +1003,7 @@ class Unfolder(nn.Module):
         if self.n_regions > 1:
             valid = valid.repeat_interleave(self.n_regions, 1)
             if label is not None:
-                edges = self.region_edges if generator is not None else (0.0, 0.0)
-                label = label * self.n_regions + quark_regions(t["partons"], self.regions, edges, generator)
+                label = label * self.n_regions + quark_regions(t["partons"], self.regions)
         return refs, valid, label
 
     def hypothesis_of(self, label: torch.Tensor) -> torch.Tensor:
@@ -1051,12 +1024,12 @@ class Unfolder(nn.Module):
         self.parton.float()
         return self
 
-    def _condition(self, events, generator: torch.Generator | None = None):
+    def _condition(self, events):
         t = self.tensors(events)
         cond, ref = _cpu64(self.detector)(t["leptons"], t["jets"], t["n_jets"], t["flavour"])
         refs = valid = label = None
         if self.pairs:
-            refs, valid, label = self._hypotheses(t, ref, generator)
+            refs, valid, label = self._hypotheses(t, ref)
             if label is not None:
                 ref = refs[torch.arange(len(label)), self.hypothesis_of(label)]
         return t, cond, ref, refs, valid, label
@@ -1070,13 +1043,10 @@ class Unfolder(nn.Module):
         x = _cpu64(self.parton)(t["partons"], ref).float() if "partons" in t else None
         return cond.float(), x, ref
 
-    def training_data(self, events, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    def training_data(self, events) -> tuple[torch.Tensor, ...]:
         """The tensors :meth:`loss` takes: (parton features, condition), and with
-        ``pairing: classifier`` the truth's label (N,) and the present ones (N, P). With
-        soft region edges (:attr:`region_edges`), the labels' edges are drawn from
-        ``seed``; the parton features depend on the pair only, not on the region."""
-        generator = torch.Generator().manual_seed(seed) if self.n_regions > 1 and any(self.region_edges) else None
-        t, cond, ref, _, valid, label = self._condition(events, generator)
+        ``pairing: classifier`` the truth's hypothesis (N,) and the present ones (N, P)."""
+        t, cond, ref, _, valid, label = self._condition(events)
         x = _cpu64(self.parton)(t["partons"], ref).float()
         return (x, cond.float()) if not self.pairs else (x, cond.float(), label, valid)
 
