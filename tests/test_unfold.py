@@ -1183,6 +1183,35 @@ def test_unfold_new_data_with_a_trained_model(tiny_run, tmp_path):
     np.testing.assert_allclose(outputs["delphes.root"][2]["partons"], reference[2]["partons"], rtol=1e-5, atol=1e-3)
 
 
+def test_resume_with_other_refiner_settings_refits_the_refiner_on_the_trained_cinn(tiny_run, tmp_path, capsys, monkeypatch):
+    """--resume of a finished run with other model.refine samples and epochs keeps the
+    cINN (no training step) and refits the refiner: the same figures as a run of that
+    card from scratch. A refiner of another width changes the model's shape: refused,
+    naming the entry."""
+    import shutil
+
+    root, card = tiny_run
+    monkeypatch.setenv("PARTONIC_CACHE", str(root / "cache"))  # the tiny run's events and independent events
+    sets = ["--set", "model.refine.samples=3", "--set", "model.refine.epochs=3"]
+    resumed, fresh = tmp_path / "resumed", tmp_path / "fresh"
+    shutil.copytree(root / "run", resumed)
+    assert main(["unfold", "--card", str(card), "--output", str(resumed), "--resume"] + sets) == 0
+    assert main(["unfold", "--card", str(card), "--output", str(fresh)] + sets) == 0
+    first, again, scratch = (json.loads((d / "report.json").read_text()) for d in (root / "run", resumed, fresh))
+    fit = again["refine"]["fit"]
+    assert fit["epochs"] == 3 and fit["generated_events"] == 3 * fit["data_events"] and first["refine"]["fit"]["epochs"] == 2
+    assert again["training"]["steps"] == first["training"]["steps"] and again["training"]["resumed_from"] == first["training"]["steps"]
+    assert fit["val_loss"] == pytest.approx(scratch["refine"]["fit"]["val_loss"], rel=1e-6)
+    assert again["max_calibration_deviation"] == pytest.approx(scratch["max_calibration_deviation"], abs=1e-9)
+    cinn_state = lambda d: {k: v for k, v in torch.load(d / "model.pt", map_location="cpu", weights_only=False)["state_dict"].items() if not k.startswith("refine")}
+    before = cinn_state(root / "run")
+    assert all(torch.equal(v, before[k]) for k, v in cinn_state(resumed).items())
+
+    capsys.readouterr()
+    assert main(["unfold", "--card", str(card), "--output", str(resumed), "--resume", "--set", "model.refine.width=20"]) != 0
+    assert "'model' section differs" in (err := capsys.readouterr().err) and "model.refine.width: 16 → 20" in err
+
+
 def test_an_ensemble_of_models_mixes_their_posteriors(tiny_run, tmp_path, capsys):
     """Two --model: each draws half the samples per event, member k with the card's seed
     + 7919 k, so every event's samples are, as a set, those of the two single-model runs

@@ -71,6 +71,8 @@ class TrainResult:
         out = {"steps": self.steps, "epochs": self.epochs, "final_loss": self.final_loss,
                "val_loss": self.val_loss, "best_epoch": self.best_epoch, "best_val_loss": self.best_val_loss,
                "skipped_steps": self.skipped_steps}
+        if self.resumed_from is not None:
+            out["resumed_from"] = self.resumed_from
         if kept_best:
             out["model_from_epoch"] = self.best_epoch
         return out
@@ -263,7 +265,7 @@ def train(
     optimizer = make_optimizer(groups, cfg)
 
     step, epoch, lr_scale, bad_in_row, skipped = 0, 0, 1.0, 0, 0
-    resumed_from = None
+    resumed_from, resumed_loss, resumed_val_loss = None, float("nan"), None
     ckpt_path = run_dir / CHECKPOINT
     if cfg.keep_best and val_data is None:
         raise TrainingError("training.keep_best selects the epoch with the lowest validation loss, so it needs validation events (training.validation_fraction > 0)")
@@ -279,6 +281,8 @@ def train(
         step, epoch, lr_scale = state["step"], state["epoch"], state["lr_scale"]
         skipped = state.get("skipped", 0)
         best = state.get("best")
+        # a run resumed at its end trains no step: its figures are the checkpoint's
+        resumed_loss, resumed_val_loss = state.get("final_loss", float("nan")), state.get("val_loss")
         _set_rng_state(state["rng"])
         resumed_from = step
     metrics = _Metrics(run_dir / METRICS, resumed_from)
@@ -288,7 +292,7 @@ def train(
             {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
                 "lr_scale": lr_scale, "skipped": skipped, "rng": _rng_state(), "finished": finished,
-                "total_steps": total, "seed": seed, "best": best,
+                "total_steps": total, "seed": seed, "best": best, "final_loss": last_loss, "val_loss": val_loss,
             },
             ckpt_path,
         )
@@ -303,8 +307,8 @@ def train(
     extras_sum: dict[str, torch.Tensor] = {}
     grad_norm_t = torch.tensor(float("nan"))
     history: list[dict] = []
-    val_loss = None
-    last_loss = float("nan")
+    val_loss = resumed_val_loss
+    last_loss = resumed_loss
     try:
         model.train()
         while step < total:

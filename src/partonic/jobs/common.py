@@ -72,6 +72,30 @@ def _json_default(obj):
     raise TypeError(f"cannot write {type(obj).__name__} to JSON")
 
 
+def _without(card: dict, dotted: tuple[str, ...]) -> dict:
+    """A copy of the card dictionary without the dotted entries (absent ones ignored)."""
+    out = json.loads(json.dumps(card, default=str))
+    for key in dotted:
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return out
+
+
+def _differences(old, new, prefix: str) -> list[str]:
+    """The dotted entries in which two card sections differ, with both values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in list(old) + [k for k in new if k not in old]:
+            if old.get(k) != new.get(k):
+                out += _differences(old.get(k), new.get(k), f"{prefix}.{k}")
+        return out
+    return [f"{prefix}: {old!r} → {new!r}"]
+
+
 @dataclass
 class RunFolder:
     """The output folder of one run: the resolved card, provenance and outputs.
@@ -84,20 +108,26 @@ class RunFolder:
     device: torch.device
 
     @classmethod
-    def create(cls, card, device: torch.device, output: str | None = None, resume: bool = False) -> "RunFolder":
+    def create(cls, card, device: torch.device, output: str | None = None, resume: bool = False,
+               may_change: tuple[str, ...] = ()) -> "RunFolder":
+        """The run folder of ``card`` (``output``, else the card's, else runs/<name>).
+        With ``resume``, the folder's card must have the same job, physics, data, model
+        and seed, except the dotted entries ``may_change`` (what the job redoes on a
+        resumed run anyway, e.g. the unfold job's refiner fit)."""
         path = Path(output or card.output or Path("runs") / card.name)
         card_file = path / "card.yaml"
         if path.exists() and any(path.iterdir()):
             if resume:
                 if card_file.exists():
-                    old = yaml.safe_load(card_file.read_text())
-                    new = card_to_dict(card)
+                    old = _without(yaml.safe_load(card_file.read_text()), may_change)
+                    new = _without(card_to_dict(card), may_change)
                     # A resumed run must keep the physics, data and model; training
                     # length and output options may change.
                     for key in ("job", "physics", "data", "model", "seed"):
                         if old.get(key) != new.get(key):
+                            changed = ", ".join(_differences(old.get(key), new.get(key), key)[:4])
                             raise JobError(
-                                f"--resume: the card's {key!r} section differs from the one in {card_file}; "
+                                f"--resume: the card's {key!r} section differs from the one in {card_file} ({changed}); "
                                 "resume with the same card or start a new output folder"
                             )
             elif (path / "run.json").exists():

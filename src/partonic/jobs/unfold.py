@@ -559,11 +559,18 @@ def _split(n: int, card) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return rest[n_val:], rest[:n_val], test
 
 
+#: what ``--resume`` may change in a finished or interrupted run: the refiner is fitted
+#: after the cINN on every run, so a resumed run with another number of samples, epochs,
+#: independent events or validation split refits it on the unchanged cINN (minutes instead
+#: of the cINN's training). Its width, layers and inputs change the saved model's shape.
+REFIT_ON_RESUME = ("model.refine.samples", "model.refine.epochs", "model.refine.independent_events", "model.refine.validation")
+
+
 def run(card, args) -> int:
     if getattr(args, "model", None) or getattr(args, "input", None):
         return apply_model(card, args)
     device = resolve_device(card.device)
-    folder = RunFolder.create(card, device, args.output, args.resume)
+    folder = RunFolder.create(card, device, args.output, args.resume, may_change=REFIT_ON_RESUME)
     report = folder.report_base()
     timing = report["timing"]
 
