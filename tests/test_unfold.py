@@ -1201,6 +1201,8 @@ def test_resume_with_other_refiner_settings_refits_the_refiner_on_the_trained_ci
     fit = again["refine"]["fit"]
     assert fit["epochs"] == 3 and fit["generated_events"] == 3 * fit["data_events"] and first["refine"]["fit"]["epochs"] == 2
     assert again["training"]["steps"] == first["training"]["steps"] and again["training"]["resumed_from"] == first["training"]["steps"]
+    # no step trained: the losses are the checkpoint's, not NaN
+    assert again["training"]["final_loss"] == first["training"]["final_loss"] and again["training"]["val_loss"] == first["training"]["val_loss"]
     assert fit["val_loss"] == pytest.approx(scratch["refine"]["fit"]["val_loss"], rel=1e-6)
     assert again["max_calibration_deviation"] == pytest.approx(scratch["max_calibration_deviation"], abs=1e-9)
     cinn_state = lambda d: {k: v for k, v in torch.load(d / "model.pt", map_location="cpu", weights_only=False)["state_dict"].items() if not k.startswith("refine")}
