@@ -1395,6 +1395,89 @@ def test_an_ensemble_trained_in_one_run(tiny_run, tmp_path, capsys, monkeypatch)
     assert "model.ensemble = 2 with evaluation.ensemble_refine = mixture" in capsys.readouterr().err
 
 
+def test_new_data_in_chunks_resumes_where_it_was_interrupted(tiny_run, tmp_path, capsys, monkeypatch):
+    """evaluation.chunk_events: --input unfolded a chunk at a time, each finished chunk kept;
+    interrupted in its second chunk and resumed, the run unfolds only the chunks left and
+    gives what an uninterrupted run gives; chunks made with other settings are redone."""
+    import h5py
+
+    import partonic.jobs.unfold as job
+
+    root, card = tiny_run
+    model = str(root / "run" / "model.pt")
+    with h5py.File(root / "run" / "unfolded.h5") as fh:
+        det = {k: fh["detector"][k][()] for k in fh["detector"].keys()}
+    DetectorEvents(**det).subset(slice(0, 40)).to_hdf5(tmp_path / "new.h5")
+    base = ["unfold", "--card", str(card), "--model", model, "--input", str(tmp_path / "new.h5"), "--set", "evaluation.chunk_events=15"]
+
+    def outputs(out):
+        with h5py.File(out / "unfolded.h5") as fh:
+            return json.loads((out / "report.json").read_text()), fh["samples"][()], fh["detector"]["jets"][()]
+
+    assert main(base + ["--output", str(tmp_path / "whole")]) == 0
+    report, samples, jets = outputs(tmp_path / "whole")
+    assert report["chunks"] == {"events_per_chunk": 15, "chunks": 3, "kept_from_before": 0}
+    assert samples.shape == (40, 16, 4, 4) and np.array_equal(jets, det["jets"][:40])
+    assert not (tmp_path / "whole" / "chunks").exists()  # gone once unfolded.h5 and the report are written
+    # the chunks' figures are merged: times add up, the weights' spread is over all events,
+    # and the diagnostics before refinement are of all 40 events
+    assert report["refine"]["test"]["samples_per_event"] == 16 and 0 < report["refine"]["test"]["effective_samples_min"] <= 16
+    assert "inclusive" in report["refine"]["unrefined"] and "inclusive" in report["calibration"]
+    lhe_events = read_lhe(tmp_path / "whole" / report["outputs"]["lhe"])[1]
+    assert len(lhe_events.pid) == report["lhe"]["events"] == 40 - report["lhe"]["dropped_unphysical"]
+
+    calls = []
+    real = job._unfold
+
+    def interrupted(*args, **kwargs):
+        calls.append(kwargs.get("seed"))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(job, "_unfold", interrupted)
+    assert main(base + ["--output", str(tmp_path / "cut")]) == 130
+    assert "--resume" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "cut" / "chunks").iterdir()) == ["chunk_00000.pt"]
+    calls.clear()
+    monkeypatch.setattr(job, "_unfold", lambda *a, **k: calls.append(k.get("seed")) or real(*a, **k))
+    assert main(base + ["--output", str(tmp_path / "cut"), "--resume"]) == 0
+    assert calls == [2 + job.CHUNK_SEED_STEP, 2 + 2 * job.CHUNK_SEED_STEP]  # chunks 2 and 3 only
+    assert "kept 1 of 3 chunks" in capsys.readouterr().out
+    resumed, again, _ = outputs(tmp_path / "cut")
+    assert resumed["chunks"]["kept_from_before"] == 1
+    np.testing.assert_array_equal(again, samples)
+    assert resumed["calibration"] == report["calibration"] and resumed["refine"]["test"] == report["refine"]["test"]
+
+    # a kept chunk of other settings (here: samples per event) is unfolded again
+    monkeypatch.setattr(job, "_unfold", interrupted)
+    calls.clear()
+    assert main(base + ["--output", str(tmp_path / "other")]) == 130
+    monkeypatch.setattr(job, "_unfold", real)
+    assert main(base + ["--output", str(tmp_path / "other"), "--resume", "--set", "evaluation.samples_per_event=8"]) == 0
+    other, eight, _ = outputs(tmp_path / "other")
+    assert other["chunks"]["kept_from_before"] == 0 and eight.shape == (40, 8, 4, 4)
+
+
+def test_chunk_reports_merge_by_what_each_figure_is():
+    from partonic.jobs.unfold import merge_chunk_reports
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(0.2, 1.0, 300), rng.normal(-0.5, 2.0, 100)
+    part = lambda x, t: {"timing": {"sample_s": t, "unfold_samples_per_s": len(x) * 10 / t},
+                         "refine": {"test": {"effective_samples_mean": float(len(x)), "effective_samples_min": float(x.min()),
+                                             "log_ratio_mean": float(x.mean()), "log_ratio_std": float(x.std()), "samples_per_event": 10}},
+                         "quark_regions": {"kind": "forward_soft", "outside": 0.1 if len(x) == 300 else 0.3}}
+    merged = merge_chunk_reports([part(a, 2.0), part(b, 6.0)], [300, 100])
+    both = np.concatenate([a, b])
+    assert merged["timing"]["sample_s"] == 8.0 and merged["timing"]["unfold_samples_per_s"] == pytest.approx((300 + 100) * 10 / 8.0)
+    t = merged["refine"]["test"]
+    assert t["log_ratio_mean"] == pytest.approx(both.mean()) and t["log_ratio_std"] == pytest.approx(both.std())
+    assert t["effective_samples_min"] == pytest.approx(both.min()) and t["samples_per_event"] == 10
+    assert t["effective_samples_mean"] == pytest.approx((300 * 300 + 100 * 100) / 400)
+    assert merged["quark_regions"] == {"kind": "forward_soft", "outside": pytest.approx(0.15)}
+
+
 def test_unfold_bad_inputs_give_clear_errors(tiny_run, tmp_path, capsys):
     root, card = tiny_run
     model = str(root / "run" / "model.pt")

@@ -354,6 +354,10 @@ class UnfoldEvaluation(Strict):
     #: ensemble) and let the refiner resample them down to samples_per_event, so that a
     #: strongly varying ratio still leaves many distinct samples per event (1: as many as kept)
     refine_oversample: Annotated[int, Field(ge=1, le=64)] = 1
+    #: ``unfold --model … --input FILE`` unfolds the input this many events at a time and
+    #: keeps each finished chunk in RUN/chunks/, so an interrupted run continued with
+    #: ``--resume`` redoes only the unfinished chunk (and memory is bounded by a chunk)
+    chunk_events: PositiveInt = 50_000
 
     @model_validator(mode="after")
     def _bootstrap_replicas(self):

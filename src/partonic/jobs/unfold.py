@@ -13,8 +13,11 @@ with a trained model, without retraining.
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
+import os
 import shutil
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -441,8 +444,17 @@ def lhe_events(samples: torch.Tensor, flavour: np.ndarray, sigma_pb: float) -> L
     )
 
 
-def _write_lhe(folder: RunFolder, card, samples: torch.Tensor, flavour: np.ndarray, sigma_pb: float | None, report: dict) -> None:
-    n = min(len(samples), card.lhe.max_events or len(samples))
+def lhe_pick(samples: torch.Tensor, sqrt_s: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the LHE file takes from each event's samples (N, S, 4, 4): its first sample
+    that fits in the beams, whether it has one, and whether its very first sample does
+    (see :func:`physical_samples`)."""
+    chosen, physical = physical_samples(samples, sqrt_s)
+    return chosen, physical, _in_reach(samples[:, 0], sqrt_s)
+
+
+def _write_lhe(folder: RunFolder, card, picked: tuple, flavour: np.ndarray, sigma_pb: float | None, report: dict) -> None:
+    """The LHE file of the events' ``picked`` samples (:func:`lhe_pick`)."""
+    n = min(len(picked[0]), card.lhe.max_events or len(picked[0]))
     xs = sigma_pb if sigma_pb else 1.0
     name = "unfolded.lhe.gz" if card.lhe.compress else "unfolded.lhe"
     init = LHEInit(beams=card.physics.beams, energies=(card.physics.sqrt_s / 2,) * 2, weighting=3,
@@ -450,11 +462,11 @@ def _write_lhe(folder: RunFolder, card, samples: torch.Tensor, flavour: np.ndarr
     comment = "partonic unfold: one cINN posterior sample per detector event; quark flavours by convention (u dbar)"
     if not sigma_pb:
         comment += "; cross section unknown, weights set to 1"
-    chosen, physical = physical_samples(samples[:n], card.physics.sqrt_s)
+    chosen, physical, first_ok = (x[:n] for x in picked)
     write_lhe(folder.path / name, lhe_events(chosen[physical], flavour[:n][physical.numpy()], xs), init, comment=comment)
     report["outputs"]["lhe"] = name
     report["lhe"] = {"events": int(physical.sum()), "dropped_unphysical": int(n - physical.sum()),
-                     "first_sample_unphysical": int((physical & ~_in_reach(samples[:n, 0], card.physics.sqrt_s)).sum())}
+                     "first_sample_unphysical": int((physical & ~first_ok).sum())}
 
 
 def _in_reach(partons: torch.Tensor, sqrt_s: float) -> torch.Tensor:
@@ -473,17 +485,39 @@ def physical_samples(samples: torch.Tensor, sqrt_s: float) -> tuple[torch.Tensor
     return samples[torch.arange(len(samples)), first], ok.any(1)
 
 
-def _save_samples(path: Path, events: DetectorEvents, samples: torch.Tensor) -> None:
+def _save_samples(path: Path, events: DetectorEvents, samples) -> None:
+    """unfolded.h5: the posterior samples (N, S, 4, 4) of each event and its detector
+    objects. ``samples``: a tensor, or (for inputs unfolded in chunks) a list of
+    callables that each return the next events' samples, so that only one part is in
+    memory at a time. Written beside ``path`` and renamed into place."""
     import h5py
 
-    buffer = io.BytesIO()
-    with h5py.File(buffer, "w") as fh:
-        fh.attrs["partonic_kind"] = "unfolded_events"
-        fh.attrs["parton_order"] = "l-, l+, q, qbar; (E, px, py, pz) GeV; massless"
-        fh.create_dataset("samples", data=samples.float().numpy(), compression="lzf")
-        for name, value in events.arrays().items():
-            fh.create_dataset(f"detector/{name}", data=value)
-    atomic_write_bytes(path, buffer.getvalue())
+    parts = [lambda: samples] if isinstance(samples, torch.Tensor) else list(samples)
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as fh:
+            fh.attrs["partonic_kind"] = "unfolded_events"
+            fh.attrs["parton_order"] = "l-, l+, q, qbar; (E, px, py, pz) GeV; massless"
+            ds, lo = None, 0
+            for part in parts:
+                x = part().float().numpy()
+                if ds is None:
+                    ds = fh.create_dataset("samples", shape=(len(events), *x.shape[1:]), dtype="f4", compression="lzf",
+                                           chunks=(max(1, min(len(events), 256)), *x.shape[1:]))
+                ds[lo : lo + len(x)] = x
+                lo += len(x)
+            if lo != len(events):
+                raise RuntimeError(f"unfolded.h5: {lo} events of samples for {len(events)} detector events")
+            for name, value in events.arrays().items():
+                fh.create_dataset(f"detector/{name}", data=value)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _summary(report: dict, path: Path) -> str:
@@ -665,7 +699,8 @@ def run(card, args) -> int:
     _save_samples(folder.path / "unfolded.h5", test_ev, samples)
     report["outputs"]["samples"] = "unfolded.h5"
     if card.lhe.write:
-        _write_lhe(folder, card, samples, test_ev.lepton_flavour, report.get("fiducial_cross_section_pb"), report)
+        n_lhe = min(len(samples), card.lhe.max_events or len(samples))
+        _write_lhe(folder, card, lhe_pick(samples[:n_lhe], card.physics.sqrt_s), test_ev.lepton_flavour, report.get("fiducial_cross_section_pb"), report)
     report["outputs"]["plots"] = plots
     folder.write_report(report)
     print(_summary(report, folder.path))
@@ -745,11 +780,12 @@ def _save_model(folder: RunFolder, report: dict, members: list[Unfolder], mixtur
 
 
 def _unfold(unfolder: Unfolder, events: DetectorEvents, card, timing: dict, report: dict, n_samples: int | None = None, seed: int | None = None,
-            refine: bool = True) -> torch.Tensor:
+            refine: bool = True, diagnostics: dict | None = None, label: str = "") -> torch.Tensor:
     """Unfold ``events`` (``n_samples`` per event, default the card's; seeds from ``seed``,
     default the card's); with a fitted refiner (and ``refine``), resample and record in
     ``report["refine"]`` the weights' spread and, with truth, the figures of the samples
-    before resampling."""
+    before resampling (or, given ``diagnostics``, put those samples there to be summarised
+    later: see :func:`_summarise_diagnostics`). ``label``: added to the progress bar."""
     s = n_samples or card.evaluation.samples_per_event
     seed = card.seed if seed is None else seed
     refining = refine and unfolder.refined
@@ -759,7 +795,7 @@ def _unfold(unfolder: Unfolder, events: DetectorEvents, card, timing: dict, repo
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    with tqdm(total=len(events), unit="ev", desc=f"unfolding ({drawn} samples/event)") as bar:
+    with tqdm(total=len(events), unit="ev", desc=f"unfolding{label} ({drawn} samples/event)") as bar:
         samples = unfolder.unfold(events, drawn, batch_size=card.evaluation.batch_size, seed=seed + 101, progress=bar, refine=False)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -769,24 +805,46 @@ def _unfold(unfolder: Unfolder, events: DetectorEvents, card, timing: dict, repo
         # model.quark_regions: the share of samples outside their label's region (the cINN's leak, kept)
         report["quark_regions"] = {"kind": unfolder.regions, **unfolder.region_stats}
     if refining:
-        samples = _refine(unfolder, events, samples, card, seed + 103, timing, report, n_out=s)
+        samples = _refine(unfolder, events, samples, card, seed + 103, timing, report, n_out=s, diagnostics=diagnostics)
     return samples
 
 
 def _refine(unfolder: Unfolder, events: DetectorEvents, raw: torch.Tensor, card, seed: int, timing: dict, report: dict,
-            n_out: int | None = None) -> torch.Tensor:
+            n_out: int | None = None, diagnostics: dict | None = None) -> torch.Tensor:
     """``raw`` resampled by the unfolder's refiner into ``n_out`` (default as many) samples
     per event; the weights' spread and, with truth, the figures of ``raw`` (its first
     n_out samples per event, a draw of the unrefined posterior of the same size) in
-    ``report["refine"]``."""
+    ``report["refine"]``, or those samples in ``diagnostics`` (keyed by where their
+    figures go in the report)."""
     t0 = time.perf_counter()
     samples, weights = unfolder.refine_samples(events, raw, seed=seed, n_out=n_out)
     timing["refine_s"] = time.perf_counter() - t0
     refine = report.setdefault("refine", {})
     refine["test"] = weights
     if events.has_truth:
-        refine["unrefined"] = posterior_summary(events, raw[:, : samples.shape[1]], card.evaluation.bins)
+        first = raw[:, : samples.shape[1]]
+        # kept for later: a copy, so that the oversampled raw samples can go
+        _diagnose(events, first if diagnostics is None else first.clone(), card, ("refine", "unrefined"), report, diagnostics)
     return samples
+
+
+def _diagnose(events: DetectorEvents, samples: torch.Tensor, card, where: tuple, report: dict, diagnostics: dict | None) -> None:
+    """The figures of ``samples`` (posterior_summary) at ``where`` in ``report`` now, or,
+    given ``diagnostics``, the samples kept there under ``where`` for later."""
+    if diagnostics is not None:
+        diagnostics[where] = samples
+        return
+    entry = report
+    for key in where[:-1]:
+        entry = entry[key]
+    entry[where[-1]] = posterior_summary(events, samples, card.evaluation.bins)
+
+
+def _summarise_diagnostics(events: DetectorEvents, diagnostics: dict, card, report: dict) -> None:
+    """Put the figures of the samples kept in ``diagnostics`` (see :func:`_diagnose`) into
+    ``report``."""
+    for where, samples in diagnostics.items():
+        _diagnose(events, samples, card, where, report, None)
 
 
 def fit_mixture_refiner(unfolders: list[Unfolder], events: DetectorEvents, card, seed: int) -> tuple[Unfolder, dict]:
@@ -862,13 +920,15 @@ MEMBER_SEED_STEP = 7919
 
 
 def _ensemble_unfold(members: list[tuple[str, Unfolder]], events: DetectorEvents, card, timing: dict, report: dict,
-                     mixture: Unfolder | None = None) -> torch.Tensor:
+                     mixture: Unfolder | None = None, seed: int | None = None, diagnostics: dict | None = None, label: str = "") -> torch.Tensor:
     """The mixture of the members' posteriors: member k draws its share of the card's
     samples per event (seeds apart by k), each with its own refiner, or, given the
     ``mixture``'s refiner (:func:`fit_mixture_refiner`), without them; the samples of each
     event are then shuffled, so that any one of them (the LHE file's) comes from a member
     chosen at random, and resampled by the mixture's refiner. The report holds each
-    member's headline figures."""
+    member's headline figures (or ``diagnostics`` the samples behind them, as in
+    :func:`_unfold`); seeds from ``seed``, default the card's."""
+    seed = card.seed if seed is None else seed
     s, k = card.evaluation.samples_per_event, len(members)
     shares = [s // k + (1 if i < s % k else 0) for i in range(k)]
     # with the mixture's refiner and evaluation.refine_oversample, the members draw that
@@ -876,22 +936,27 @@ def _ensemble_unfold(members: list[tuple[str, Unfolder]], events: DetectorEvents
     over = card.evaluation.refine_oversample if mixture is not None else 1
     parts, info = [], []
     for i, ((path, unfolder), n) in enumerate(zip(members, shares)):
-        member_timing, member_report = {}, {}
-        part = _unfold(unfolder, events, card, member_timing, member_report, n_samples=n * over, seed=card.seed + MEMBER_SEED_STEP * i, refine=mixture is None)
+        member_timing, member_report, member_diag = {}, {}, ({} if diagnostics is not None else None)
+        part = _unfold(unfolder, events, card, member_timing, member_report, n_samples=n * over, seed=seed + MEMBER_SEED_STEP * i, refine=mixture is None,
+                       diagnostics=member_diag, label=f"{label} member {i + 1}/{k}")
         entry = {"model": path, "samples_per_event": part.shape[1], "timing": member_timing, **member_report}
-        if events.has_truth:
-            entry["summary"] = posterior_summary(events, part, card.evaluation.bins)
         info.append(entry)
+        if events.has_truth and diagnostics is None:
+            entry["summary"] = posterior_summary(events, part, card.evaluation.bins)
+        elif events.has_truth:
+            diagnostics[("ensemble", "members", i, "summary")] = part
+        for where, kept in (member_diag or {}).items():
+            diagnostics[("ensemble", "members", i, *where)] = kept
         parts.append(part)
     samples = torch.cat(parts, 1)
     del parts
-    order = torch.argsort(torch.rand(samples.shape[:2], generator=torch.Generator().manual_seed(card.seed + 107)), 1)
+    order = torch.argsort(torch.rand(samples.shape[:2], generator=torch.Generator().manual_seed(seed + 107)), 1)
     samples = samples[torch.arange(len(samples))[:, None], order]
     timing["sample_s"] = sum(e["timing"]["sample_s"] for e in info)
     timing["unfold_samples_per_s"] = len(events) * samples.shape[1] / timing["sample_s"]
     report["ensemble"] = {"members": info, "refine": "members" if mixture is None else "mixture"}
     if mixture is not None:
-        samples = _refine(mixture, events, samples, card, card.seed + 109, timing, report, n_out=s)
+        samples = _refine(mixture, events, samples, card, seed + 109, timing, report, n_out=s, diagnostics=diagnostics)
     return samples
 
 
@@ -935,7 +1000,8 @@ def apply_model(card, args) -> int:
     if card.evaluation.samples_per_event < len(members):
         # before any simulation or refiner fit: each member draws at least one sample per event
         raise JobError(f"an ensemble of {len(members)} models needs evaluation.samples_per_event ≥ {len(members)}, got {card.evaluation.samples_per_event}")
-    if len(members) > 1 and card.evaluation.ensemble_refine == "mixture" and stored_mixture is None:
+    fit_mixture = len(members) > 1 and card.evaluation.ensemble_refine == "mixture" and stored_mixture is None
+    if fit_mixture:
         ensemble_card = _mixture_refine_card(card, trained)
     output = args.output or str(Path(card.output or Path("runs") / card.name).with_name(f"{card.name}_unfolded"))
     folder = RunFolder.create(card, device, output, args.resume)
@@ -954,11 +1020,13 @@ def apply_model(card, args) -> int:
     report["test_events"] = len(events)
     report["input_has_truth"] = events.has_truth
     report["samples_per_event"] = card.evaluation.samples_per_event
-    if len(members) == 1:
-        samples = _unfold(unfolder, events, card, report["timing"], report)
-    else:
-        mixture = stored_mixture
-        if card.evaluation.ensemble_refine == "mixture" and mixture is None:
+    mixture = stored_mixture
+
+    def unfold_chunk(ev: DetectorEvents, seed: int, part_report: dict, diagnostics: dict, label: str) -> torch.Tensor:
+        nonlocal mixture
+        if len(members) == 1:
+            return _unfold(unfolder, ev, card, part_report["timing"], part_report, seed=seed, diagnostics=diagnostics, label=label)
+        if fit_mixture and mixture is None:  # only when a chunk is left to unfold
             t0 = time.perf_counter()
             refine_ev, events_info = independent_refine_events(ensemble_card)
             report["timing"]["refine_simulate_s"] = time.perf_counter() - t0
@@ -967,14 +1035,190 @@ def apply_model(card, args) -> int:
             report["timing"]["refine_fit_s"] = time.perf_counter() - t0
             report["refine"] = {"events": events_info, "fit": fit}
             del refine_ev
-        samples = _ensemble_unfold([(p, u) for p, u, _ in members], events, card, report["timing"], report, mixture=mixture)
-    plots = evaluate(events, samples, card, folder.path, report) if events.has_truth else []
-    _save_samples(folder.path / "unfolded.h5", events, samples)
+        return _ensemble_unfold([(p, u) for p, u, _ in members], ev, card, part_report["timing"], part_report, mixture=mixture, seed=seed,
+                                diagnostics=diagnostics, label=label)
+
+    # what a kept chunk must have been unfolded with: the models, the seed, the settings that shape the samples
+    e = card.evaluation
+    settings = {"models": [[str(p), _file_digest(p)] for p in paths], "seed": card.seed, "samples_per_event": e.samples_per_event,
+                "refine_oversample": e.refine_oversample, "ensemble_refine": e.ensemble_refine, "batch_size": e.batch_size,
+                "mixture_refine": card_to_dict(card)["model"]["refine"] if fit_mixture else None}
+    chunks = ChunkedUnfolding(folder.path / "chunks", settings, card.evaluation.chunk_events, card.physics.sqrt_s)
+    result = chunks.run(events, unfold_chunk, report)
+    plots = []
+    if events.has_truth:
+        samples = result.samples()
+        _summarise_diagnostics(events, result.diagnostics(), card, report)
+        plots = evaluate(events, samples, card, folder.path, report)
+        del samples
+    _save_samples(folder.path / "unfolded.h5", events, result.parts())
     report["outputs"]["samples"] = "unfolded.h5"
     report["outputs"]["model"] = report["model"]
     if card.lhe.write:
-        _write_lhe(folder, card, samples, events.lepton_flavour, None, report)
+        _write_lhe(folder, card, result.lhe_picked, events.lepton_flavour, None, report)
     report["outputs"]["plots"] = plots
     folder.write_report(report)
+    chunks.remove()
     print(_summary(report, folder.path))
     return 0
+
+
+def _file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _events_digest(events: DetectorEvents) -> str:
+    h = hashlib.sha256()
+    for name, value in events.arrays().items():
+        if name in ("leptons", "lepton_flavour", "jets", "n_jets"):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(value).tobytes())
+    return h.hexdigest()
+
+
+#: the seeds of chunk k (k > 0) of ``unfold --model … --input`` are the card's plus k times this
+CHUNK_SEED_STEP = 104_729
+
+
+class ChunkedUnfolding:
+    """``unfold --model … --input`` over the input ``chunk_events`` events at a time
+    (evaluation.chunk_events). Each finished chunk is written to ``folder`` (one file,
+    renamed into place: its samples, what the report records of it and, with truth, the
+    samples behind the diagnostic figures) under a key of the ``settings`` and its
+    events; a resumed run keeps the chunks whose key matches and unfolds the others.
+    Chunk 0 is seeded as an unchunked run (the card's seed), chunk k by the card's seed
+    + k · :data:`CHUNK_SEED_STEP`, so a resumed run gives what an uninterrupted one does."""
+
+    def __init__(self, folder: Path, settings: dict, chunk_events: int, sqrt_s: float):
+        self.folder, self.chunk_events, self.sqrt_s = Path(folder), int(chunk_events), sqrt_s
+        self.settings = hashlib.sha256(repr(sorted(settings.items())).encode()).hexdigest()
+        self.files: list[Path] = []
+        self.sizes: list[int] = []
+        self.lhe_picked: tuple | None = None
+
+    def _key(self, k: int, lo: int, hi: int, events: DetectorEvents) -> str:
+        return f"{self.settings}:{k}:{lo}:{hi}:{_events_digest(events)}"
+
+    def _load(self, path: Path, key: str) -> dict | None:
+        if not path.exists():
+            return None
+        try:
+            record = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # an unreadable file: unfold that chunk again
+            warnings.warn(f"{path}: unreadable ({type(exc).__name__}: {exc}); unfolding its events again", stacklevel=2)
+            return None
+        return record if isinstance(record, dict) and record.get("key") == key else None
+
+    def run(self, events: DetectorEvents, unfold_chunk, report: dict) -> "ChunkedUnfolding":
+        """Unfold ``events`` with ``unfold_chunk(events, seed, part_report, diagnostics,
+        label)`` chunk by chunk, keeping finished chunks; the chunks' report entries are
+        merged into ``report`` (:func:`merge_chunk_reports`)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        n, c = len(events), self.chunk_events
+        bounds = [(lo, min(lo + c, n)) for lo in range(0, n, c)]
+        seed0 = report["seed"]
+        parts, kept, picked = [], 0, []
+        for k, (lo, hi) in enumerate(bounds):
+            ev = events.subset(slice(lo, hi))
+            path = self.folder / f"chunk_{k:05d}.pt"
+            key = self._key(k, lo, hi, ev)
+            record = self._load(path, key)
+            if record is None:
+                part_report, diagnostics = {"timing": {}}, {}
+                label = f" chunk {k + 1}/{len(bounds)}" if len(bounds) > 1 else ""
+                samples = unfold_chunk(ev, seed0 + CHUNK_SEED_STEP * k, part_report, diagnostics, label)
+                record = {"key": key, "events": hi - lo, "samples": samples, "report": part_report,
+                          "diagnostics": [[list(where), x] for where, x in diagnostics.items()]}
+                del samples, diagnostics
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.folder)
+                os.close(fd)
+                try:
+                    torch.save(record, tmp)
+                    os.replace(tmp, path)
+                except BaseException:
+                    Path(tmp).unlink(missing_ok=True)
+                    raise
+            else:
+                kept += 1
+            picked.append(lhe_pick(record["samples"], self.sqrt_s))
+            parts.append(record["report"])
+            self.files.append(path)
+            self.sizes.append(hi - lo)
+            del record
+        if kept:
+            print(f"--resume: kept {kept} of {len(bounds)} chunks of {c} events unfolded before ({self.folder})")
+        self.lhe_picked = tuple(torch.cat(x) for x in zip(*picked))
+        merged = merge_chunk_reports(parts, self.sizes)
+        report["timing"].update(merged.pop("timing", {}))
+        _merge_into(report, merged)
+        report["chunks"] = {"events_per_chunk": c, "chunks": len(bounds), "kept_from_before": kept}
+        return self
+
+    def _records(self):
+        for path in self.files:
+            yield torch.load(path, map_location="cpu", weights_only=True)
+
+    def parts(self) -> list:
+        """A callable per chunk returning its samples (read back one at a time)."""
+        return [lambda path=path: torch.load(path, map_location="cpu", weights_only=True)["samples"] for path in self.files]
+
+    def samples(self) -> torch.Tensor:
+        return torch.cat([r["samples"] for r in self._records()])
+
+    def diagnostics(self) -> dict:
+        out: dict = {}
+        for record in self._records():
+            for where, x in record["diagnostics"]:
+                out.setdefault(tuple(where), []).append(x)
+        return {where: torch.cat(xs) for where, xs in out.items()}
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _merge_into(target: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge_into(target[key], value)
+        else:
+            target[key] = value
+
+
+def merge_chunk_reports(parts: list, sizes: list[int], key: str = ""):
+    """One report entry from the chunks' (``parts``, over ``sizes`` events each): times
+    (…_s) add up, rates are recomputed from them, minima and maxima stay so, the mean and
+    spread of ln r are pooled, other fractional figures are averaged over the events,
+    and counts and labels are the first chunk's."""
+    first = parts[0]
+    w = np.asarray(sizes, dtype=np.float64)
+    if isinstance(first, dict):
+        out = {k: merge_chunk_reports([p[k] for p in parts], sizes, k) for k in first}
+        if "unfold_samples_per_s" in first and "sample_s" in first:
+            out["unfold_samples_per_s"] = sum(p["unfold_samples_per_s"] * p["sample_s"] for p in parts) / out["sample_s"]
+        if "log_ratio_std" in first and "log_ratio_mean" in first:
+            mean = np.array([p["log_ratio_mean"] for p in parts])
+            second = np.array([p["log_ratio_std"] ** 2 for p in parts]) + mean**2
+            out["log_ratio_std"] = float(np.sqrt(max(0.0, np.dot(w, second) / w.sum() - out["log_ratio_mean"] ** 2)))
+        return out
+    if isinstance(first, list):
+        return [merge_chunk_reports([p[i] for p in parts], sizes, key) for i in range(len(first))]
+    return _merge_leaf(parts, key, w)
+
+
+def _merge_leaf(values: list, key: str, w: np.ndarray):
+    first = values[0]
+    if isinstance(first, bool) or not isinstance(first, (int, float)):
+        return first
+    if key.endswith("_s"):
+        return float(sum(values))
+    if key.endswith("_min"):
+        return min(values)
+    if key.endswith("_max"):
+        return max(values)
+    if isinstance(first, int):
+        return first
+    return float(np.dot(w, values) / w.sum())

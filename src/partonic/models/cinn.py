@@ -1420,7 +1420,7 @@ class Unfolder(nn.Module):
         where the classifier is exact; S > n_out (oversampling) keeps more distinct
         samples where r varies strongly. Returns the resampled samples and the spread of
         the weights: the mean and the smallest effective sample size (Σ r)²/Σ r² of an
-        event, and the standard deviation of ln r. ``progress``: a progress bar over the
+        event, and the mean and standard deviation of ln r. ``progress``: a progress bar over the
         events (None: on a terminal only)."""
         from tqdm.auto import tqdm
 
@@ -1448,4 +1448,4 @@ class Unfolder(nn.Module):
         out = samples.gather(1, idx[:, :, None, None].expand(-1, -1, *samples.shape[2:]))
         ess = 1.0 / (torch.softmax(log_r, 1) ** 2).sum(1)
         return out, {"effective_samples_mean": float(ess.mean()), "effective_samples_min": float(ess.min()), "log_ratio_std": float(log_r.std()),
-                     "samples_per_event": s, "kept_per_event": idx.shape[1]}
+                     "log_ratio_mean": float(log_r.mean()), "samples_per_event": s, "kept_per_event": idx.shape[1]}
