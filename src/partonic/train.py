@@ -17,7 +17,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from .cards import TrainingSection
+from .io.store import atomic_target
 
 __all__ = ["TrainingError", "TrainResult", "train", "lr_factor", "make_optimizer", "seed_everything", "load_checkpoint"]
 
@@ -138,15 +138,8 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_target(path, fsync=False) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:

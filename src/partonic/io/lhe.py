@@ -11,9 +11,7 @@ are atomic: the file appears complete or not at all.
 from __future__ import annotations
 
 import gzip
-import os
 import re
-import tempfile
 import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field, fields, replace
@@ -23,6 +21,8 @@ from typing import Iterator
 import numpy as np
 import pylhe
 import torch
+
+from partonic.io.store import atomic_target
 
 __all__ = ["LHEError", "LHEEvents", "LHEInit", "LHEProcess", "write_lhe", "read_lhe", "iter_lhe_chunks"]
 
@@ -220,15 +220,8 @@ def write_lhe(path: str | Path, events: LHEEvents, init: LHEInit, comment: str |
     lhe_file = pylhe.LHEFile(init=init_block, events=_event_objects(events), comment=comment)
     # gzip level 6: close to the size of level 9 at a fraction of the time
     fmt = replace(_FORMAT, compress=compress, compresslevel=6)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        lhe_file.tofile(tmp, lheformat=fmt)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_target(path, fsync=False) as tmp:
+        lhe_file.tofile(str(tmp), lheformat=fmt)
     return path
 
 

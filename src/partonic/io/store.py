@@ -13,8 +13,9 @@ import json
 import os
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import h5py
 import numpy as np
@@ -39,6 +40,26 @@ def cache_key(kind: str, data_section: Any, seed: int, **extra: Any) -> str:
     return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
 
 
+
+@contextmanager
+def atomic_target(path: str | Path, suffix: str = ".tmp", fsync: bool = True) -> Iterator[Path]:
+    """A temporary file beside ``path`` for the block to write: renamed onto ``path``
+    (after an fsync) when the block ends, removed when it raises, so that a reader never
+    sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        if fsync:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
 class DatasetCache:
     """Arrays stored under a key, atomically.
 
@@ -59,11 +80,8 @@ class DatasetCache:
         return self.load(key) is not None
 
     def save(self, key: str, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None) -> Path:
-        self.root.mkdir(parents=True, exist_ok=True)
         target = self.path(key)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".h5.tmp", dir=self.root)
-        os.close(fd)
-        try:
+        with atomic_target(target, suffix=".h5.tmp") as tmp:
             with h5py.File(tmp, "w") as fh:
                 fh.attrs["partonic_format"] = FORMAT_VERSION
                 fh.attrs["key"] = key
@@ -74,12 +92,6 @@ class DatasetCache:
                 # Written last: a file without it was never finished.
                 fh.attrs["complete"] = True
                 fh.flush()
-            with open(tmp, "rb") as raw:
-                os.fsync(raw.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return target
 
     def load(self, key: str) -> tuple[dict[str, np.ndarray], dict] | None:

@@ -15,9 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
-import os
 import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -32,7 +30,7 @@ from partonic.evaluate.ibu import bin_index, bootstrap_chi2, chi2_ndf, clipped_h
 from partonic.evaluate.metrics import compare_histograms, fwhm
 from partonic.evaluate.plots import Series, calibration_plot, ratio_plot
 from partonic.io.lhe import LHEEvents, LHEInit, LHEProcess, write_lhe
-from partonic.io.store import DatasetCache, cache_key
+from partonic.io.store import DatasetCache, atomic_target, cache_key
 from partonic.jobs.common import JobError, RunFolder, atomic_write_bytes, resolve_device
 from partonic.models.cinn import Unfolder, parton_observables, quark_jet_distances
 from partonic.physics.constants import M_ELECTRON, M_MUON
@@ -493,10 +491,7 @@ def _save_samples(path: Path, events: DetectorEvents, samples) -> None:
     import h5py
 
     parts = [lambda: samples] if isinstance(samples, torch.Tensor) else list(samples)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_target(path) as tmp:
         with h5py.File(tmp, "w") as fh:
             fh.attrs["partonic_kind"] = "unfolded_events"
             fh.attrs["parton_order"] = "l-, l+, q, qbar; (E, px, py, pz) GeV; massless"
@@ -512,12 +507,6 @@ def _save_samples(path: Path, events: DetectorEvents, samples) -> None:
                 raise RuntimeError(f"unfolded.h5: {lo} events of samples for {len(events)} detector events")
             for name, value in events.arrays().items():
                 fh.create_dataset(f"detector/{name}", data=value)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _summary(report: dict, path: Path) -> str:
@@ -1134,14 +1123,8 @@ class ChunkedUnfolding:
                 record = {"key": key, "events": hi - lo, "samples": samples, "report": part_report,
                           "diagnostics": [[list(where), x] for where, x in diagnostics.items()]}
                 del samples, diagnostics
-                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.folder)
-                os.close(fd)
-                try:
+                with atomic_target(path, fsync=False) as tmp:
                     torch.save(record, tmp)
-                    os.replace(tmp, path)
-                except BaseException:
-                    Path(tmp).unlink(missing_ok=True)
-                    raise
             else:
                 kept += 1
             picked.append(lhe_pick(record["samples"], self.sqrt_s))

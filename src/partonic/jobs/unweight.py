@@ -111,7 +111,6 @@ def lhe_events_from_kinematics(x: torch.Tensor, phi: torch.Tensor, generator: Dr
     flavours drawn from their share of dσ at each point, colour lines, momenta that
     balance (incoming partons along the beams), XWGTUP = σ."""
     n = x.shape[0]
-    roots = generator.setup.sqrt_s
     m, y, c = x[:, 0], x[:, 1], x[:, 2]
     leptons = leptons_from_kinematics(m, y, c, phi, generator.lepton_mass)
     probs = generator.channel_probabilities(m, y, c).cpu()
