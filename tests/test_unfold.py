@@ -1397,8 +1397,11 @@ def test_an_ensemble_trained_in_one_run(tiny_run, tmp_path, capsys, monkeypatch)
 
 def test_new_data_in_chunks_resumes_where_it_was_interrupted(tiny_run, tmp_path, capsys, monkeypatch):
     """evaluation.chunk_events: --input unfolded a chunk at a time, each finished chunk kept;
-    interrupted in its second chunk and resumed, the run unfolds only the chunks left and
-    gives what an uninterrupted run gives; chunks made with other settings are redone."""
+    ended by SIGTERM in its second chunk and resumed, the run unfolds only the chunks left
+    and gives what an uninterrupted run gives; chunks made with other settings are redone."""
+    import os
+    import signal
+
     import h5py
 
     import partonic.jobs.unfold as job
@@ -1432,12 +1435,14 @@ def test_new_data_in_chunks_resumes_where_it_was_interrupted(tiny_run, tmp_path,
     def interrupted(*args, **kwargs):
         calls.append(kwargs.get("seed"))
         if len(calls) == 2:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)  # as a batch system ends a job
+            raise AssertionError("SIGTERM did not interrupt the job")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(job, "_unfold", interrupted)
-    assert main(base + ["--output", str(tmp_path / "cut")]) == 130
-    assert "--resume" in capsys.readouterr().err
+    assert main(base + ["--output", str(tmp_path / "cut")]) == 143
+    assert "terminated (SIGTERM)" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the job's handler is gone with it
     assert sorted(p.name for p in (tmp_path / "cut" / "chunks").iterdir()) == ["chunk_00000.pt"]
     calls.clear()
     monkeypatch.setattr(job, "_unfold", lambda *a, **k: calls.append(k.get("seed")) or real(*a, **k))
@@ -1450,7 +1455,13 @@ def test_new_data_in_chunks_resumes_where_it_was_interrupted(tiny_run, tmp_path,
     assert resumed["calibration"] == report["calibration"] and resumed["refine"]["test"] == report["refine"]["test"]
 
     # a kept chunk of other settings (here: samples per event) is unfolded again
-    monkeypatch.setattr(job, "_unfold", interrupted)
+    def ctrl_c(*args, **kwargs):
+        calls.append(kwargs.get("seed"))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(job, "_unfold", ctrl_c)
     calls.clear()
     assert main(base + ["--output", str(tmp_path / "other")]) == 130
     monkeypatch.setattr(job, "_unfold", real)

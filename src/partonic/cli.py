@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 
 from . import __version__
 from .cards import CardError, load_card
@@ -89,6 +92,28 @@ def _run_job(args) -> int:
     return int(module.run(card, args) or 0)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch system's end of the job, ``kill``) raised in the job as an
+    interruption, so that it ends as Ctrl-C does: files being written are removed,
+    finished checkpoints and chunks are kept."""
+
+
+@contextmanager
+def _sigterm_interrupts():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .jobs.common import JobError
     from .physics.pdf import PDFError
@@ -101,11 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "check-card":
             return _check_card(args)
-        return _run_job(args)
+        with _sigterm_interrupts():
+            return _run_job(args)
     except CardError as exc:
         return _fail(str(exc))
     except (JobError, PDFError, FileNotFoundError) as exc:
         return _fail(str(exc), code=1)
+    except Terminated:
+        return _fail("terminated (SIGTERM); the last checkpoint is kept: rerun with --resume to continue", code=143)
     except KeyboardInterrupt:
         return _fail("interrupted; the last checkpoint is kept: rerun with --resume to continue", code=130)
 

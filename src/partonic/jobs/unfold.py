@@ -1071,6 +1071,8 @@ def _events_digest(events: DetectorEvents) -> str:
 
 #: the seeds of chunk k (k > 0) of ``unfold --model … --input`` are the card's plus k times this
 CHUNK_SEED_STEP = 104_729
+#: the layout of a kept chunk's file (a chunk of another layout is unfolded again)
+CHUNK_FORMAT = 1
 
 
 class ChunkedUnfolding:
@@ -1084,7 +1086,7 @@ class ChunkedUnfolding:
 
     def __init__(self, folder: Path, settings: dict, chunk_events: int, sqrt_s: float):
         self.folder, self.chunk_events, self.sqrt_s = Path(folder), int(chunk_events), sqrt_s
-        self.settings = hashlib.sha256(repr(sorted(settings.items())).encode()).hexdigest()
+        self.settings = hashlib.sha256(repr(sorted({**settings, "format": CHUNK_FORMAT}.items())).encode()).hexdigest()
         self.files: list[Path] = []
         self.sizes: list[int] = []
         self.lhe_picked: tuple | None = None
@@ -1120,8 +1122,10 @@ class ChunkedUnfolding:
                 part_report, diagnostics = {"timing": {}}, {}
                 label = f" chunk {k + 1}/{len(bounds)}" if len(bounds) > 1 else ""
                 samples = unfold_chunk(ev, seed0 + CHUNK_SEED_STEP * k, part_report, diagnostics, label)
-                record = {"key": key, "events": hi - lo, "samples": samples, "report": part_report,
-                          "diagnostics": [[list(where), x] for where, x in diagnostics.items()]}
+                # kept as float32, as unfolded.h5 has them (half the disk of float64); the
+                # chunks just unfolded are used as read back, so a resumed run is the same
+                record = {"key": key, "events": hi - lo, "samples": samples.float(), "report": part_report,
+                          "diagnostics": [[list(where), x.float()] for where, x in diagnostics.items()]}
                 del samples, diagnostics
                 with atomic_target(path, fsync=False) as tmp:
                     torch.save(record, tmp)
