@@ -1448,7 +1448,7 @@ def test_new_data_in_chunks_resumes_where_it_was_interrupted(tiny_run, tmp_path,
     monkeypatch.setattr(job, "_unfold", lambda *a, **k: calls.append(k.get("seed")) or real(*a, **k))
     assert main(base + ["--output", str(tmp_path / "cut"), "--resume"]) == 0
     assert calls == [2 + job.CHUNK_SEED_STEP, 2 + 2 * job.CHUNK_SEED_STEP]  # chunks 2 and 3 only
-    assert "kept 1 of 3 chunks" in capsys.readouterr().out
+    assert "chunk 1/3 (15 events) kept from before" in capsys.readouterr().out
     resumed, again, _ = outputs(tmp_path / "cut")
     assert resumed["chunks"]["kept_from_before"] == 1
     np.testing.assert_array_equal(again, samples)

@@ -1131,13 +1131,12 @@ class ChunkedUnfolding:
                     torch.save(record, tmp)
             else:
                 kept += 1
+                print(f"--resume: chunk {k + 1}/{len(bounds)} ({hi - lo} events) kept from before: {path}")
             picked.append(lhe_pick(record["samples"], self.sqrt_s))
             parts.append(record["report"])
             self.files.append(path)
             self.sizes.append(hi - lo)
             del record
-        if kept:
-            print(f"--resume: kept {kept} of {len(bounds)} chunks of {c} events unfolded before ({self.folder})")
         self.lhe_picked = tuple(torch.cat(x) for x in zip(*picked))
         merged = merge_chunk_reports(parts, self.sizes)
         report["timing"].update(merged.pop("timing", {}))
