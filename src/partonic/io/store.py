@@ -40,7 +40,6 @@ def cache_key(kind: str, data_section: Any, seed: int, **extra: Any) -> str:
     return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
 
 
-
 @contextmanager
 def atomic_target(path: str | Path, suffix: str = ".tmp", fsync: bool = True) -> Iterator[Path]:
     """A temporary file beside ``path`` for the block to write: renamed onto ``path``
@@ -59,6 +58,7 @@ def atomic_target(path: str | Path, suffix: str = ".tmp", fsync: bool = True) ->
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
 
 class DatasetCache:
     """Arrays stored under a key, atomically.
