@@ -977,6 +977,45 @@ def test_pythia_zw_resumes_from_finished_chunks(zw_particle_level):
     assert np.array_equal(again["partons"], arrays["partons"]) and np.array_equal(again["jets"], arrays["jets"])
 
 
+def test_an_interrupted_parallel_simulation_stops_its_workers_at_once():
+    """Ctrl-C or SIGTERM during a parallel run: the workers are stopped and the chunks not
+    started dropped, not run to the end (leaving the executor's block would wait for all
+    of them: here 4 chunks of 20 s on 2 workers, 40 s)."""
+    import multiprocessing as mp
+    import os
+    import signal
+    import threading
+    import time
+
+    from partonic.simulate.pythia import run_chunks
+
+    timer = threading.Timer(2.0, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        # time.sleep as the chunk: picklable for the spawned workers, and 20 s each
+        run_chunks(time.sleep, lambda i, n: 20, n_events=8, workers=2, chunk_size=2, progress=False)
+    waited = time.perf_counter() - t0
+    timer.join()
+    assert waited < 15.0, f"the interrupted run waited {waited:.0f} s for its workers"
+    # and no worker is left running the chunks
+    survivors = [p.pid for p in mp.active_children()]
+    deadline = time.time() + 10
+    while survivors and time.time() < deadline:
+        time.sleep(0.2)
+        survivors = [pid for pid in survivors if _running(pid)]
+    assert not survivors, f"workers {survivors} still run"
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_lepton_veto_keeps_every_event_the_detector_can_select(zw_particle_level, tmp_path):
     """data.lepton_veto drops the particle-level objects of events whose Z leptons fail
     the lepton cuts: the events it keeps are bit for bit those of the run without it

@@ -464,7 +464,8 @@ def run_chunks(
                 keep(i, chunk_fn(tasks[i]))
         elif todo:
             # spawn, not fork: the parent may already hold torch's thread pools.
-            with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+            try:
                 futures = {pool.submit(chunk_fn, tasks[i]): i for i in todo}
                 try:
                     for fut in cf.as_completed(futures):
@@ -475,6 +476,20 @@ def run_chunks(
                         "guard the script's top level with `if __name__ == '__main__':` (worker "
                         "processes are spawned and re-import it), or use workers=1"
                     ) from None
+            except BaseException:
+                # interrupted (Ctrl-C, SIGTERM) or failed: stop the workers and drop the
+                # chunks not started, instead of waiting for the whole run as leaving the
+                # executor's block would; the finished chunks are in scratch
+                procs = list((getattr(pool, "_processes", None) or {}).values())
+                for proc in procs:
+                    proc.terminate()
+                pool.shutdown(wait=False, cancel_futures=True)
+                for proc in procs:  # one still starting up can outlive SIGTERM
+                    proc.join(timeout=2.0)
+                    if proc.is_alive():
+                        proc.kill()
+                raise
+            pool.shutdown()
     finally:
         bar.close()
     elapsed = time.perf_counter() - start
