@@ -484,7 +484,7 @@ def run_chunks(
                 for proc in procs:
                     proc.terminate()
                 pool.shutdown(wait=False, cancel_futures=True)
-                for proc in procs:  # one still starting up can outlive SIGTERM
+                for proc in procs:  # and kill one that has not stopped within 2 s
                     proc.join(timeout=2.0)
                     if proc.is_alive():
                         proc.kill()
