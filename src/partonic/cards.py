@@ -356,7 +356,8 @@ class UnfoldEvaluation(Strict):
     refine_oversample: Annotated[int, Field(ge=1, le=64)] = 1
     #: ``unfold --model … --input FILE`` unfolds the input this many events at a time and
     #: keeps each finished chunk in RUN/chunks/, so an interrupted run continued with
-    #: ``--resume`` redoes only the unfinished chunk (and memory is bounded by a chunk)
+    #: ``--resume`` redoes only the unfinished chunks (without truth in the input, memory
+    #: holds one chunk's samples at a time)
     chunk_events: PositiveInt = 50_000
 
     @model_validator(mode="after")

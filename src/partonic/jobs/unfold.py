@@ -688,8 +688,7 @@ def run(card, args) -> int:
     _save_samples(folder.path / "unfolded.h5", test_ev, samples)
     report["outputs"]["samples"] = "unfolded.h5"
     if card.lhe.write:
-        n_lhe = min(len(samples), card.lhe.max_events or len(samples))
-        _write_lhe(folder, card, lhe_pick(samples[:n_lhe], card.physics.sqrt_s), test_ev.lepton_flavour, report.get("fiducial_cross_section_pb"), report)
+        _write_lhe(folder, card, lhe_pick(samples, card.physics.sqrt_s), test_ev.lepton_flavour, report.get("fiducial_cross_section_pb"), report)
     report["outputs"]["plots"] = plots
     folder.write_report(report)
     print(_summary(report, folder.path))
@@ -1034,13 +1033,16 @@ def apply_model(card, args) -> int:
                 "mixture_refine": card_to_dict(card)["model"]["refine"] if fit_mixture else None}
     chunks = ChunkedUnfolding(folder.path / "chunks", settings, card.evaluation.chunk_events, card.physics.sqrt_s)
     result = chunks.run(events, unfold_chunk, report)
-    plots = []
-    if events.has_truth:
-        samples = result.samples()
-        _summarise_diagnostics(events, result.diagnostics(), card, report)
+    if events.has_truth:  # the chunks read back once, for the evaluation and unfolded.h5
+        samples, diagnostics = result.load()
+        _summarise_diagnostics(events, diagnostics, card, report)
+        del diagnostics
         plots = evaluate(events, samples, card, folder.path, report)
+        _save_samples(folder.path / "unfolded.h5", events, samples)
         del samples
-    _save_samples(folder.path / "unfolded.h5", events, result.parts())
+    else:  # one chunk in memory at a time
+        plots = []
+        _save_samples(folder.path / "unfolded.h5", events, result.parts())
     report["outputs"]["samples"] = "unfolded.h5"
     report["outputs"]["model"] = report["model"]
     if card.lhe.write:
@@ -1144,23 +1146,20 @@ class ChunkedUnfolding:
         report["chunks"] = {"events_per_chunk": c, "chunks": len(bounds), "kept_from_before": kept}
         return self
 
-    def _records(self):
-        for path in self.files:
-            yield torch.load(path, map_location="cpu", weights_only=True)
-
     def parts(self) -> list:
         """A callable per chunk returning its samples (read back one at a time)."""
         return [lambda path=path: torch.load(path, map_location="cpu", weights_only=True)["samples"] for path in self.files]
 
-    def samples(self) -> torch.Tensor:
-        return torch.cat([r["samples"] for r in self._records()])
-
-    def diagnostics(self) -> dict:
-        out: dict = {}
-        for record in self._records():
+    def load(self) -> tuple[torch.Tensor, dict]:
+        """Every chunk read back in one pass: the samples of all events, and the samples
+        behind the diagnostic figures (see :func:`_summarise_diagnostics`)."""
+        samples, kept = [], {}
+        for path in self.files:
+            record = torch.load(path, map_location="cpu", weights_only=True)
+            samples.append(record["samples"])
             for where, x in record["diagnostics"]:
-                out.setdefault(tuple(where), []).append(x)
-        return {where: torch.cat(xs) for where, xs in out.items()}
+                kept.setdefault(tuple(where), []).append(x)
+        return torch.cat(samples), {where: torch.cat(xs) for where, xs in kept.items()}
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
