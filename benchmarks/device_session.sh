@@ -5,13 +5,18 @@
 #   STAGE=1 (default): every benchmark on CUDA (the GPU throughput targets), then the three
 #           jobs end to end on CUDA at a tiny size (does every code path run there?);
 #   STAGE=2: a card end to end on CUDA at its own size (CARD=drell_yan_full by default, or any
-#           card with JOB=unweight|generate|unfold; JOB_LIMIT seconds, 400 by default, TOTAL above it).
+#           card with JOB=unweight|generate|unfold; JOB_LIMIT seconds, 400 by default, TOTAL above it;
+#           SETS: more arguments for the job, e.g. --set overrides);
+#   STAGE=zw_full: cards/zw_full.yaml end to end in one call: its network and test size, with
+#           less simulation (1e6 + 3e5 events on the machine's cores, about 140 s at 16 x 600
+#           events/s) and the training fitted to 200 s (training.time_limit_s); JOB_LIMIT 500.
 # Results (JSON, logs, report.json; the plots stay behind) come back as $OUT/session.tar.gz, the JSON and
 # steps.txt beside it.
 #
 # From the repository root of this machine:
 #   ../shared/device/wheels.sh graphviz particle hepunits pyunfold   # wheels the device image lacks, in .whl/
 #   run tool: carry [".whl"], timeout_s 560, command "bash benchmarks/device_session.sh" (TOTAL=520 s of its own; on 2026-12-04 stage 1 took 327 s)
+#   or command "STAGE=zw_full bash benchmarks/device_session.sh" (the GPU run cards/zw_full.yaml still lacks)
 # A CPU dry run with tiny sizes: SIZE=tiny OUT=runs/device_dry bash benchmarks/device_session.sh
 set -uo pipefail
 OUT=${OUT:-runs/device_session}
@@ -69,8 +74,14 @@ if [ "$STAGE" = 1 ]; then
   step tiny_unfold "$TINY_LIMIT" $PY -m partonic.cli unfold --card cards/zw.yaml "${TINY[@]}" \
     --set model.refine.independent_events=20000 --output "$OUT/tiny_zw"
 else
+  if [ "$STAGE" = zw_full ]; then
+    CARD=zw_full; JOB=unfold; JOB_LIMIT=${JOB_LIMIT:-500}
+    [ "$SIZE" = tiny ] && SETS=${SETS:-"--set data.n_events=30000 --set model.refine.independent_events=20000 --set training.time_limit_s=30 --set evaluation.test_events=1000"}
+    SETS=${SETS:-"--set data.n_events=1000000 --set model.refine.independent_events=300000 --set training.time_limit_s=200"}
+  fi
   CARD=${CARD:-drell_yan_full}; JOB=${JOB:-unweight}
-  step "card_$CARD" "${JOB_LIMIT:-400}" $PY -m partonic.cli "$JOB" --card "cards/$CARD.yaml" --output "$OUT/$CARD"
+  # shellcheck disable=SC2086  # SETS holds several arguments
+  step "card_$CARD" "${JOB_LIMIT:-400}" $PY -m partonic.cli "$JOB" --card "cards/$CARD.yaml" ${SETS:-} --output "$OUT/$CARD"
 fi
 # one archive of what is small enough to come back (16 MiB a file): reports, metrics, logs;
 # the plots stay behind (with them the archive was 35 MB on 2026-12-04)

@@ -5,12 +5,13 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
 
 from partonic.cards import TrainingSection
-from partonic.train import TrainingError, load_checkpoint, lr_factor, train
+from partonic.train import PLAN_FILL, TrainingError, load_checkpoint, lr_factor, plan_to_time_limit, train
 
 TOY = textwrap.dedent(
     """
@@ -182,3 +183,53 @@ def test_keep_best_ends_with_the_epoch_of_lowest_validation_loss(tmp_path):
     assert again.theta.item() == pytest.approx(0.36, rel=1e-5)
     with pytest.raises(TrainingError, match="keep_best .* needs validation events"):
         train(_Shift(), loss, (x,), TrainingSection(**cfg, keep_best=True), tmp_path / "none", seed=1, progress=False)
+
+
+def test_a_time_limit_fits_the_steps_and_the_schedule_to_the_budget(tmp_path):
+    # every step sleeps 5 ms, so 1000 epochs of 25 steps would take over two minutes;
+    # a 1.2 s budget must end the training near 1.2 s with the cosine run to its end
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1600, 4, generator=gen)
+    y = x[:, :1] * 2
+    torch.manual_seed(3)
+    model = torch.nn.Linear(4, 1)
+
+    def loss_fn(m, batch):
+        time.sleep(0.005)
+        return ((m(batch[0]) - batch[1]) ** 2).mean()
+
+    limit = 1.2
+    cfg = TrainingSection(batch_size=64, epochs=1000, log_every=5, time_limit_s=limit,
+                          schedule={"name": "cosine"})
+    res = train(model, loss_fn, (x[:1400], y[:1400]), cfg, tmp_path / "run", seed=2,
+                val_data=(x[1400:], y[1400:]), progress=False)
+    plan = res.time_plan
+    assert plan["card_steps"] == 1000 * (1400 // 64)
+    # the plan's budget share at >= 5 ms per step: at most 228 steps, and well above the
+    # 45 steps timed before the plan
+    assert 45 < res.steps <= int(PLAN_FILL * limit / 0.005) + 1
+    assert plan["s_per_step"] >= 0.005
+    if not plan["stopped_by_limit"]:  # a loaded machine may end it by the limit instead
+        assert res.steps == plan["planned_steps"]
+        last_lr = [r["lr"] for r in res.history][-1]
+        # the schedule reached its end (the cosine's floor, min_lr_factor), not cut mid-way
+        assert last_lr == pytest.approx(cfg.optimizer.lr * lr_factor(res.steps - 1, res.steps, cfg))
+        assert last_lr < 0.02 * cfg.optimizer.lr
+    assert res.train_s < limit + 0.5  # one step and a validation pass past it at most
+    report = res.summary()
+    assert report["time_limit"]["limit_s"] == limit
+    # a resumed run keeps the planned length: nothing is left to train
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert ckpt["total_steps"] == res.steps and ckpt["time_plan"] == plan
+    again = train(model, loss_fn, (x[:1400], y[:1400]), cfg, tmp_path / "run", seed=2,
+                  val_data=(x[1400:], y[1400:]), resume=True, progress=False)
+    assert again.steps == res.steps and again.resumed_from == res.steps
+
+
+def test_the_time_plan_counts_validation_and_keeps_to_the_card():
+    # 100 s budget, 10 s spent at step 50, 0.1 s a step: 0.95 * 100 - 10 = 85 s are 850 steps more
+    assert plan_to_time_limit(100.0, 10.0, 50, 0.1, 0.0, 1000, 10_000) == 900
+    # a 10 s validation pass every 100 steps adds 0.1 s a step: half as many
+    assert plan_to_time_limit(100.0, 10.0, 50, 0.1, 10.0, 100, 10_000) == 475
+    assert plan_to_time_limit(100.0, 10.0, 50, 0.1, 0.0, 1000, 300) == 300  # never past the card
+    assert plan_to_time_limit(100.0, 99.0, 50, 0.1, 0.0, 1000, 10_000) == 50  # spent: stop now

@@ -112,6 +112,10 @@ class TrainingSection(Strict):
     batch_size: PositiveInt = 512
     epochs: PositiveInt = 20
     max_steps: Optional[PositiveInt] = None
+    #: wall-clock budget of one training in seconds: after the first steps the number of
+    #: steps (and with it the learning-rate schedule) is fitted to it; never more than
+    #: epochs / max_steps give (train.py, ``plan_to_time_limit``)
+    time_limit_s: Optional[PositiveFloat] = None
     grad_clip: Optional[PositiveFloat] = 10.0
     checkpoint_every: PositiveInt = 500
     log_every: PositiveInt = 50

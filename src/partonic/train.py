@@ -29,10 +29,18 @@ from torch import nn
 from .cards import TrainingSection
 from .io.store import atomic_target
 
-__all__ = ["TrainingError", "TrainResult", "train", "lr_factor", "make_optimizer", "seed_everything", "load_checkpoint"]
+__all__ = ["TrainingError", "TrainResult", "train", "lr_factor", "make_optimizer", "seed_everything", "load_checkpoint",
+           "plan_to_time_limit"]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+#: a time-limited training (``training.time_limit_s``) leaves out its first steps (device
+#: warm-up, first allocations) and times the next ones before fitting its length to the budget
+PLAN_WARMUP_STEPS = 5
+PLAN_TIMED_STEPS = 40
+#: the share of the budget a plan fills; the rest absorbs the estimate's error and the
+#: checkpoints (a training that still reaches the limit stops there: ``stopped_by_limit``)
+PLAN_FILL = 0.95
 
 LossOutput = torch.Tensor | dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Sequence[torch.Tensor]], LossOutput]
@@ -52,7 +60,8 @@ class TrainResult:
     ``skipped_steps`` steps dropped by the NaN/Inf guard, ``train_s`` wall time of
     this call, ``resumed_from`` step the run was resumed at (None for a fresh run),
     ``best_epoch`` and ``best_val_loss`` the epoch with the lowest validation loss and
-    that loss (with ``training.keep_best`` the model ends with that epoch's parameters).
+    that loss (with ``training.keep_best`` the model ends with that epoch's parameters),
+    ``time_plan`` how a time-limited training fitted its length (:func:`plan_to_time_limit`).
     """
 
     steps: int
@@ -65,6 +74,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     best_epoch: int | None = None
     best_val_loss: float | None = None
+    time_plan: dict | None = None
 
     def summary(self, kept_best: bool = False) -> dict:
         """The figures a report states about the training."""
@@ -75,6 +85,8 @@ class TrainResult:
             out["resumed_from"] = self.resumed_from
         if kept_best:
             out["model_from_epoch"] = self.best_epoch
+        if self.time_plan is not None:
+            out["time_limit"] = self.time_plan
         return out
 
 
@@ -120,6 +132,26 @@ def lr_factor(step: int, total: int, cfg: TrainingSection) -> float:
             return s.min_lr_factor + (1 - s.min_lr_factor) * t / rise
         return s.min_lr_factor + (1 - s.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * min((t - rise) / (span - rise), 1.0)))
     raise TrainingError(f"unknown schedule {s.name!r}")
+
+
+def plan_to_time_limit(limit_s: float, elapsed_s: float, step: int, s_per_step: float, validation_s: float,
+                       per_epoch: int, card_steps: int) -> int:
+    """Steps in all of a training that must end ``limit_s`` seconds after its start.
+
+    At ``step`` (``elapsed_s`` seconds in), a step takes ``s_per_step`` and one pass
+    over the validation events, made once every ``per_epoch`` steps, ``validation_s``.
+    The remaining steps fill :data:`PLAN_FILL` of what is left of the budget; the total
+    lies between ``step`` and ``card_steps`` (the card's epochs or max_steps).
+
+        >>> plan_to_time_limit(100.0, 10.0, 50, 0.1, 0.0, 1000, 10_000)
+        900
+        >>> plan_to_time_limit(100.0, 10.0, 50, 0.1, 0.0, 1000, 500)
+        500
+    """
+    per_step = s_per_step + validation_s / max(per_epoch, 1)
+    left = PLAN_FILL * limit_s - elapsed_s
+    more = int(left / per_step) if left > 0 and per_step > 0 else 0
+    return max(step, min(card_steps, step + more))
 
 
 def _rng_state() -> dict:
@@ -248,7 +280,8 @@ def train(
             raise TrainingError(f"sample_weights must be {n} finite non-negative numbers with a positive sum")
     batch_size = min(cfg.batch_size, n)
     per_epoch = n // batch_size  # drop the ragged last batch: every step sees a full batch
-    total = cfg.max_steps or cfg.epochs * per_epoch
+    card_steps = cfg.max_steps or cfg.epochs * per_epoch
+    total = card_steps
     model.to(device)
     data = [t.to(device) for t in data]
     val = [t.to(device) for t in val_data] if val_data is not None else None
@@ -263,6 +296,7 @@ def train(
     if cfg.keep_best and val_data is None:
         raise TrainingError("training.keep_best selects the epoch with the lowest validation loss, so it needs validation events (training.validation_fraction > 0)")
     best: dict | None = None  # {"epoch", "val_loss", "model"} of the lowest validation loss so far
+    time_plan: dict | None = None  # how a time-limited run fitted its length (plan_to_time_limit)
     seed_everything(seed)
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, device)
@@ -274,6 +308,10 @@ def train(
         step, epoch, lr_scale = state["step"], state["epoch"], state["lr_scale"]
         skipped = state.get("skipped", 0)
         best = state.get("best")
+        # a time-limited run keeps the length (and so the schedule) it planned
+        time_plan = state.get("time_plan")
+        if time_plan is not None:
+            total = state["total_steps"]
         # a run resumed at its end trains no step: its figures are the checkpoint's
         resumed_loss, resumed_val_loss = state.get("final_loss", float("nan")), state.get("val_loss")
         _set_rng_state(state["rng"])
@@ -286,6 +324,7 @@ def train(
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
                 "lr_scale": lr_scale, "skipped": skipped, "rng": _rng_state(), "finished": finished,
                 "total_steps": total, "seed": seed, "best": best, "final_loss": last_loss, "val_loss": val_loss,
+                "time_plan": time_plan,
             },
             ckpt_path,
         )
@@ -302,6 +341,16 @@ def train(
     history: list[dict] = []
     val_loss = resumed_val_loss
     last_loss = resumed_loss
+    limit = cfg.time_limit_s
+    # a time-limited run times steps plan_from .. plan_at, then fits its length to the budget
+    plan_from = step + PLAN_WARMUP_STEPS if limit is not None and time_plan is None else None
+    plan_at = plan_from + PLAN_TIMED_STEPS if plan_from is not None else None
+    t_plan = 0.0
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     try:
         model.train()
         while step < total:
@@ -348,6 +397,32 @@ def train(
                         extras_sum[k] = extras_sum.get(k, 0.0) + v
                 step += 1
                 bar.update(1)
+                if step == plan_from:
+                    sync()
+                    t_plan = time.perf_counter()
+                elif step == plan_at:
+                    sync()
+                    s_per_step = (time.perf_counter() - t_plan) / PLAN_TIMED_STEPS
+                    t_val = time.perf_counter()
+                    if val is not None:
+                        evaluate_loss(model, loss_fn, val, batch_size)
+                        model.train()
+                    validation_s = time.perf_counter() - t_val
+                    total = plan_to_time_limit(limit, time.perf_counter() - t0, step, s_per_step, validation_s, per_epoch, card_steps)
+                    time_plan = {"limit_s": limit, "card_steps": card_steps, "planned_steps": total, "s_per_step": s_per_step,
+                                 "validation_s": validation_s, "stopped_by_limit": False}
+                    metrics.write({"step": step, "epoch": epoch, "event": "time_plan", **time_plan})
+                    bar.total = total
+                    bar.refresh()
+                if limit is not None and step < total and time.perf_counter() - t0 > limit:
+                    # the budget is spent (the plan's estimate was short, or a resumed run):
+                    # the run ends here, a finished run of `step` steps
+                    total = step
+                    if time_plan is not None:
+                        time_plan["stopped_by_limit"] = True
+                    else:
+                        time_plan = {"limit_s": limit, "card_steps": card_steps, "planned_steps": None, "stopped_by_limit": True}
+                    metrics.write({"step": step, "epoch": epoch, "event": "time_limit_reached", "limit_s": limit})
                 if step % cfg.log_every == 0 or step == total:
                     if interval_losses:
                         last_loss = float(torch.stack(interval_losses).double().mean())
@@ -387,6 +462,7 @@ def train(
         steps=step, epochs=epoch, final_loss=last_loss, val_loss=val_loss, skipped_steps=skipped,
         train_s=time.perf_counter() - t0, resumed_from=resumed_from, history=history,
         best_epoch=best["epoch"] if best else None, best_val_loss=best["val_loss"] if best else None,
+        time_plan=time_plan,
     )
 
 
