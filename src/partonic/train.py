@@ -345,7 +345,7 @@ def train(
     # a time-limited run times steps plan_from .. plan_at, then fits its length to the budget
     plan_from = step + PLAN_WARMUP_STEPS if limit is not None and time_plan is None else None
     plan_at = plan_from + PLAN_TIMED_STEPS if plan_from is not None else None
-    t_plan = 0.0
+    t_plan, t_validating = 0.0, 0.0  # t_validating: seconds in epoch-end validation passes
 
     def sync() -> None:
         if device.type == "cuda":
@@ -399,10 +399,11 @@ def train(
                 bar.update(1)
                 if step == plan_from:
                     sync()
-                    t_plan = time.perf_counter()
+                    t_plan, t_validating = time.perf_counter(), 0.0
                 elif step == plan_at:
                     sync()
-                    s_per_step = (time.perf_counter() - t_plan) / PLAN_TIMED_STEPS
+                    # the timed steps without the validation passes among them (counted apart below)
+                    s_per_step = (time.perf_counter() - t_plan - t_validating) / PLAN_TIMED_STEPS
                     t_val = time.perf_counter()
                     if val is not None:
                         evaluate_loss(model, loss_fn, val, batch_size)
@@ -438,7 +439,9 @@ def train(
             else:
                 epoch += 1
                 if val is not None:
+                    t_val = time.perf_counter()
                     val_loss = evaluate_loss(model, loss_fn, val, batch_size)
+                    t_validating += time.perf_counter() - t_val
                     metrics.write({"step": step, "epoch": epoch, "val_loss": val_loss})
                     if math.isfinite(val_loss) and (best is None or val_loss < best["val_loss"]):
                         best = {"epoch": epoch, "val_loss": val_loss,
