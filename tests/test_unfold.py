@@ -1056,6 +1056,11 @@ evaluation: {{samples_per_event: 16, bins: 8, bootstrap: 20}}
 """
 
 
+# the runs on the tiny model that test something other than the plots leave them out:
+# each plot takes about half a second (test_unfold_job_end_to_end checks them)
+NO_PLOTS = ["--set", "evaluation.plots=false"]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("unfold")
@@ -1133,8 +1138,13 @@ def test_unfold_job_end_to_end(tiny_run):
     assert 0.5 * report["training_events"] < report["training_events_resmeared"] < 2.0 * report["training_events"]
     sel = report["selection"]
     assert sel["generated"] == 2400 and sel["selected"] == report["training_events"] + report["validation_events"] + report["test_events"]
+    # every observable's ratio plot and the calibration curves in each channel, the IBU plots: PDF and PNG
+    from partonic.jobs.unfold import IBU_OBSERVABLES, OBSERVABLES
+
+    assert len(report["outputs"]["plots"]) == 2 * (len(report["calibration"]) * (len(OBSERVABLES) + 1) + len(IBU_OBSERVABLES))
     for path in report["outputs"]["plots"]:
         assert (run / path).is_file()
+    assert 0 < report["timing"]["plots_s"] < report["timing"]["evaluate_s"]
     assert (run / "model.pt").is_file() and (run / "unfolded.h5").is_file()
     init, events = read_lhe(run / report["outputs"]["lhe"])
     assert len(events.pid) == report["lhe"]["events"] == report["test_events"] - report["lhe"]["dropped_unphysical"]
@@ -1197,7 +1207,7 @@ def test_unfold_new_data_with_a_trained_model(tiny_run, tmp_path):
     outputs = {}
     for name in ("new.h5", "delphes.root", "data.root"):
         out = tmp_path / f"applied_{name.replace('.', '_')}"
-        assert main(["unfold", "--card", str(card), "--model", model, "--input", str(tmp_path / name), "--output", str(out)]) == 0
+        assert main(["unfold", "--card", str(card), "--model", model, "--input", str(tmp_path / name), "--output", str(out)] + NO_PLOTS) == 0
         report = json.loads((out / "report.json").read_text())
         with h5py.File(out / "unfolded.h5") as fh:
             outputs[name] = report, fh["samples"][()], {k: fh["detector"][k][()] for k in fh["detector"].keys()}
@@ -1231,7 +1241,7 @@ def test_resume_with_other_refiner_settings_refits_the_refiner_on_the_trained_ci
 
     root, card = tiny_run
     monkeypatch.setenv("PARTONIC_CACHE", str(root / "cache"))  # the tiny run's events and independent events
-    sets = ["--set", "model.refine.samples=3", "--set", "model.refine.epochs=3"]
+    sets = ["--set", "model.refine.samples=3", "--set", "model.refine.epochs=3"] + NO_PLOTS
     resumed, fresh = tmp_path / "resumed", tmp_path / "fresh"
     shutil.copytree(root / "run", resumed)
     assert main(["unfold", "--card", str(card), "--output", str(resumed), "--resume"] + sets) == 0
@@ -1270,12 +1280,15 @@ def test_an_ensemble_of_models_mixes_their_posteriors(tiny_run, tmp_path, capsys
                                ("first", [model], ["evaluation.samples_per_event=8"]),
                                ("second", [model], ["evaluation.samples_per_event=8", f"seed={seed + 7919}"])):
         args = ["unfold", "--card", str(card), "--input", str(tmp_path / "new.h5"), "--output", str(tmp_path / name)]
-        args += [a for m in models for a in ("--model", m)] + [a for x in sets for a in ("--set", x)]
+        args += [a for m in models for a in ("--model", m)] + [a for x in sets for a in ("--set", x)] + NO_PLOTS
         assert main(args) == 0
         with h5py.File(tmp_path / name / "unfolded.h5") as fh:
             runs[name] = fh["samples"][()]
     report = json.loads((tmp_path / "ensemble" / "report.json").read_text())
     assert report["model"] == [model, model] and runs["ensemble"].shape == (30, 16, 4, 4)
+    # evaluation.plots = false: no plot written, every figure still in the report
+    assert report["outputs"]["plots"] == [] and not (tmp_path / "ensemble" / "plots").exists() and report["timing"]["plots_s"] == 0
+    assert "inclusive" in report["calibration"] and "inclusive" in report["ratio_to_truth"]
     members = report["ensemble"]["members"]
     assert [m["samples_per_event"] for m in members] == [8, 8] and all("inclusive" in m["summary"] for m in members)
     assert set(members[0]["summary"]["inclusive"]["ratio"]) == {"pt_q1", "pt_q2", "m_jj"}
@@ -1315,7 +1328,7 @@ def test_an_ensemble_refined_as_a_mixture(tiny_run, tmp_path, capsys, monkeypatc
         det = {k: fh["detector"][k][()] for k in fh["detector"].keys()}
     DetectorEvents(**det).subset(slice(0, 30)).to_hdf5(tmp_path / "new.h5")
     args = ["unfold", "--card", str(card), "--model", model, "--model", model, "--input", str(tmp_path / "new.h5"),
-            "--set", "evaluation.ensemble_refine=mixture"]
+            "--set", "evaluation.ensemble_refine=mixture"] + NO_PLOTS
     assert main(args + ["--output", str(tmp_path / "mix")]) == 0
     assert "before the mixture's refiner" in capsys.readouterr().out
     report = json.loads((tmp_path / "mix" / "report.json").read_text())
@@ -1387,7 +1400,7 @@ def test_an_ensemble_trained_in_one_run(tiny_run, tmp_path, capsys, monkeypatch)
 
     root, card = tiny_run
     monkeypatch.setenv("PARTONIC_CACHE", str(root / "cache"))  # the tiny run's events and independent events
-    sets = ["--set", "model.ensemble=2", "--set", "evaluation.ensemble_refine=mixture"]
+    sets = ["--set", "model.ensemble=2", "--set", "evaluation.ensemble_refine=mixture"] + NO_PLOTS
     out = tmp_path / "ens"
     assert main(["unfold", "--card", str(card), "--output", str(out)] + sets) == 0
     assert "member1 (8 samples/event) alone, before the mixture's refiner" in capsys.readouterr().out
@@ -1427,7 +1440,7 @@ def test_an_ensemble_trained_in_one_run(tiny_run, tmp_path, capsys, monkeypatch)
     # refined by its members instead, the ensemble's unrefined members are named in a warning
     with pytest.warns(UserWarning, match="no refiners of their own"):
         assert main(["unfold", "--card", str(card), "--model", str(out / "model.pt"), "--input", str(tmp_path / "test_events.h5"),
-                     "--output", str(tmp_path / "members"), "--set", "evaluation.ensemble_refine=members"]) == 0
+                     "--output", str(tmp_path / "members"), "--set", "evaluation.ensemble_refine=members"] + NO_PLOTS) == 0
 
     assert main(["unfold", "--card", str(card), "--output", str(tmp_path / "bad"), "--set", "model.ensemble=2", "--set",
                  "evaluation.ensemble_refine=mixture", "--set", "model.refine.method=none", "--set", "model.refine.independent_events=0"]) != 0
@@ -1450,7 +1463,7 @@ def test_new_data_in_chunks_resumes_where_it_was_interrupted(tiny_run, tmp_path,
     with h5py.File(root / "run" / "unfolded.h5") as fh:
         det = {k: fh["detector"][k][()] for k in fh["detector"].keys()}
     DetectorEvents(**det).subset(slice(0, 40)).to_hdf5(tmp_path / "new.h5")
-    base = ["unfold", "--card", str(card), "--model", model, "--input", str(tmp_path / "new.h5"), "--set", "evaluation.chunk_events=15"]
+    base = ["unfold", "--card", str(card), "--model", model, "--input", str(tmp_path / "new.h5"), "--set", "evaluation.chunk_events=15"] + NO_PLOTS
 
     def outputs(out):
         with h5py.File(out / "unfolded.h5") as fh:

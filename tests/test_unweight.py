@@ -652,13 +652,15 @@ def test_unweight_job_from_weighted_lhe_with_negative_weights(tmp_path, monkeypa
     ev.weight = torch.where(torch.arange(3000) % 6 == 0, -1.0, 1.0).double() * 100.0
     path = write_lhe(tmp_path / "nlo_like.lhe", ev, LHEInit(weighting=-4, processes=[LHEProcess(1000.0, 10.0, 100.0, 1)]))
     out, report = run_job(tmp_path, "fromlhe", ["data.source=lhe", f"data.files=[{path}]", "model.method=flow", "training.batch_size=512",
-                                                        "model.batch_weights=resample"], monkeypatch)
+                                                        "model.batch_weights=resample", "evaluation.plots=false"], monkeypatch)
     assert report["training_negative_weight_fraction"] == pytest.approx(500 / 3000, abs=1e-9)
     # ±100 weights: (Σw)²/(nΣw²) = (1 − 2·1/6)²; resampled batches draw every event equally often
     assert report["training_batches"] == {"batch_weights": "resample", "input_effective_fraction": pytest.approx((2 / 3) ** 2, rel=0.02)}
     assert report["cross_section_pb"] == pytest.approx(1000.0)
     assert report["truth"] == "the weighted input events"
     assert "flow" in report["methods"]
+    # evaluation.plots = false: no plot, every figure in the report
+    assert report["outputs"]["plots"] == [] and not (out / "plots").exists() and report["methods"]["flow"]["observables"]
     big = report["methods"]["flow"]["large_sample"]
     assert big["events"] == 20000 and set(big["observables"]) == set(report["methods"]["flow"]["observables"])
     assert 0 <= big["max_bulk_deviation"] < 10 and big["max_bulk_deviation_error"] > 0
@@ -667,7 +669,7 @@ def test_unweight_job_from_weighted_lhe_with_negative_weights(tmp_path, monkeypa
 def test_unweight_job_gan_with_classifier_refinement(tmp_path, monkeypatch):
     out, report = run_job(tmp_path, "refined", ["model.method=gan", "model.refine=classifier", "model.refine_epochs=2", "model.generator=residual",
                                                 "model.rapidity=bounded", "model.marginal_weight=0.5", "model.marginal_target=input",
-                                                "model.marginal_calibration=true"], monkeypatch)
+                                                "model.marginal_calibration=true", "evaluation.plots=false"], monkeypatch)
     m = report["methods"]["gan"]
     calib = report["training"]["marginal_calibration"]
     assert calib["coordinates"] == ["m_ll", "y_ll", "cos_theta"] and len(calib["max_shift"]) == 3 and all(v > 0 for v in calib["max_shift"])
@@ -696,7 +698,7 @@ def test_unweight_job_gan_with_classifier_refinement(tmp_path, monkeypatch):
 def test_unweight_job_gan_ensemble(tmp_path, monkeypatch):
     """model.ensemble = 2: member 0 is the single network of the same card, unchanged;
     member 1 is trained from the seed + 1000 in member1/ and saved beside it."""
-    gan = ["model.method=gan", "model.generator=residual", "model.rapidity=bounded", "evaluation.tail_events=5000"]
+    gan = ["model.method=gan", "model.generator=residual", "model.rapidity=bounded", "evaluation.tail_events=5000", "evaluation.plots=false"]
     _, single = run_job(tmp_path, "single", gan, monkeypatch)
     out, report = run_job(tmp_path, "ensemble", gan + ["model.ensemble=2"], monkeypatch)
     ens = report["ensemble"]
@@ -711,7 +713,7 @@ def test_unweight_job_gan_ensemble(tmp_path, monkeypatch):
     # the events differ from the single network's (half of them come from member 1)
     assert report["methods"]["gan"]["large_sample"]["observables"] != single["methods"]["gan"]["large_sample"]["observables"]
     # a flow ensemble draws through the flow's own sampler
-    _, flows = run_job(tmp_path, "flows", ["model.method=flow", "model.ensemble=2", "evaluation.tail_events=5000"], monkeypatch)
+    _, flows = run_job(tmp_path, "flows", ["model.method=flow", "model.ensemble=2", "evaluation.tail_events=5000", "evaluation.plots=false"], monkeypatch)
     assert flows["ensemble"]["members"] == 2 and flows["methods"]["flow"]["large_sample"]["events"] == 5000
 
 

@@ -363,6 +363,10 @@ class UnfoldEvaluation(Strict):
     #: ``--resume`` redoes only the unfinished chunks (without truth in the input, memory
     #: holds one chunk's samples at a time)
     chunk_events: PositiveInt = 50_000
+    #: false: no plots (PDF, PNG); report.json keeps every figure. A run with four
+    #: channels draws 56 (58 with IBU), about half a second each on a CPU core
+    #: (timing.plots_s in the report; docs/results.md, "Throughput")
+    plots: bool = True
 
     @model_validator(mode="after")
     def _bootstrap_replicas(self):
@@ -515,10 +519,12 @@ class UnweightModel(Strict):
 
 
 class SampleEvaluation(Strict):
-    """Histogram binning and the number of equal-probability bins of the qMSE."""
+    """Histogram binning and the number of equal-probability bins of the qMSE;
+    ``plots: false`` leaves the plots out (the report keeps every figure)."""
 
     bins: Annotated[int, Field(ge=4, le=200)] = 40
     quantiles: Annotated[int, Field(ge=2, le=1000)] = 20
+    plots: bool = True
 
 
 class UnweightEvaluation(SampleEvaluation):
@@ -609,15 +615,13 @@ class GANModel(Strict):
 class GenerateEvaluation(SampleEvaluation):
     """``n_generated`` events per model for the metrics and the LHE file; the classifier
     test uses up to ``classifier_events`` of each sample; ``shower_events`` of the LHE
-    file are showered by Pythia8 as a check (0: no check); ``plots: false`` leaves
-    the plots out (the report keeps every figure). ``truth_events`` > 0 compares the
+    file are showered by Pythia8 as a check (0: no check). ``truth_events`` > 0 compares the
     generated events with that many truth events that training never saw (Pythia8
     with its own seeds, cached; or the LHE files' events after the first
     ``data.n_events``); 0 compares with the training events themselves."""
 
     n_generated: PositiveInt = 100_000
     truth_events: NonNegInt = 0
-    plots: bool = True
     classifier_events: Annotated[int, Field(ge=1000)] = 200_000
     classifier_epochs: PositiveInt = 10
     shower_events: NonNegInt = 500

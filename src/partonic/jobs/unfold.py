@@ -303,6 +303,16 @@ def evaluate(events: DetectorEvents, samples: torch.Tensor, card, out: Path, rep
     rel_truth = {k: v.numpy() for k, v in quark_jet_distances(t["partons"], t["jets"]).items()}
     title = rf"pp$\to$ZW$\to\ell\ell jj$, {card.physics.sqrt_s / 1000:g} TeV"
     plots: list[str] = []
+    t_start, plot_s = time.perf_counter(), 0.0
+
+    def draw(plot, *args, **kwargs) -> None:
+        """Write one plot (PDF and PNG) unless evaluation.plots is false; time it."""
+        nonlocal plot_s
+        if card.evaluation.plots:
+            t0 = time.perf_counter()
+            plots.extend(str(p.relative_to(out)) for p in plot(*args, **kwargs))
+            plot_s += time.perf_counter() - t0
+
     cal_report: dict = {}
     ratio_report: dict = {}
     for channel in CHANNEL_NAMES:
@@ -318,18 +328,15 @@ def evaluate(events: DetectorEvents, samples: torch.Tensor, card, out: Path, rep
             if name in CALIBRATED:
                 curves[name] = (np.asarray(cal.q), np.asarray(cal.coverage))
             label, logy = OBSERVABLES[name]
-            written = ratio_plot(
-                [Series(truth[name][mask], "parton truth"), Series(gen[name][mask].reshape(-1), f"cINN unfolded ({s}/event)", np.full(mask.sum() * s, 1.0 / s)),
-                 Series(det[name][mask], "detector level")],
-                edges, label, out / "plots" / channel / name, title=f"{title}, {channel}", logy=logy, ratio_range=(0.5, 1.5),
-            )
-            plots += [str(p.relative_to(out)) for p in written]
+            draw(ratio_plot,
+                 [Series(truth[name][mask], "parton truth"), Series(gen[name][mask].reshape(-1), f"cINN unfolded ({s}/event)", np.full(mask.sum() * s, 1.0 / s)),
+                  Series(det[name][mask], "detector level")],
+                 edges, label, out / "plots" / channel / name, title=f"{title}, {channel}", logy=logy, ratio_range=(0.5, 1.5))
         for name in JET_RELATIVE:
             cal = calibration(rel_gen[name][mask], rel_truth[name][mask])
             cal_report[channel][name] = cal.as_dict()
             curves[name] = (np.asarray(cal.q), np.asarray(cal.coverage))
-        written = calibration_plot(curves, out / "plots" / channel / "calibration", title=f"{title}, {channel}")
-        plots += [str(p.relative_to(out)) for p in written]
+        draw(calibration_plot, curves, out / "plots" / channel / "calibration", title=f"{title}, {channel}")
     report["calibration"] = cal_report
     report["ratio_to_truth"] = ratio_report
     report["max_calibration_deviation"] = {c: max(cal_report[c][o]["max_deviation"] for o in CALIBRATED) for c in cal_report}
@@ -378,9 +385,10 @@ def evaluate(events: DetectorEvents, samples: torch.Tensor, card, out: Path, rep
                     "chi2_ndf_difference": ibu_report[name]["cinn_chi2_ndf"] - ibu_report[name]["ibu_chi2_ndf"],
                     "chi2_ndf_difference_error": boot["difference_error"], "bootstrap_replicas": boot["replicas"],
                 })
-            written = _ibu_plot(edges, t_counts, c_counts, res.counts, res.errors, OBSERVABLES[name][0], out / "plots" / f"ibu_{name}", title)
-            plots += [str(p.relative_to(out)) for p in written]
+            draw(_ibu_plot, edges, t_counts, c_counts, res.counts, res.errors, OBSERVABLES[name][0], out / "plots" / f"ibu_{name}", title)
         report["ibu_comparison"] = ibu_report
+    # the evaluation's time, and how much of it the plots took (evaluation.plots = false saves that)
+    report.setdefault("timing", {}).update(evaluate_s=time.perf_counter() - t_start, plots_s=plot_s)
     return plots
 
 

@@ -509,11 +509,12 @@ def run(card, args) -> int:
             "ratio": cmp.ratio, "ratio_error": cmp.ratio_error, "edges": cmp.edges,
             "hit_or_miss_max_bulk_deviation": cmp_hm.max_bulk_deviation, "hit_or_miss_chi2_ndf": cmp_hm.chi2_ndf,
         }
-        written = ratio_plot(
-            [truth.series(name, edges), Series(gen_obs[name], label), Series(hm_obs[name], f"hit-or-miss ({len(hm_x)} ev.)")],
-            edges, xlabel, folder.path / "plots" / name, title=rf"pp$\to\mu\mu$, {card.physics.sqrt_s / 1000:g} TeV", logy=logy,
-        )
-        plots += [str(p.relative_to(folder.path)) for p in written]
+        if card.evaluation.plots:
+            written = ratio_plot(
+                [truth.series(name, edges), Series(gen_obs[name], label), Series(hm_obs[name], f"hit-or-miss ({len(hm_x)} ev.)")],
+                edges, xlabel, folder.path / "plots" / name, title=rf"pp$\to\mu\mu$, {card.physics.sqrt_s / 1000:g} TeV", logy=logy,
+            )
+            plots += [str(p.relative_to(folder.path)) for p in written]
     method_report["max_bulk_deviation"] = max(c["max_bulk_deviation"] for c in comparisons.values())
     method_report["chi2_ndf"] = {k: c["chi2_ndf"] for k, c in comparisons.items()}
     method_report["observables"] = comparisons
