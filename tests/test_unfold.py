@@ -18,7 +18,7 @@ from partonic.models import cinn
 from partonic.models.cinn import ConditionalINN, PartonRepresentation, Unfolder, parton_event_ids, parton_observables
 from partonic.physics import kinematics as kin
 from partonic.simulate.detector import DetectorEvents, apply_detector, jet_energy_resolution
-from partonic.simulate.pythia import simulate_zw
+from partonic.simulate.pythia import shower_lhe, simulate_zw
 
 
 # ----------------------------------------------------------------- the network
@@ -1158,6 +1158,9 @@ def test_unfold_job_end_to_end(tiny_run):
     assert torch.allclose(incoming, outgoing, atol=1e-3 * float(incoming[:, 0].max()))
     assert torch.allclose(kin.mass(mom[:, 4] + mom[:, 5]), events.mass[:, 2], atol=1e-3)
     assert init.processes[0].cross_section == pytest.approx(report["fiducial_cross_section_pb"], rel=1e-6)
+    # Pythia8 reads, showers and hadronises every unfolded event without an error or a warning
+    shower = shower_lhe(run / report["outputs"]["lhe"])
+    assert shower.n_accepted == len(events.pid) > 50 and shower.n_failed == 0 and shower.errors == {} and shower.warnings == {}
 
 
 def test_channel_weights_follow_the_channel_fractions():
