@@ -13,10 +13,12 @@ FIELDS = {
 }
 
 
-def write_delphes(path, events, drop=(), collections=tuple(FIELDS), nested=False):
+def write_delphes(path, events, drop=(), collections=tuple(FIELDS), nested=False, rename=None):
     """Write events (dicts of object-tuple lists) as a Delphes-like tree: "Jet.PT", ..., counters "Jet_size".
 
-    ``nested`` names the branches "Jet/Jet.PT", as uproot lists real Delphes files."""
+    ``nested`` names the branches "Jet/Jet.PT", as uproot lists real Delphes files;
+    ``rename`` writes a collection under another name ({"Jet": "JetPUPPI"})."""
+    rename = rename or {}
     arrays = {}
     for coll in collections:
         counts = np.array([len(ev[coll]) for ev in events], dtype=np.int64)
@@ -25,7 +27,7 @@ def write_delphes(path, events, drop=(), collections=tuple(FIELDS), nested=False
             if f"{coll}.{name}" not in drop:
                 flat = np.array([obj[k] for ev in events for obj in ev[coll]], dtype=dtype)
                 columns[name] = ak.unflatten(flat, counts)
-        arrays[coll] = ak.zip(columns)
+        arrays[rename.get(coll, coll)] = ak.zip(columns)
     with uproot.recreate(path) as fh:
         tree = fh.mktree(
             "Delphes",

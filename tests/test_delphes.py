@@ -178,6 +178,23 @@ def test_missing_branches_are_all_named(tmp_path):
     assert "broken.root" in message and "Muon.Charge" in message and "Jet.Mass" in message
 
 
+def test_collections_under_other_names(tmp_path):
+    """The CMS card's PUPPI jets (JetPUPPI) and renamed lepton collections read as Delphes'
+    default ones when named; unnamed, the error names the collections the tree holds."""
+    events = hand_events(np.random.default_rng(4))
+    default = read_delphes(write_delphes(tmp_path / "default.root", events))
+    names = {"Jet": "JetPUPPI", "Electron": "ElectronTight", "Muon": "MuonLoose"}
+    path = write_delphes(tmp_path / "renamed.root", events, rename=names, nested=True)
+    renamed = read_delphes(path, jets="JetPUPPI", electrons="ElectronTight", muons="MuonLoose")
+    for name, value in default.arrays().items():
+        np.testing.assert_array_equal(getattr(renamed, name), value, err_msg=name)
+    with pytest.raises(DetectorInputError) as info:
+        read_delphes(path, electrons="ElectronTight", muons="MuonLoose")
+    message = str(info.value)
+    assert "Jet.PT" in message and "no collection Jet;" in message and "data.delphes" in message
+    assert "collections are ElectronTight, JetPUPPI, MuonLoose, Particle" in message
+
+
 def test_bad_files_fail_clearly(tmp_path):
     with pytest.raises(DetectorInputError, match="no such file"):
         read_delphes(tmp_path / "absent.root")

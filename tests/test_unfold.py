@@ -1192,7 +1192,7 @@ def test_lhe_takes_the_first_posterior_sample_inside_the_beams():
     assert torch.equal(chosen[0], near) and torch.equal(chosen[2], near)
 
 
-def test_unfold_new_data_with_a_trained_model(tiny_run, tmp_path):
+def test_unfold_new_data_with_a_trained_model(tiny_run, tmp_path, capsys):
     """--input as partonic HDF5 and as Delphes ROOT (with and without the generator record):
     the same events give the same posterior samples, whichever file they come in."""
     import h5py
@@ -1206,11 +1206,15 @@ def test_unfold_new_data_with_a_trained_model(tiny_run, tmp_path):
     events.to_hdf5(tmp_path / "new.h5")
     write_delphes(tmp_path / "delphes.root", delphes_records(events))
     write_delphes(tmp_path / "data.root", delphes_records(events, truth=False), collections=("Jet", "Electron", "Muon"))
+    # the CMS card's PUPPI jets, named in the card
+    write_delphes(tmp_path / "puppi.root", delphes_records(events), rename={"Jet": "JetPUPPI"}, nested=True)
+    puppi = ["--set", "data.delphes.jets=JetPUPPI"]
 
     outputs = {}
-    for name in ("new.h5", "delphes.root", "data.root"):
+    for name in ("new.h5", "delphes.root", "data.root", "puppi.root"):
         out = tmp_path / f"applied_{name.replace('.', '_')}"
-        assert main(["unfold", "--card", str(card), "--model", model, "--input", str(tmp_path / name), "--output", str(out)] + NO_PLOTS) == 0
+        extra = NO_PLOTS + (puppi if name == "puppi.root" else [])
+        assert main(["unfold", "--card", str(card), "--model", model, "--input", str(tmp_path / name), "--output", str(out)] + extra) == 0
         report = json.loads((out / "report.json").read_text())
         with h5py.File(out / "unfolded.h5") as fh:
             outputs[name] = report, fh["samples"][()], {k: fh["detector"][k][()] for k in fh["detector"].keys()}
@@ -1222,7 +1226,7 @@ def test_unfold_new_data_with_a_trained_model(tiny_run, tmp_path):
         assert (out / report["outputs"]["lhe"]).is_file()
 
     reference = outputs["new.h5"]
-    for name in ("delphes.root", "data.root"):
+    for name in ("delphes.root", "data.root", "puppi.root"):
         _, samples, detector = outputs[name]
         # Delphes stores float32 (pT, η, φ, m): detector objects agree to float32 precision...
         for key in ("leptons", "jets"):
@@ -1233,6 +1237,11 @@ def test_unfold_new_data_with_a_trained_model(tiny_run, tmp_path):
         # lepton charge, flavour or jet order would move the samples by that much).
         np.testing.assert_allclose(samples, reference[1], rtol=1e-3, atol=0.05)
     np.testing.assert_allclose(outputs["delphes.root"][2]["partons"], reference[2]["partons"], rtol=1e-5, atol=1e-3)
+    # without the name the job stops on the missing collection; a name that is no collection name is refused by the card
+    assert main(["unfold", "--card", str(card), "--model", model, "--input", str(tmp_path / "puppi.root"), "--output", str(tmp_path / "x")]) != 0
+    assert "no collection Jet; the tree's collections are Electron, JetPUPPI, Muon, Particle" in capsys.readouterr().err
+    assert main(["unfold", "--card", str(card), "--model", model, "--input", str(tmp_path / "puppi.root"), "--set", "data.delphes.jets=Jet.PT"]) != 0
+    assert "data.delphes.jets" in capsys.readouterr().err
 
 
 def test_resume_with_other_refiner_settings_refits_the_refiner_on_the_trained_cinn(tiny_run, tmp_path, capsys, monkeypatch):

@@ -12,11 +12,12 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
     "CardError",
@@ -178,6 +179,28 @@ class DetectorSection(Strict):
     isolation_ratio: PositiveFloat = 0.12
 
 
+def _collection_name(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", name):
+        raise ValueError(f"{name!r} is not a Delphes tree or collection name (letters, digits and _, as in Jet or JetPUPPI; "
+                         "the leaves PT, Eta, … are added by the reader)")
+    return name
+
+
+_COLLECTION = Annotated[str, AfterValidator(_collection_name)]
+
+
+class DelphesSection(Strict):
+    """Where a Delphes ROOT file (data.source = delphes, or ``unfold --input``) holds the
+    objects: the tree and the jet, electron and muon collections (the Delphes cards'
+    default names; e.g. ``jets: JetPUPPI`` for the CMS card's PUPPI jets). Each
+    collection needs the leaves of Delphes' own: PT, Eta, Phi and Mass or Charge."""
+
+    tree: _COLLECTION = "Delphes"
+    jets: _COLLECTION = "Jet"
+    electrons: _COLLECTION = "Electron"
+    muons: _COLLECTION = "Muon"
+
+
 class UnfoldData(Strict):
     source: Literal["pythia", "hdf5", "delphes"] = "pythia"
     files: list[str] = []
@@ -213,6 +236,7 @@ class UnfoldData(Strict):
     #: simulation about 1.4 times faster (source pythia; the cuts are part of the cache key)
     lepton_veto: bool = True
     detector: DetectorSection = DetectorSection()
+    delphes: DelphesSection = DelphesSection()
 
     @model_validator(mode="after")
     def _files_for_file_sources(self):

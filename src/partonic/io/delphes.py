@@ -22,14 +22,19 @@ import uproot
 from partonic.physics.constants import M_ELECTRON, M_MUON
 from partonic.simulate.detector import DetectorEvents, DetectorInputError
 
-__all__ = ["read_delphes", "DELPHES_BRANCHES", "TRUTH_BRANCHES"]
+__all__ = ["read_delphes", "delphes_branches", "DELPHES_BRANCHES", "TRUTH_BRANCHES"]
 
-#: Branches of the reconstructed objects, as Delphes names them.
-DELPHES_BRANCHES = (
-    "Jet.PT", "Jet.Eta", "Jet.Phi", "Jet.Mass",
-    "Electron.PT", "Electron.Eta", "Electron.Phi", "Electron.Charge",
-    "Muon.PT", "Muon.Eta", "Muon.Phi", "Muon.Charge",
-)
+
+def delphes_branches(jets: str = "Jet", electrons: str = "Electron", muons: str = "Muon") -> tuple[str, ...]:
+    """The branches of the reconstructed objects read from collections of these names
+    (the Delphes cards' default names; e.g. ``jets="JetPUPPI"`` for the CMS card's
+    PUPPI jets, whose leaves are those of Jet)."""
+    return (f"{jets}.PT", f"{jets}.Eta", f"{jets}.Phi", f"{jets}.Mass",
+            *(f"{c}.{leaf}" for c in (electrons, muons) for leaf in ("PT", "Eta", "Phi", "Charge")))
+
+
+#: Branches of the reconstructed objects, as the Delphes cards name them by default.
+DELPHES_BRANCHES = delphes_branches()
 #: Branches of the generator record, needed for the parton truth.
 TRUTH_BRANCHES = (
     "Particle.PID", "Particle.Status", "Particle.M1",
@@ -68,6 +73,11 @@ def _open_tree(path: Path, tree: str, names: tuple[str, ...], truth: bool):
         missing = [name for name, key in found.items() if key is None]
         if missing:
             message = f"{path}: tree '{tree}' lacks the branches {', '.join(missing)}"
+            absent = sorted({name.split(".", 1)[0] for name in missing} - {key.rsplit("/", 1)[-1].split(".", 1)[0] for key in keys if "." in key})
+            if absent:  # a whole collection: name the ones the tree has
+                held = sorted({key.rsplit("/", 1)[-1].split(".", 1)[0] for key in keys if "." in key})
+                message += (f" (no collection {', '.join(absent)}; the tree's collections are {', '.join(held) or 'none'}:"
+                            " data.delphes names the jet, electron and muon collections)")
             if truth and any(name in TRUTH_BRANCHES for name in missing):
                 message += (
                     "; the Particle branches hold the parton truth (keep the generator record in the"
@@ -114,10 +124,10 @@ def _leading(records, key: str):
 
 
 # ------------------------------------------------------------------ selection
-def _select_jets(data, max_jets: int, pt_min: float, eta_max: float):
+def _select_jets(data, name: str, max_jets: int, pt_min: float, eta_max: float):
     jets = ak.zip({
-        "pt": _f64(data["Jet.PT"]), "eta": _f64(data["Jet.Eta"]),
-        "phi": _f64(data["Jet.Phi"]), "mass": _f64(data["Jet.Mass"]),
+        "pt": _f64(data[f"{name}.PT"]), "eta": _f64(data[f"{name}.Eta"]),
+        "phi": _f64(data[f"{name}.Phi"]), "mass": _f64(data[f"{name}.Mass"]),
     })
     jets = jets[(jets.pt > pt_min) & (abs(jets.eta) < eta_max)]
     jets = jets[ak.argsort(jets.pt, axis=1, ascending=False, stable=True)]
@@ -127,10 +137,11 @@ def _select_jets(data, max_jets: int, pt_min: float, eta_max: float):
     return _four_vectors(*fields), n_jets
 
 
-def _select_leptons(data, pt_min: float, eta_max: float):
-    """The SFOS pair: flavour of the leading accepted lepton, its leading ℓ⁻ and ℓ⁺."""
+def _select_leptons(data, names: tuple[str, str], pt_min: float, eta_max: float):
+    """The SFOS pair: flavour of the leading accepted lepton, its leading ℓ⁻ and ℓ⁺
+    (``names``: the electron and the muon collection)."""
     collections = []
-    for name, pdg, mass in _LEPTONS:
+    for name, (_, pdg, mass) in zip(names, _LEPTONS):
         charge = ak.values_astype(data[f"{name}.Charge"], np.int64)
         collections.append(ak.zip({
             "pt": _f64(data[f"{name}.PT"]), "eta": _f64(data[f"{name}.Eta"]), "phi": _f64(data[f"{name}.Phi"]),
@@ -190,6 +201,9 @@ def read_delphes(
     lepton_eta_max: float = 2.5,
     max_events: Optional[int] = None,
     truth: Optional[bool] = True,
+    jets: str = "Jet",
+    electrons: str = "Electron",
+    muons: str = "Muon",
 ) -> DetectorEvents:
     """Read Delphes ROOT files and select ZW → ℓℓ jj events.
 
@@ -206,6 +220,8 @@ def read_delphes(
     Arguments:
         paths: a file or several; ``max_events`` counts events across them in order.
         tree: name of the Delphes tree.
+        jets, electrons, muons: names of the collections to read (the leaves of each
+            are those of Delphes' Jet, Electron and Muon: PT, Eta, Phi, Mass or Charge).
 
     Raises:
         DetectorInputError: a file that is missing, not ROOT, without the tree or
@@ -221,7 +237,8 @@ def read_delphes(
     auto = truth is None
     if auto:  # the generator record may be there; the detector branches are checked below
         truth = all(_has_branches(path, tree, TRUTH_BRANCHES) for path in paths)
-    names = DELPHES_BRANCHES + (TRUTH_BRANCHES if truth else ())
+    objects = delphes_branches(jets, electrons, muons)
+    names = objects + (TRUTH_BRANCHES if truth else ())
 
     # Check every file first: a bad last file should fail before the others are read.
     for path in paths:
@@ -236,9 +253,9 @@ def read_delphes(
             data = {name: ttree[key].array(library="ak", entry_stop=stop) for name, key in keys.items()}
         if remaining is not None:
             remaining -= stop
-        jets, n_jets = _select_jets(data, max_jets, jet_pt_min, jet_eta_max)
-        leptons, flavour, pair = _select_leptons(data, lepton_pt_min, lepton_eta_max)
-        part = {"jets": jets, "n_jets": n_jets, "leptons": leptons, "lepton_flavour": flavour, "pair": pair}
+        jet_p4, n_jets = _select_jets(data, jets, max_jets, jet_pt_min, jet_eta_max)
+        leptons, flavour, pair = _select_leptons(data, (electrons, muons), lepton_pt_min, lepton_eta_max)
+        part = {"jets": jet_p4, "n_jets": n_jets, "leptons": leptons, "lepton_flavour": flavour, "pair": pair}
         if truth:
             part["partons"], part["parton_ids"], part["truth"] = _parton_truth(data)
         parts.append(part)

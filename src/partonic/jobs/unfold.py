@@ -186,11 +186,13 @@ def _concatenate(parts: list[DetectorEvents]) -> DetectorEvents:
     )
 
 
-def read_detector_files(files, detector, truth: bool | None = True) -> DetectorEvents:
+def read_detector_files(files, detector, truth: bool | None = True, delphes=None) -> DetectorEvents:
     """Detector events from HDF5 (``DetectorEvents.to_hdf5`` layout) or Delphes ROOT files.
 
     ``truth`` applies to Delphes files: True needs the parton truth, None reads it when
-    the files have it (see :func:`partonic.io.delphes.read_delphes`)."""
+    the files have it (see :func:`partonic.io.delphes.read_delphes`); ``delphes`` (a
+    card's data.delphes) names their tree and collections (default: Delphes' own)."""
+    names = {} if delphes is None else {"tree": delphes.tree, "jets": delphes.jets, "electrons": delphes.electrons, "muons": delphes.muons}
     parts = []
     for f in files:
         path = Path(f)
@@ -199,7 +201,7 @@ def read_detector_files(files, detector, truth: bool | None = True) -> DetectorE
 
             parts.append(read_delphes(
                 path, max_jets=detector.max_jets, jet_pt_min=detector.jet_pt_min, jet_eta_max=detector.jet_eta_max,
-                lepton_pt_min=detector.lepton_pt_min, lepton_eta_max=detector.lepton_eta_max, truth=truth,
+                lepton_pt_min=detector.lepton_pt_min, lepton_eta_max=detector.lepton_eta_max, truth=truth, **names,
             ))
         elif path.suffix.lower() in (".h5", ".hdf5"):
             parts.append(DetectorEvents.from_hdf5(path))
@@ -214,7 +216,7 @@ def load_events(card, progress: bool = True) -> tuple[DetectorEvents, dict]:
     try:
         if d.source == "pythia":
             return _pythia_events(card, progress)
-        events = read_detector_files(d.files, d.detector)
+        events = read_detector_files(d.files, d.detector, delphes=d.delphes)
     except DetectorInputError as exc:
         raise JobError(str(exc)) from None
     if not events.has_truth:
@@ -1005,7 +1007,8 @@ def apply_model(card, args) -> int:
     report["model"] = str(paths[0]) if len(paths) == 1 else [str(p) for p in paths]
     report["input"] = str(args.input)
     try:
-        events = read_detector_files([args.input], trained.data.detector, truth=None)
+        # the trained card's selection; this card's names for the file's collections
+        events = read_detector_files([args.input], trained.data.detector, truth=None, delphes=card.data.delphes)
     except DetectorInputError as exc:
         raise JobError(str(exc)) from None
     if len(events) == 0:
