@@ -73,10 +73,10 @@ def _open_tree(path: Path, tree: str, names: tuple[str, ...], truth: bool):
         missing = [name for name, key in found.items() if key is None]
         if missing:
             message = f"{path}: tree '{tree}' lacks the branches {', '.join(missing)}"
-            absent = sorted({name.split(".", 1)[0] for name in missing} - {key.rsplit("/", 1)[-1].split(".", 1)[0] for key in keys if "." in key})
+            held = {leaf.split(".", 1)[0] for leaf in by_leaf if "." in leaf}
+            absent = sorted({name.split(".", 1)[0] for name in missing} - held)
             if absent:  # a whole collection: name the ones the tree has
-                held = sorted({key.rsplit("/", 1)[-1].split(".", 1)[0] for key in keys if "." in key})
-                message += (f" (no collection {', '.join(absent)}; the tree's collections are {', '.join(held) or 'none'}:"
+                message += (f" (no collection {', '.join(absent)}; the tree's collections are {', '.join(sorted(held)) or 'none'}:"
                             " data.delphes names the jet, electron and muon collections)")
             if truth and any(name in TRUTH_BRANCHES for name in missing):
                 message += (
