@@ -1814,3 +1814,69 @@ def test_classifier_refinement_moves_a_shifted_posterior_onto_the_true_one():
     before, after = float((x - d_new[:, None]).mean()), float((refined - d_new[:, None]).mean())
     assert abs(before - shift) < 4 / math.sqrt(m * s)
     assert abs(after) < 0.1
+
+
+def test_a_refiner_of_several_fits_averages_their_log_ratios():
+    """model.refine.fits = 3 on the problem above: each classifier is fitted with its own
+    seed (another validation split and batch order), ln r is the mean of the three, the
+    first fit is the single refiner of the same seed, and the bag moves the samples
+    onto the truth as one fit does. A single refiner's saved state has no extra keys."""
+    from partonic.models.refine import ClassifierRefiner, systematic_resample
+
+    gen = torch.Generator().manual_seed(1)
+    n, shift = 20_000, 0.5
+    d = 2 * torch.randn(n, generator=gen)
+    truth = torch.stack([d + torch.randn(n, generator=gen), d], 1)
+    generated = torch.stack([(d[:, None] + shift + torch.randn(n, 2, generator=gen)).reshape(-1), d.repeat_interleave(2)], 1)
+    fitted = {}
+    for fits in (1, 3):
+        torch.manual_seed(0)
+        refiner = ClassifierRefiner(2, width=32, layers=2, fits=fits)
+        fitted[fits] = refiner, refiner.fit(truth, torch.ones(n), generated, epochs=6, batch_size=1024, seed=2)
+    single, one = fitted[1]
+    bag, info = fitted[3]
+    assert not any(k.startswith("more.") for k in single.state_dict()) and {k.split(".")[1] for k in bag.state_dict() if k.startswith("more.")} == {"0", "1"}
+    assert "members" not in one and info["fits"] == 3 and len(info["members"]) == 3
+    # the first fit is the single refiner's: same initial weights, seed, split and batches
+    assert info["members"][0]["val_loss"] == one["val_loss"]
+    assert all(torch.equal(a, b) for a, b in zip(bag.net.parameters(), single.net.parameters()))
+    # the others learn the same ratio from other starts and splits
+    assert len({m["best_val_loss"] for m in info["members"]}) == 3
+    assert all(m["best_val_loss"] < m["val_loss_before_training"] for m in info["members"])
+    x = torch.stack([torch.linspace(-3, 3, 200), torch.zeros(200)], 1)
+    with torch.no_grad():
+        each = torch.stack([net(x)[:, 0].double() for net in bag.nets])
+    torch.testing.assert_close(bag.log_ratio(x), each.mean(0))
+    assert float((each[1] - each[0]).abs().max()) > 1e-3
+    assert info["r_max"] == pytest.approx(float(bag.r_max)) and info["r_max"] > 1
+    # resampled by the bag's ratio, new events' samples move from d + 0.5 onto d (as in the test above)
+    m, s = 2000, 32
+    d_new = 2 * torch.randn(m, generator=gen)
+    x = d_new[:, None] + shift + torch.randn(m, s, generator=gen)
+    log_r = bag.log_ratio(torch.stack([x.reshape(-1), d_new.repeat_interleave(s)], 1)).view(m, s)
+    refined = x.gather(1, systematic_resample(log_r, gen))
+    assert abs(float((refined - d_new[:, None]).mean())) < 0.1
+
+
+def test_a_run_with_a_refiner_of_two_fits(tiny_run, tmp_path, monkeypatch):
+    """model.refine.fits = 2 in a run: the cINN and the first fit are the single-fit run's
+    (the extra classifier draws nothing from the global random state), the report holds
+    both fits, and the saved model unfolds the run's test events into the run's samples."""
+    import h5py
+
+    root, card = tiny_run
+    monkeypatch.setenv("PARTONIC_CACHE", str(root / "cache"))  # the tiny run's events and independent events
+    out = tmp_path / "two_fits"
+    assert main(["unfold", "--card", str(card), "--output", str(out), "--set", "model.refine.fits=2"] + NO_PLOTS) == 0
+    report, single = (json.loads((d / "report.json").read_text()) for d in (out, root / "run"))
+    fit = report["refine"]["fit"]
+    assert fit["fits"] == 2 and [len(m["val_loss"]) for m in fit["members"]] == [2, 2]
+    assert report["training"]["final_loss"] == single["training"]["final_loss"]
+    assert fit["members"][0]["val_loss"] == single["refine"]["fit"]["val_loss"] != fit["members"][1]["val_loss"]
+    with h5py.File(out / "unfolded.h5") as fh:
+        samples = fh["samples"][()]
+        DetectorEvents(**{k: fh["detector"][k][()] for k in fh["detector"].keys()}).to_hdf5(tmp_path / "test_events.h5")
+    again = tmp_path / "again"
+    assert main(["unfold", "--card", str(card), "--model", str(out / "model.pt"), "--input", str(tmp_path / "test_events.h5"), "--output", str(again)] + NO_PLOTS) == 0
+    with h5py.File(again / "unfolded.h5") as fh:
+        np.testing.assert_array_equal(fh["samples"][()], samples)

@@ -264,6 +264,12 @@ class RefineSection(Strict):
     epochs: Annotated[int, Field(ge=1, le=1000)] = 20
     width: Annotated[int, Field(ge=4, le=4096)] = 256
     layers: Annotated[int, Field(ge=1, le=8)] = 3
+    #: classifiers fitted one after the other with their own seeds (initial weights, batch
+    #: order, validation events); the ratio is their geometric mean (bagging). One fit's
+    #: correction scatters by 2–4% from seed to seed where it is large (the soft quarks;
+    #: docs/results.md, "The refiner's fit scatter"); K fits cut that by √K for K times
+    #: the fit time
+    fits: Annotated[int, Field(ge=1, le=16)] = 1
     #: the events the classifier learns from: 0, the cINN's training events (with their
     #: data.resmear realisations); N > 0, N more generated events simulated for it alone
     #: (data.source = pythia; seed + 10⁶, data.resmear + 1 detector realisations each),

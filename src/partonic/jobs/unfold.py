@@ -595,7 +595,7 @@ def _split(n: int, card) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 #: what ``--resume`` may change in a finished or interrupted run: the refiner is fitted
 #: after the cINN on every run, so a resumed run with another number of samples, epochs,
 #: independent events or validation split refits it on the unchanged cINN (minutes instead
-#: of the cINN's training). Its width, layers and inputs change the saved model's shape.
+#: of the cINN's training). Its width, layers, inputs and fits change the saved model's shape.
 REFIT_ON_RESUME = ("model.refine.samples", "model.refine.epochs", "model.refine.independent_events", "model.refine.validation")
 
 
@@ -858,7 +858,7 @@ def fit_mixture_refiner(unfolders: list[Unfolder], events: DetectorEvents, card,
     mixture = copy.deepcopy(unfolders[0])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the classifier's initial weights: the run is reproducible
-        mixture.new_refiner(r.width, r.layers, r.inputs)
+        mixture.new_refiner(r.width, r.layers, r.inputs, r.fits)
 
     def sampler(ev, n, s):
         share = -(-n // len(unfolders))

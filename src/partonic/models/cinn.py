@@ -943,7 +943,7 @@ class Unfolder(nn.Module):
         #: stages, "partons_then_jets": :data:`REFINE_STAGES`, :meth:`refine_features`)
         self.refine_inputs = getattr(refine, "inputs", "partons")
         if refine is not None and refine.method == "classifier":
-            self.new_refiner(refine.width, refine.layers)
+            self.new_refiner(refine.width, refine.layers, fits=getattr(refine, "fits", 1))
 
     #: samples per inverse pass of the cINN on a CPU (:meth:`sample_features`)
     CPU_PASS = 4096
@@ -1317,10 +1317,11 @@ class Unfolder(nn.Module):
         scale = _cpu64(standardise.fit(extra.to(standardise.mean)) if fit else standardise)
         return torch.cat([x, scale(extra)[0], tail.cpu().double()], -1).float()
 
-    def new_refiner(self, width: int, layers: int, inputs: str | None = None) -> None:
-        """A new, unfitted refiner (classifier MLP of ``layers`` × ``width``, one per stage)
-        in place of any present one, on the cINN's device; ``inputs`` (a key of
-        :data:`REFINE_STAGES`, default this model's) says what it sees (:meth:`refine_features`)."""
+    def new_refiner(self, width: int, layers: int, inputs: str | None = None, fits: int = 1) -> None:
+        """A new, unfitted refiner (classifier MLP of ``layers`` × ``width``, one per stage;
+        ``fits`` of them per stage, ln r averaged: :class:`ClassifierRefiner`) in place of
+        any present one, on the cINN's device; ``inputs`` (a key of :data:`REFINE_STAGES`,
+        default this model's) says what it sees (:meth:`refine_features`)."""
         if inputs is not None:
             if inputs not in self.REFINE_STAGES:
                 raise ValueError(f"refiner inputs must be one of {', '.join(map(repr, self.REFINE_STAGES))}, not {inputs!r}")
@@ -1328,12 +1329,12 @@ class Unfolder(nn.Module):
         device = next(self.cinn.parameters()).device
         kinds = self.REFINE_STAGES[self.refine_inputs]
         n_in, n_scaled = self._refine_dims(kinds[0])
-        self.refiner = ClassifierRefiner(n_in, width, layers).to(device)
+        self.refiner = ClassifierRefiner(n_in, width, layers, fits).to(device)
         self.refine_scale = Standardise(n_scaled).to(device)
         self.refiner_jets = self.refine_scale_jets = None
         if len(kinds) > 1:
             n_in, n_scaled = self._refine_dims(kinds[1])
-            self.refiner_jets = ClassifierRefiner(n_in, width, layers).to(device)
+            self.refiner_jets = ClassifierRefiner(n_in, width, layers, fits).to(device)
             self.refine_scale_jets = Standardise(n_scaled).to(device)
         if "refiner_fitted" in self._buffers:
             self.refiner_fitted = torch.tensor(False, device=device)

@@ -91,6 +91,11 @@ class ClassifierRefiner(nn.Module):
             they are already standardised).
         width, layers: the classifier MLP. Its last layer starts at zero, so an
             untrained refiner has r = 1 everywhere.
+        fits: classifiers of that shape, each fitted with its own seed (initial
+            weights, batch order, validation split); ln r is their mean (bagging). The
+            ratio of one fit scatters from fit to fit by a few percent where the
+            correction is large (docs/results.md, "The refiner's fit scatter"), and
+            the mean of K fits by 1/√K of that.
 
     Example:
         >>> ref = ClassifierRefiner(3)
@@ -102,16 +107,40 @@ class ClassifierRefiner(nn.Module):
     #: not set r_max (they are kept with their copies, see :meth:`sample`)
     MAX_LOG_RATIO = 10.0
 
-    def __init__(self, dim: int, width: int = 128, layers: int = 3):
+    #: seed step between the fits of a refiner with ``fits`` > 1 (fit k: seed + k · step)
+    FIT_SEED_STEP = 7919
+
+    def __init__(self, dim: int, width: int = 128, layers: int = 3, fits: int = 1):
         super().__init__()
+        if fits < 1:
+            raise ValueError(f"ClassifierRefiner: fits must be ≥ 1, got {fits}")
         self.net = mlp(dim, 1, width, layers)
+        #: the classifiers after the first (fits > 1); empty for one, so that a single
+        #: refiner's saved state is what it always was. Their initial weights come from
+        #: seeds of their own, so the global random state (and whatever is drawn after,
+        #: e.g. a cINN's training) is that of a single refiner
+        self.more = nn.ModuleList()
+        seed = torch.initial_seed()
+        for k in range(1, fits):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((seed + self.FIT_SEED_STEP * k) % 2**63)
+                self.more.append(mlp(dim, 1, width, layers))
         self.register_buffer("r_max", torch.tensor(1.0, dtype=torch.float64))
 
+    @property
+    def nets(self) -> list[nn.Module]:
+        """Every classifier: ln r is the mean of their outputs."""
+        return [self.net, *self.more]
+
     def log_ratio(self, features: torch.Tensor, batch_size: int = 262_144) -> torch.Tensor:
-        """ln r(x) per event (float64), in batches, without gradients."""
+        """ln r(x) per event (float64; the mean over the fits), in batches, without gradients."""
         p = next(self.net.parameters())
+        nets = self.nets
         with torch.no_grad():
-            out = [self.net(c.to(p.device, p.dtype))[:, 0].double() for c in features.split(batch_size)]
+            out = []
+            for c in features.split(batch_size):
+                c = c.to(p.device, p.dtype)
+                out.append(sum(net(c)[:, 0].double() for net in nets) / len(nets))
         return torch.cat(out).clamp(-self.MAX_LOG_RATIO, self.MAX_LOG_RATIO) if out else torch.zeros(0, dtype=torch.float64, device=p.device)
 
     def fit(self, data: torch.Tensor, weights: torch.Tensor, generated: torch.Tensor, epochs: int = 20, batch_size: int = 4096, lr: float = 1e-3,
@@ -120,7 +149,9 @@ class ClassifierRefiner(nn.Module):
         """Train on data features with their weights (label 1) against generated
         features (label 0) with theirs (``generated_weights``, default equal; positive),
         each class normalised to the same total weight; keep the epoch with the lowest
-        validation loss, then set r_max. Returns a summary.
+        validation loss, then set r_max. With several fits each classifier is trained
+        so in turn, fit k with ``seed`` + k · :data:`FIT_SEED_STEP`. Returns a summary
+        (of the first fit; with several, "members" holds each fit's).
 
         ``groups`` and ``generated_groups`` (integer ids per row, both or neither) hold
         out whole groups for validation instead of single rows: rows that share
@@ -134,7 +165,6 @@ class ClassifierRefiner(nn.Module):
         if len(data) < 10 or len(generated) < 10:
             raise ValueError("ClassifierRefiner.fit needs at least 10 data and 10 generated events")
         p = next(self.net.parameters())
-        gen = torch.Generator().manual_seed(seed)
         w = weights.detach().double().cpu()
         if w.sum() <= 0:
             raise ValueError("ClassifierRefiner.fit: the data weights sum to ≤ 0")
@@ -153,52 +183,63 @@ class ClassifierRefiner(nn.Module):
         y = torch.cat([torch.ones(n_d), torch.zeros(n_g)]).to(p.device)
         # equal total weight per class; the mean |weight| of an event is about 1
         cw = torch.cat([(w * (half / w.sum())).float(), (wg * (half / wg.sum())).float()]).to(p.device)
-        val, tr = validation_split(n_d, n_g, validation_fraction, gen, groups, generated_groups)
-        val, tr, n_val = val.to(p.device), tr.to(p.device), len(val)
         loss_fn = nn.BCEWithLogitsLoss(reduction="none")
+        nets = self.nets
 
-        def mean_loss(idx) -> float:
-            total = 0.0
-            with torch.no_grad():
-                for c in idx.split(262_144):
-                    total += float((cw[c] * loss_fn(self.net(x[c])[:, 0], y[c])).sum())
-            return total / max(len(idx), 1)
+        def fit_one(net: nn.Module, k: int) -> dict:
+            gen = torch.Generator().manual_seed(seed + self.FIT_SEED_STEP * k)
+            val, tr = validation_split(n_d, n_g, validation_fraction, gen, groups, generated_groups)
+            val, tr, n_val = val.to(p.device), tr.to(p.device), len(val)
 
-        opt = torch.optim.Adam(self.net.parameters(), lr=lr)
-        steps = epochs * math.ceil(len(tr) / batch_size)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-        history, best, best_state = [], float("inf"), None
-        # the validation loss before training: for a new refiner (last layer zero) that of
-        # r = 1; the classifier has found a difference only if it ends below this
-        before = mean_loss(val) if n_val else mean_loss(tr)
-        bar = tqdm(range(epochs), desc="classifier refinement", disable=not progress if progress is not None else None, leave=False)
-        for epoch in bar:
-            self.net.train()
-            perm = tr[torch.randperm(len(tr), generator=gen).to(p.device)]
-            for c in perm.split(batch_size):
-                opt.zero_grad()
-                loss = (cw[c] * loss_fn(self.net(x[c])[:, 0], y[c])).mean()
-                loss.backward()
-                opt.step()
-                sched.step()
-            self.net.eval()
-            v = mean_loss(val) if n_val else mean_loss(tr)
-            history.append(v)
-            bar.set_postfix(val_loss=f"{v:.5f}")
-            if v < best:
-                best, best_state, best_epoch = v, copy.deepcopy(self.net.state_dict()), epoch + 1
-        if best_state is None:
-            raise ValueError(f"ClassifierRefiner.fit: the validation loss was never finite ({history})")
-        self.net.load_state_dict(best_state)
+            def mean_loss(idx) -> float:
+                total = 0.0
+                with torch.no_grad():
+                    for c in idx.split(262_144):
+                        total += float((cw[c] * loss_fn(net(x[c])[:, 0], y[c])).sum())
+                return total / max(len(idx), 1)
+
+            opt = torch.optim.Adam(net.parameters(), lr=lr)
+            steps = epochs * math.ceil(len(tr) / batch_size)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+            history, best, best_state = [], float("inf"), None
+            # the validation loss before training: for a new refiner (last layer zero) that of
+            # r = 1; the classifier has found a difference only if it ends below this
+            before = mean_loss(val) if n_val else mean_loss(tr)
+            desc = "classifier refinement" + (f" {k + 1}/{len(nets)}" if len(nets) > 1 else "")
+            bar = tqdm(range(epochs), desc=desc, disable=not progress if progress is not None else None, leave=False)
+            for epoch in bar:
+                net.train()
+                perm = tr[torch.randperm(len(tr), generator=gen).to(p.device)]
+                for c in perm.split(batch_size):
+                    opt.zero_grad()
+                    loss = (cw[c] * loss_fn(net(x[c])[:, 0], y[c])).mean()
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                net.eval()
+                v = mean_loss(val) if n_val else mean_loss(tr)
+                history.append(v)
+                bar.set_postfix(val_loss=f"{v:.5f}")
+                if v < best:
+                    best, best_state, best_epoch = v, copy.deepcopy(net.state_dict()), epoch + 1
+            if best_state is None:
+                raise ValueError(f"ClassifierRefiner.fit: the validation loss was never finite ({history})")
+            net.load_state_dict(best_state)
+            return {"epochs": epochs, "best_epoch": best_epoch, "val_loss": history, "best_val_loss": best,
+                    "val_loss_before_training": before, "validation": "rows" if groups is None else "groups", "validation_rows": int(n_val)}
+
+        fits = [fit_one(net, k) for k, net in enumerate(nets)]
         # r_max: the robust maximum (median of sub-sample maxima) of r over the generated events
         r = self.log_ratio(generated).exp().cpu()
         eff = unweighting_efficiency(r)
         self.r_max.fill_(eff.w_max)
-        return {"epochs": epochs, "best_epoch": best_epoch, "val_loss": history, "best_val_loss": best,
-                "val_loss_before_training": before, "validation": "rows" if groups is None else "groups", "validation_rows": int(n_val),
-                "data_events": n_d, "generated_events": n_g, "r_max": eff.w_max, "mean_r": float(r.mean()),
+        info = {**fits[0], "data_events": n_d, "generated_events": n_g, "r_max": eff.w_max, "mean_r": float(r.mean()),
                 "r_std": float(r.std()), "expected_efficiency": float(r.mean()) / eff.w_max,
                 "overweight_fraction": eff.overweight_fraction}
+        if len(fits) > 1:
+            info["fits"] = len(fits)
+            info["members"] = fits
+        return info
 
     def sample(self, draw: Callable[[int, torch.Generator], torch.Tensor], features: Callable[[torch.Tensor], torch.Tensor], n: int,
                generator: torch.Generator, batch_size: int = 262_144) -> tuple[torch.Tensor, dict]:
