@@ -1858,7 +1858,7 @@ def test_a_refiner_of_several_fits_averages_their_log_ratios():
     assert abs(float((refined - d_new[:, None]).mean())) < 0.1
 
 
-def test_a_run_with_a_refiner_of_two_fits(tiny_run, tmp_path, monkeypatch):
+def test_a_run_with_a_refiner_of_two_fits(tiny_run, tmp_path, monkeypatch, capsys):
     """model.refine.fits = 2 in a run: the cINN and the first fit are the single-fit run's
     (the extra classifier draws nothing from the global random state), the report holds
     both fits, and the saved model unfolds the run's test events into the run's samples."""
@@ -1868,6 +1868,7 @@ def test_a_run_with_a_refiner_of_two_fits(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setenv("PARTONIC_CACHE", str(root / "cache"))  # the tiny run's events and independent events
     out = tmp_path / "two_fits"
     assert main(["unfold", "--card", str(card), "--output", str(out), "--set", "model.refine.fits=2"] + NO_PLOTS) == 0
+    assert "by 2 classifiers, ln r averaged" in capsys.readouterr().out
     report, single = (json.loads((d / "report.json").read_text()) for d in (out, root / "run"))
     fit = report["refine"]["fit"]
     assert fit["fits"] == 2 and [len(m["val_loss"]) for m in fit["members"]] == [2, 2]

@@ -536,6 +536,8 @@ def _summary(report: dict, path: Path) -> str:
         t = refine["test"]
         ev = refine.get("events", {})
         learnt = f"; learnt from {ev['events']} {ev['source']} events" if ev else ""
+        fits = refine.get("fit", {}).get("fits", 1)
+        learnt += f" by {fits} classifiers, ln r averaged" if fits > 1 else ""
         kept = t.get("kept_per_event", t["samples_per_event"])
         down = f", resampled to {kept}" if kept != t["samples_per_event"] else ""
         lines.append(f"  refinement: {t['effective_samples_mean']:.1f} effective samples of {t['samples_per_event']} per event (fewest {t['effective_samples_min']:.1f}){down}{learnt}")
