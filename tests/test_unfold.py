@@ -1881,3 +1881,27 @@ def test_a_run_with_a_refiner_of_two_fits(tiny_run, tmp_path, monkeypatch, capsy
     assert main(["unfold", "--card", str(card), "--model", str(out / "model.pt"), "--input", str(tmp_path / "test_events.h5"), "--output", str(again)] + NO_PLOTS) == 0
     with h5py.File(again / "unfolded.h5") as fh:
         np.testing.assert_array_equal(fh["samples"][()], samples)
+
+
+def test_training_on_delphes_files_with_named_collections(tiny_run, tmp_path):
+    """data.source = delphes: the job trains on Delphes ROOT files (here the tiny run's
+    events, its PUPPI jets named in data.delphes), selects with the card's cuts and
+    counts every event of the files; the model's own test events are unfolded."""
+    import h5py
+    from delphes_files import delphes_records, write_delphes
+
+    root, card = tiny_run
+    with h5py.File(root / "run" / "unfolded.h5") as fh:
+        events = DetectorEvents(**{k: fh["detector"][k][()] for k in fh["detector"].keys()})
+    half = len(events) // 2
+    files = [write_delphes(tmp_path / f"part{k}.root", delphes_records(events.subset(part)), rename={"Jet": "JetPUPPI"}, nested=True)
+             for k, part in enumerate((slice(0, half), slice(half, None)))]
+    sets = ["data.source=delphes", f"data.files=[{files[0]},{files[1]}]", "data.delphes.jets=JetPUPPI", "data.resmear=0",
+            "model.refine.independent_events=0", "lhe.write=false", "evaluation.plots=false"]
+    out = tmp_path / "from_delphes"
+    assert main(["unfold", "--card", str(card), "--output", str(out)] + [a for x in sets for a in ("--set", x)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["selection"]["selected"] == len(events) == report["training_events"] + report["validation_events"] + report["test_events"]
+    assert report["data"]["files"] == [str(f) for f in files] and report["training"]["steps"] > 0
+    assert report["refine"]["events"] == {"source": "training", "events": report["training_events"]}
+    assert "inclusive" in report["calibration"] and (out / "model.pt").is_file() and report["outputs"]["lhe"] is None
