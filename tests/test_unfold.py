@@ -1237,6 +1237,21 @@ def test_unfold_new_data_with_a_trained_model(tiny_run, tmp_path, capsys):
         # lepton charge, flavour or jet order would move the samples by that much).
         np.testing.assert_allclose(samples, reference[1], rtol=1e-3, atol=0.05)
     np.testing.assert_allclose(outputs["delphes.root"][2]["partons"], reference[2]["partons"], rtol=1e-5, atol=1e-3)
+    # several input files are read in order: the 40 events split over an HDF5 and a Delphes file unfold as one file
+    events.subset(slice(0, 15)).to_hdf5(tmp_path / "first.h5")
+    write_delphes(tmp_path / "rest.root", delphes_records(events.subset(slice(15, None))))
+    two = tmp_path / "two_files"
+    assert main(["unfold", "--card", str(card), "--model", model, "--input", str(tmp_path / "first.h5"), str(tmp_path / "rest.root"),
+                 "--output", str(two)] + NO_PLOTS) == 0
+    with h5py.File(two / "unfolded.h5") as fh:
+        np.testing.assert_allclose(fh["samples"][()], reference[1], rtol=1e-3, atol=0.05)
+    assert json.loads((two / "report.json").read_text())["input"] == [str(tmp_path / "first.h5"), str(tmp_path / "rest.root")]
+    # a file without truth among files with it: all are unfolded as data, with a warning naming it
+    with pytest.warns(UserWarning, match="data.root holds no parton truth, the other input files do"):
+        assert main(["unfold", "--card", str(card), "--model", model, "--input", str(tmp_path / "new.h5"), "--input", str(tmp_path / "data.root"),
+                     "--output", str(tmp_path / "mixed")] + NO_PLOTS) == 0
+    mixed = json.loads((tmp_path / "mixed" / "report.json").read_text())
+    assert mixed["test_events"] == 80 and mixed["input_has_truth"] is False
     # without the name the job stops on the missing collection; a name that is no collection name is refused by the card
     assert main(["unfold", "--card", str(card), "--model", model, "--input", str(tmp_path / "puppi.root"), "--output", str(tmp_path / "x")]) != 0
     assert "no collection Jet; the tree's collections are Electron, JetPUPPI, Muon, Particle" in capsys.readouterr().err

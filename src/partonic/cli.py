@@ -36,7 +36,9 @@ def _add_job_arguments(p: argparse.ArgumentParser, job: str) -> None:
     if job == "unfold":
         p.add_argument("--model", action="append", help="trained model (RUN/model.pt): unfold --input without retraining; "
                        "repeat it for an ensemble: each model draws its share of the samples per event")
-        p.add_argument("--input", help="detector-level events to unfold (HDF5 or Delphes ROOT), with --model")
+        p.add_argument("--input", action="extend", nargs="+", metavar="FILE",
+                       help="detector-level events to unfold (HDF5 or Delphes ROOT; several files are read in order, "
+                       "e.g. --input part_*.root), with --model")
 
 
 def build_parser() -> argparse.ArgumentParser:

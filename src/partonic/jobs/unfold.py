@@ -207,6 +207,10 @@ def read_detector_files(files, detector, truth: bool | None = True, delphes=None
             parts.append(DetectorEvents.from_hdf5(path))
         else:
             raise DetectorInputError(f"{path}: unknown detector-event format (allowed: .h5/.hdf5 from partonic, .root from Delphes)")
+    if truth is None and len({p.has_truth for p in parts}) > 1:
+        without = [str(f) for f, p in zip(files, parts) if not p.has_truth]
+        warnings.warn(f"{', '.join(without)} {'holds' if len(without) == 1 else 'hold'} no parton truth, the other input files do: "
+                      "all are unfolded without truth", stacklevel=2)
     return _concatenate(parts)
 
 
@@ -981,8 +985,10 @@ def apply_model(card, args) -> int:
     """Unfold ``--input`` with the trained ``--model`` (or the mixture of several);
     evaluate against truth when the input has it."""
     paths = [args.model] if isinstance(args.model, str) else list(args.model or [])
-    if not (paths and args.input):
+    inputs = [args.input] if isinstance(args.input, str) else list(args.input or [])
+    if not (paths and inputs):
         raise JobError("unfolding new data needs both --model RUN/model.pt and --input FILE")
+    named = " ".join(map(str, inputs))
     device = resolve_device(card.device)
     loaded = [(str(p), *load_models(p, device)) for p in paths]
     # an ensemble's model.pt brings its members (named path#k) and, refined as a mixture, its fitted refiner
@@ -1007,14 +1013,14 @@ def apply_model(card, args) -> int:
     folder = RunFolder.create(card, device, output, args.resume)
     report = folder.report_base()
     report["model"] = str(paths[0]) if len(paths) == 1 else [str(p) for p in paths]
-    report["input"] = str(args.input)
+    report["input"] = str(inputs[0]) if len(inputs) == 1 else [str(f) for f in inputs]
     try:
-        # the trained card's selection; this card's names for the file's collections
-        events = read_detector_files([args.input], trained.data.detector, truth=None, delphes=card.data.delphes)
+        # the trained card's selection; this card's names for the files' collections
+        events = read_detector_files(inputs, trained.data.detector, truth=None, delphes=card.data.delphes)
     except DetectorInputError as exc:
         raise JobError(str(exc)) from None
     if len(events) == 0:
-        raise JobError(f"--input {args.input}: no event passes the selection")
+        raise JobError(f"--input {named}: no event passes the selection")
     events = events.with_jet_slots(trained.data.detector.max_jets)
     if card.evaluation.test_events:
         events = events.subset(slice(0, card.evaluation.test_events))
