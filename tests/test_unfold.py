@@ -1905,6 +1905,9 @@ def test_training_on_delphes_files_with_named_collections(tiny_run, tmp_path):
     import h5py
     from delphes_files import delphes_records, write_delphes
 
+    from partonic.cards import load_card
+    from partonic.simulate.detector import DetectorInputError
+
     root, card = tiny_run
     with h5py.File(root / "run" / "unfolded.h5") as fh:
         events = DetectorEvents(**{k: fh["detector"][k][()] for k in fh["detector"].keys()})
@@ -1920,3 +1923,10 @@ def test_training_on_delphes_files_with_named_collections(tiny_run, tmp_path):
     assert report["data"]["files"] == [str(f) for f in files] and report["training"]["steps"] > 0
     assert report["refine"]["events"] == {"source": "training", "events": report["training_events"]}
     assert "inclusive" in report["calibration"] and (out / "model.pt").is_file() and report["outputs"]["lhe"] is None
+    # training needs the truth in every file: one without it is named
+    from partonic.jobs.unfold import read_detector_files
+
+    no_truth = DetectorEvents(**{k: v for k, v in events.arrays().items() if k not in ("partons", "parton_ids")})
+    no_truth.to_hdf5(tmp_path / "no_truth.h5")
+    with pytest.raises(DetectorInputError, match="no_truth.h5: no parton truth, which the other files have"):
+        read_detector_files([files[0], tmp_path / "no_truth.h5"], DetectorSection(), delphes=load_card(str(card), ["data.delphes.jets=JetPUPPI"]).data.delphes)

@@ -207,8 +207,10 @@ def read_detector_files(files, detector, truth: bool | None = True, delphes=None
             parts.append(DetectorEvents.from_hdf5(path))
         else:
             raise DetectorInputError(f"{path}: unknown detector-event format (allowed: .h5/.hdf5 from partonic, .root from Delphes)")
-    if truth is None and len({p.has_truth for p in parts}) > 1:
-        without = [str(f) for f, p in zip(files, parts) if not p.has_truth]
+    without = [str(f) for f, p in zip(files, parts) if not p.has_truth]
+    if truth and without and len(without) < len(parts):
+        raise DetectorInputError(f"{', '.join(without)}: no parton truth, which the other files have and training needs in every file")
+    if truth is None and without and len(without) < len(parts):
         warnings.warn(f"{', '.join(without)} {'holds' if len(without) == 1 else 'hold'} no parton truth, the other input files do: "
                       "all are unfolded without truth", stacklevel=2)
     return _concatenate(parts)
