@@ -1569,6 +1569,8 @@ def test_chunk_reports_merge_by_what_each_figure_is():
 
 
 def test_unfold_bad_inputs_give_clear_errors(tiny_run, tmp_path, capsys):
+    import h5py
+
     root, card = tiny_run
     model = str(root / "run" / "model.pt")
     (tmp_path / "x.txt").write_text("not events")
@@ -1578,6 +1580,13 @@ def test_unfold_bad_inputs_give_clear_errors(tiny_run, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main(["unfold", "--card", str(card), "--input", str(tmp_path / "x.txt"), "--output", str(tmp_path / "c")]) != 0
     assert "--model" in capsys.readouterr().err
+    # several inputs: a missing or misnamed later file is named before the first is read, and no run folder is left
+    with h5py.File(root / "run" / "unfolded.h5") as fh:
+        DetectorEvents(**{k: fh["detector"][k][()] for k in fh["detector"].keys()}).to_hdf5(tmp_path / "good.h5")
+    for later, message in (("missing.h5", "missing.h5: no such file"), ("x.txt", "x.txt: unknown detector-event format")):
+        assert main(["unfold", "--card", str(card), "--model", model, "--input", str(tmp_path / "good.h5"), str(tmp_path / later),
+                     "--output", str(tmp_path / "d")]) != 0
+        assert message in capsys.readouterr().err and not (tmp_path / "d").exists()
     bad = tmp_path / "bad.yaml"
     bad.write_text(TINY.format(n=100).replace("workers: 1", "workers: 1, detector: {jet_radious: 0.4}"))
     assert main(["unfold", "--card", str(bad), "--output", str(tmp_path / "d")]) != 0

@@ -193,9 +193,17 @@ def read_detector_files(files, detector, truth: bool | None = True, delphes=None
     the files have it (see :func:`partonic.io.delphes.read_delphes`); ``delphes`` (a
     card's data.delphes) names their tree and collections (default: Delphes' own)."""
     names = {} if delphes is None else {"tree": delphes.tree, "jets": delphes.jets, "electrons": delphes.electrons, "muons": delphes.muons}
+    paths = [Path(f) for f in files]
+    # a bad name anywhere in the list fails before any file is read
+    for path in paths:
+        if path.suffix.lower() not in (".root", ".h5", ".hdf5"):
+            raise DetectorInputError(f"{path}: unknown detector-event format (allowed: .h5/.hdf5 from partonic, .root from Delphes)")
+        if not path.exists():
+            raise DetectorInputError(f"{path}: no such file")
+        if not path.is_file():
+            raise DetectorInputError(f"{path}: not a file")
     parts = []
-    for f in files:
-        path = Path(f)
+    for path in paths:
         if path.suffix.lower() == ".root":
             from partonic.io.delphes import read_delphes
 
@@ -203,14 +211,13 @@ def read_detector_files(files, detector, truth: bool | None = True, delphes=None
                 path, max_jets=detector.max_jets, jet_pt_min=detector.jet_pt_min, jet_eta_max=detector.jet_eta_max,
                 lepton_pt_min=detector.lepton_pt_min, lepton_eta_max=detector.lepton_eta_max, truth=truth, **names,
             ))
-        elif path.suffix.lower() in (".h5", ".hdf5"):
-            parts.append(DetectorEvents.from_hdf5(path))
         else:
-            raise DetectorInputError(f"{path}: unknown detector-event format (allowed: .h5/.hdf5 from partonic, .root from Delphes)")
-    without = [str(f) for f, p in zip(files, parts) if not p.has_truth]
-    if truth and without and len(without) < len(parts):
+            parts.append(DetectorEvents.from_hdf5(path))
+    without = [str(f) for f, p in zip(paths, parts) if not p.has_truth]
+    mixed = 0 < len(without) < len(parts)
+    if truth and mixed:
         raise DetectorInputError(f"{', '.join(without)}: no parton truth, which the other files have and training needs in every file")
-    if truth is None and without and len(without) < len(parts):
+    if truth is None and mixed:
         warnings.warn(f"{', '.join(without)} {'holds' if len(without) == 1 else 'hold'} no parton truth, the other input files do: "
                       "all are unfolded without truth", stacklevel=2)
     return _concatenate(parts)
@@ -990,7 +997,6 @@ def apply_model(card, args) -> int:
     inputs = [args.input] if isinstance(args.input, str) else list(args.input or [])
     if not (paths and inputs):
         raise JobError("unfolding new data needs both --model RUN/model.pt and --input FILE")
-    named = " ".join(map(str, inputs))
     device = resolve_device(card.device)
     loaded = [(str(p), *load_models(p, device)) for p in paths]
     # an ensemble's model.pt brings its members (named path#k) and, refined as a mixture, its fitted refiner
@@ -1012,17 +1018,18 @@ def apply_model(card, args) -> int:
     if fit_mixture:
         ensemble_card = _mixture_refine_card(card, trained)
     output = args.output or str(Path(card.output or Path("runs") / card.name).with_name(f"{card.name}_unfolded"))
-    folder = RunFolder.create(card, device, output, args.resume)
-    report = folder.report_base()
-    report["model"] = str(paths[0]) if len(paths) == 1 else [str(p) for p in paths]
-    report["input"] = str(inputs[0]) if len(inputs) == 1 else [str(f) for f in inputs]
     try:
-        # the trained card's selection; this card's names for the files' collections
+        # the trained card's selection; this card's names for the files' collections. Read
+        # before the run folder is made, so that a bad input leaves no folder behind
         events = read_detector_files(inputs, trained.data.detector, truth=None, delphes=card.data.delphes)
     except DetectorInputError as exc:
         raise JobError(str(exc)) from None
     if len(events) == 0:
-        raise JobError(f"--input {named}: no event passes the selection")
+        raise JobError(f"--input {' '.join(map(str, inputs))}: no event passes the selection")
+    folder = RunFolder.create(card, device, output, args.resume)
+    report = folder.report_base()
+    report["model"] = str(paths[0]) if len(paths) == 1 else [str(p) for p in paths]
+    report["input"] = str(inputs[0]) if len(inputs) == 1 else [str(f) for f in inputs]
     events = events.with_jet_slots(trained.data.detector.max_jets)
     if card.evaluation.test_events:
         events = events.subset(slice(0, card.evaluation.test_events))
