@@ -12,7 +12,7 @@ import yaml
 
 from partonic.cards import CardError, apply_overrides, load_card, parse_card
 from partonic.cli import main
-from partonic.jobs.common import JobError, RunFolder, resolve_device
+from partonic.jobs.common import JobError, RunFolder, atomic_write_json, resolve_device
 
 CARDS = sorted(Path("cards").glob("*.yaml"))
 
@@ -48,6 +48,33 @@ def test_wrong_type_and_range_name_field_value_and_rule():
         load_card("cards/drell_yan.yaml", ["model.gradient_penalty=-1"])
     with pytest.raises(CardError, match="data.resmear = 2 re-simulates the detector, so it needs data.source = pythia"):
         load_card("cards/zw.yaml", ["data.resmear=2", "data.source=hdf5", "data.files=[a.h5]"])
+
+
+def test_check_card_finds_the_pdf_set(capsys):
+    """An unknown PDF set fails check-card, as it would fail the job, naming the sets found."""
+    assert main(["check-card", "cards/zw.yaml", "--quiet", "--set", "physics.pdf.set=NoSuchSet"]) == 2
+    err = capsys.readouterr().err
+    assert "physics.pdf.set = 'NoSuchSet'" in err and "NNPDF23_lo_as_0130_qed" in err
+    assert main(["check-card", "cards/zw.yaml", "--quiet", "--set", "physics.pdf.set=NNPDF31_lo_as_0118"]) == 0
+
+
+def test_section_missing_and_cross_field_errors_speak_card_terms(tmp_path):
+    """No pydantic internals: a section given a value names its keys, a missing field is
+    'required', a check across a section's keys is its own message."""
+    with pytest.raises(CardError) as err:
+        load_card("cards/zw.yaml", ["model.refine=classifier"])
+    text = str(err.value)
+    assert 'model.refine = "classifier": must be a section of keys (method, ' in text and "RefineSection" not in text
+    with pytest.raises(CardError) as err:
+        load_card("cards/zw.yaml", ["model.mmd.foo=1"])
+    assert "model.mmd.foo: unknown key. Allowed keys here: weight, widths" in str(err.value)
+    with pytest.raises(CardError) as err:
+        load_card("cards/zw.yaml", ["data.source=hdf5"])
+    assert "  data: data.source = 'hdf5' needs data.files" in str(err.value) and "Value error" not in str(err.value)
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("job: unfold\n")
+    with pytest.raises(CardError, match="name: required, and missing"):
+        load_card(bare)
     with pytest.raises(CardError, match="model.rapidity = \"eta\": Input should be 'y' or 'bounded'"):
         load_card("cards/drell_yan.yaml", ["model.rapidity=eta"])
     with pytest.raises(CardError, match="training.keep_best = true .* needs training.validation_fraction > 0"):
@@ -109,6 +136,12 @@ def test_bad_yaml_names_the_line(tmp_path):
         load_card(bad)
     with pytest.raises(CardError, match="does not exist"):
         load_card(tmp_path / "none.yaml")
+    with pytest.raises(CardError, match="is a folder"):
+        load_card(tmp_path)
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("job: unfold\nname: x\n# m_µµ > 50 GeV\n".encode("latin-1"))
+    with pytest.raises(CardError, match="not UTF-8 text: byte 0xb5 on line 3"):
+        load_card(latin)
 
 
 def test_cli_errors_are_one_paragraph_without_traceback(tmp_path):
@@ -136,6 +169,12 @@ def test_run_folder_keeps_card_version_seed_device(tmp_path):
     info = json.loads((run.path / "run.json").read_text())
     assert info["seed"] == 7 and info["device"] == "cpu" and info["partonic_version"]
     assert yaml.safe_load((run.path / "card.yaml").read_text())["seed"] == 7
+    # a run that failed before it kept anything leaves its card and run.json: taken over
+    retry = load_card("cards/zw.yaml", ["seed=7", "data.n_events=1000"])
+    assert RunFolder.create(retry, torch.device("cpu"), output=str(tmp_path / "run")).path == tmp_path / "run"
+    assert yaml.safe_load((run.path / "card.yaml").read_text())["data"]["n_events"] == 1000
+    run = RunFolder.create(card, torch.device("cpu"), output=str(tmp_path / "run"), resume=True)
+    (run.path / "checkpoint.pt").write_bytes(b"a started run")
     with pytest.raises(JobError, match="already holds a run"):
         RunFolder.create(card, torch.device("cpu"), output=str(tmp_path / "run"))
     other = load_card("cards/zw.yaml", ["seed=8"])
@@ -143,6 +182,12 @@ def test_run_folder_keeps_card_version_seed_device(tmp_path):
         RunFolder.create(other, torch.device("cpu"), output=str(tmp_path / "run"), resume=True)
     longer = load_card("cards/zw.yaml", ["seed=7", "training.epochs=50"])
     assert RunFolder.create(longer, torch.device("cpu"), output=str(tmp_path / "run"), resume=True).path == tmp_path / "run"
+    with pytest.raises(JobError, match="is a file"):
+        RunFolder.create(card, torch.device("cpu"), output=str(tmp_path / "run" / "checkpoint.pt"))
+    for change in ("training.batch_size=256", "training.validation_fraction=0.2"):
+        with pytest.raises(JobError, match=f"training.{change.split('.')[1].split('=')[0]} differs"):
+            RunFolder.create(load_card("cards/zw.yaml", ["seed=7", "training.epochs=50", change]), torch.device("cpu"),
+                             output=str(tmp_path / "run"), resume=True)
     report = run.report_base()
     for key in ("partonic_version", "card", "device", "seed", "created", "outputs", "timing"):
         assert key in report
@@ -154,3 +199,43 @@ def test_device_choice():
     if not torch.cuda.is_available():
         with pytest.raises(JobError, match="no CUDA device"):
             resolve_device("cuda")
+
+
+def test_report_json_is_strict_json(tmp_path):
+    """NaN and ±inf (an empty bin's ratio) become null: Python's NaN literal is not JSON,
+    and strict readers (JavaScript, Go, serde) refuse the whole file."""
+    import numpy as np
+
+    target = tmp_path / "report.json"
+    atomic_write_json(target, {"ratio": [1.0, float("nan"), np.float64("inf")], "t": torch.tensor([0.5, float("-inf")]),
+                               "n": np.int64(3), "nested": ({"x": np.nan},), "path": tmp_path})
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    back = json.loads(target.read_text(), parse_constant=refuse)
+    assert back == {"ratio": [1.0, None, None], "t": [0.5, None], "n": 3, "nested": [{"x": None}], "path": str(tmp_path)}
+
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    """Atomic writes go through mkstemp, whose files are private (0600): the result
+    must follow the umask like any file the user writes (colleagues read run folders)."""
+    import os
+    import stat
+
+    from partonic.io.store import DatasetCache
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "report.json", {"a": 1})
+        cache = DatasetCache(tmp_path / "cache")
+        cache.save("k", {"x": torch.zeros(3).numpy()})
+        os.umask(0o027)
+        atomic_write_json(tmp_path / "group.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "report.json").stat().st_mode) == 0o644
+    cached = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert cached and all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in cached)
+    assert stat.S_IMODE((tmp_path / "group.json").stat().st_mode) == 0o640

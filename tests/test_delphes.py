@@ -208,6 +208,13 @@ def test_bad_files_fail_clearly(tmp_path):
     # A bad file anywhere in the list fails before anything is read.
     with pytest.raises(DetectorInputError, match="absent.root"):
         read_delphes([good, tmp_path / "absent.root"])
+    # A copy cut short, wherever it stops, is named (uproot's own errors were tracebacks).
+    data = good.read_bytes()
+    for fraction in (0.1, 0.3, 0.5, 0.7, 0.9, 0.97):
+        cut = tmp_path / f"cut_{fraction}.root"
+        cut.write_bytes(data[: int(fraction * len(data))])
+        with pytest.raises(DetectorInputError, match=f"cut_{fraction}.root"):
+            read_delphes(cut)
 
 
 def test_truth_false_reads_files_without_particles(tmp_path):

@@ -174,7 +174,11 @@ def test_bootstrap_error_of_the_chi2_difference_is_its_scatter_over_test_sets():
         raw.append(b["difference_error_uncorrected"])
     scatter = np.std(diffs, ddof=1)
     assert np.mean(diffs) < -5 * scatter / np.sqrt(60)  # the sampled method is the closer one
-    assert abs(np.mean(errors) / scatter - 1) < 0.28
+    # with 40 replicas the noise correction exceeds the spread for a few test sets (8 of
+    # 60 here): their error is undetermined (NaN, reported as null), not zero
+    errors = np.asarray(errors)
+    assert np.isfinite(errors).mean() > 0.75
+    assert abs(np.nanmean(errors) / scatter - 1) < 0.28
     assert np.mean(raw) / scatter > 1.28
     with pytest.raises(ValueError, match="replicas"):
         bootstrap_chi2(tb, sb, lambda w: clipped_histogram(reco, edges, w), 20, 1)

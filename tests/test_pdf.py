@@ -9,7 +9,7 @@ import pytest
 import pythia8mc
 import torch
 
-from partonic.physics.pdf import AlphaS, GridPDF, PDFError, find_pdf_member, load_pdf
+from partonic.physics.pdf import AlphaS, GridPDF, PDFError, find_pdf_member, lhapdf_id, load_pdf
 
 PYTHIA_FLAVOURS = (-5, -4, -3, -2, -1, 1, 2, 3, 4, 5, 21, 22)
 
@@ -155,6 +155,33 @@ def test_lhapdf_data_path_is_searched(tmp_path, monkeypatch):
     monkeypatch.setenv("LHAPDF_DATA_PATH", str(tmp_path))
     pdf = load_pdf("MySet")
     assert pdf.path == tmp_path / "MySet" / "MySet_0000.dat"
+
+
+def test_lhapdf_id_from_the_set_metadata(tmp_path, monkeypatch):
+    """PDFSUP of the LHE files: SetIndex + member from an LHAPDF layout's .info file, or
+    a pdfsets.index on the path; the card's default set is known; else 0 (not given)."""
+    monkeypatch.delitem(__import__("sys").modules, "lhapdf", raising=False)
+    monkeypatch.setattr("builtins.__import__", _without_lhapdf(__import__))
+    src = find_pdf_member("NNPDF23_lo_as_0130_qed").read_text()
+    (tmp_path / "MySet").mkdir()
+    (tmp_path / "MySet" / "MySet_0002.dat").write_text(src)
+    (tmp_path / "MySet" / "MySet.info").write_text("SetDesc: a test set\nSetIndex: 123400\nNumMembers: 3\n")
+    (tmp_path / "Other_0000.dat").write_text(src)
+    (tmp_path / "pdfsets.index").write_text("555000 Other 1\n")
+    monkeypatch.setenv("LHAPDF_DATA_PATH", str(tmp_path))
+    assert lhapdf_id("MySet", 2) == 123402
+    assert lhapdf_id("Other", 0) == 555000
+    assert lhapdf_id("NNPDF23_lo_as_0130_qed", 1) == 247001
+    assert lhapdf_id("NNPDF31_lo_as_0118") == 0
+
+
+def _without_lhapdf(real_import):
+    def guarded(name, *args, **kwargs):
+        if name == "lhapdf":
+            raise ImportError("no lhapdf in this test")
+        return real_import(name, *args, **kwargs)
+
+    return guarded
 
 
 @pytest.mark.parametrize("interpolation", ["logbicubic", "lagrange"])

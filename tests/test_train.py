@@ -21,6 +21,7 @@ TOY = textwrap.dedent(
     from partonic.train import train
     torch.set_num_threads(1)
     run_dir, kill_at, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+    kill_with = getattr(signal, sys.argv[4] if len(sys.argv) > 4 else "SIGKILL")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2000, 4, generator=gen)
     y = (x[:, :1] * 2 - x[:, 1:2] ** 2 + 0.1 * torch.randn(2000, 1, generator=gen))
@@ -30,7 +31,7 @@ TOY = textwrap.dedent(
     def loss_fn(m, batch):
         calls[0] += 1
         if calls[0] == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)  # an abrupt death between checkpoints
+            os.kill(os.getpid(), kill_with)  # SIGKILL: an abrupt death between checkpoints
         xb, yb = batch
         noise = 0.01 * torch.randn_like(xb)  # uses the global RNG, which must resume too
         return ((m(xb + noise) - yb) ** 2).mean()
@@ -44,10 +45,11 @@ TOY = textwrap.dedent(
 )
 
 
-def run_toy(tmp_path, name, kill_at=-1, resume=False):
+def run_toy(tmp_path, name, kill_at=-1, resume=False, kill_with="SIGKILL"):
     script = tmp_path / "toy.py"
     script.write_text(TOY)
-    return subprocess.run([sys.executable, str(script), str(tmp_path / name), str(kill_at), "1" if resume else "0"], capture_output=True, text=True)
+    return subprocess.run([sys.executable, str(script), str(tmp_path / name), str(kill_at), "1" if resume else "0", kill_with],
+                          capture_output=True, text=True)
 
 
 def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
@@ -73,6 +75,30 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
     full_losses = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     cut_losses = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("loss") for r in full_losses] == [r.get("loss") for r in cut_losses]
+
+
+@pytest.mark.parametrize("kill_with, kill_at, step", [("SIGINT", 120, 99), ("SIGTERM", 60, 50)])
+def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, kill_with, kill_at, step):
+    """Ctrl-C in the middle of a training step (loss call 120: step 98, after its noise
+    is drawn and before its update), or SIGTERM in an epoch's validation (call 60, epoch
+    1): the checkpoint is written after that step or validation, and the resumed run has
+    the uninterrupted one's weights and every line of its log, validation losses too."""
+    full = run_toy(tmp_path, "full")
+    assert full.returncode == 0, full.stderr
+    cut = run_toy(tmp_path, "cut", kill_at=kill_at, kill_with=kill_with)
+    assert cut.returncode != 0
+    ckpt = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert ckpt["step"] == step and not ckpt["finished"]
+    resumed = run_toy(tmp_path, "cut", resume=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed_from {step}" in resumed.stdout
+    a, b = torch.load(tmp_path / "full" / "final.pt"), torch.load(tmp_path / "cut" / "final.pt")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    strip = lambda r: {k: v for k, v in r.items() if k != "time_s"}  # noqa: E731
+    full_log = [strip(json.loads(line)) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    cut_log = [strip(json.loads(line)) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert cut_log == full_log
 
 
 def test_training_reduces_the_loss(tmp_path):

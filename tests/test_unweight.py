@@ -531,6 +531,21 @@ def test_comparison_with_an_exact_reference_has_the_sample_error_only():
         compare_to_expected(sample, [1.0, 1.0, 1.0], edges)
 
 
+def test_a_bulk_bin_the_sample_leaves_empty_is_its_worst_bin():
+    """Reference uniform in 10 bins, the sample the same but empty in one: that bin is a
+    ratio of 0 (deviation 1), counted in χ² and ndf; against an exact reference, where
+    it has no error at all, its pull is infinite."""
+    edges = np.arange(11.0)
+    reference = np.repeat(np.arange(10) + 0.5, 1000)
+    sample = np.repeat(np.arange(10) + 0.5, [1000] * 5 + [0] + [1000] * 4)
+    c = compare_histograms(sample, reference, edges)
+    assert c.ratio[5] == 0.0 and c.max_bulk_deviation == 1.0
+    assert c.ndf == 10 and c.pull[5] == pytest.approx(-0.1 / math.sqrt(1000) * 10000)
+    assert c.chi2 > c.pull[5] ** 2 - 1e-9
+    exact = compare_to_expected(sample, np.ones(10), edges)
+    assert exact.max_bulk_deviation == 1.0 and exact.max_bulk_pull == math.inf and exact.ndf == 9
+
+
 def test_lepton_kinematics_round_trip():
     gen = torch.Generator().manual_seed(6)
     n = 1000

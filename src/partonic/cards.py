@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import json
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -679,7 +680,9 @@ def _allowed_keys(model: type[BaseModel], path: tuple) -> list[str]:
         if not fields or part not in fields:
             return []
         annotation = fields[part].annotation
-        current = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        # a section may be optional (Section | None): the section's own model
+        candidates = [annotation, *typing.get_args(annotation)]
+        current = next((a for a in candidates if isinstance(a, type) and issubclass(a, BaseModel)), None)
         if current is None:
             return []
     return list(getattr(current, "model_fields", {}).keys())
@@ -694,8 +697,18 @@ def _format_errors(err: ValidationError, model: type[BaseModel], source: str) ->
         if e["type"] == "extra_forbidden":
             allowed = _allowed_keys(model, loc[:-1])
             hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-            guess = f"; did you mean {hint[0]!r}?" if hint else ""
+            guess = f"; did you mean {hint[0]!r}?" if hint else "."
             lines.append(f"  {path}: unknown key{guess} Allowed keys here: {', '.join(allowed)}")
+        elif e["type"] == "missing":
+            lines.append(f"  {path}: required, and missing")
+        elif e["type"] in ("model_type", "model_attributes_type", "dict_type"):
+            keys = _allowed_keys(model, loc)
+            shown = json.dumps(value, default=str)
+            lines.append(f"  {path} = {shown}: must be a section of keys" + (f" ({', '.join(keys)})" if keys else "")
+                         + (f", e.g. {path}.{keys[0]}: ..." if keys else ""))
+        elif e["type"] == "value_error" and isinstance(value, dict):
+            # a check across the section's keys: its message names them
+            lines.append(f"  {path}: {e['msg'].removeprefix('Value error, ')}")
         else:
             shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
             lines.append(f"  {path} = {shown}: {e['msg']}")
@@ -745,10 +758,16 @@ def parse_card(raw: Any, source: str = "<card>"):
 def load_card(path: str | Path, overrides: list[str] | None = None):
     """Read a YAML card, apply ``--set`` overrides and validate it."""
     path = Path(path)
+    if path.is_dir():
+        raise CardError(f"card file {path} is a folder; give the card's YAML file, e.g. {path / 'zw.yaml'}")
     if not path.is_file():
         raise CardError(f"card file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise CardError(f"card {path} is not UTF-8 text: byte 0x{exc.object[exc.start]:02x} on line {line} "
+                        "(save the file as UTF-8, e.g. iconv -f latin1 -t utf-8)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

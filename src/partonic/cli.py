@@ -69,12 +69,34 @@ def _check_card(args) -> int:
     from .cards import card_to_dict
 
     card = load_card(args.card, args.overrides)
+    _check_pdf_set(card, args.card)
     if args.quiet:
         print(f"ok: {args.card} ({card.job})")
     else:
         print(f"# {args.card}: valid {card.job} card, resolved with defaults")
         print(yaml.safe_dump(card_to_dict(card), sort_keys=False), end="")
     return 0
+
+
+def _check_pdf_set(card, source) -> None:
+    """The card's PDF set member must be found (lhapdf module or grid files), as the job
+    will need it: an unknown set is a card error."""
+    from .physics.pdf import PDFError, find_pdf_member
+
+    pdf = card.physics.pdf
+    if pdf.backend != "grid":
+        try:
+            import lhapdf  # type: ignore
+
+            lhapdf.setVerbosity(0)
+            lhapdf.mkPDF(pdf.set, pdf.member)
+            return
+        except Exception:  # noqa: BLE001 - no module, or it does not know the set: try the grid files
+            pass
+    try:
+        find_pdf_member(pdf.set, pdf.member)
+    except PDFError as exc:
+        raise CardError(f"invalid card {source}:\n  physics.pdf.set = {pdf.set!r} (member {pdf.member}): {exc}") from None
 
 
 def _run_job(args) -> int:
@@ -92,6 +114,10 @@ def _run_job(args) -> int:
             raise JobError(f"the {args.command!r} job is not available in partonic {__version__}") from None
         raise
     return int(module.run(card, args) or 0)
+
+
+_KEPT = ("what was finished is kept (training checkpoints, simulation and unfolding chunks): "
+         "rerun the same command with --resume to continue")
 
 
 class Terminated(KeyboardInterrupt):
@@ -135,9 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     except (JobError, PDFError, FileNotFoundError) as exc:
         return _fail(str(exc), code=1)
     except Terminated:
-        return _fail("terminated (SIGTERM); the last checkpoint is kept: rerun with --resume to continue", code=143)
+        return _fail(f"terminated (SIGTERM); {_KEPT}", code=143)
     except KeyboardInterrupt:
-        return _fail("interrupted; the last checkpoint is kept: rerun with --resume to continue", code=130)
+        return _fail(f"interrupted; {_KEPT}", code=130)
 
 
 def unfold_main(argv: list[str] | None = None) -> int:

@@ -195,6 +195,65 @@ def _batch_order(n: int, batch_size: int, seed: int, epoch: int, weights: torch.
     return torch.searchsorted(cdf, u, right=True).clamp(max=n - 1)
 
 
+class _DeferredInterrupts:
+    """Ctrl-C (SIGINT) and SIGTERM during training wait for the end of the current step
+    (or epoch-end validation): the loop then writes a checkpoint of that consistent state
+    and the signal takes its usual course (KeyboardInterrupt, or the command line's
+    SIGTERM handler). A checkpoint written in the middle of a step would hold the step's
+    random draws, and perhaps its update, without counting it, and the resumed run would
+    differ from an uninterrupted one. A second signal acts at once (the last checkpoint
+    is then the one kept). Outside the main thread, signals cannot be caught: nothing changes."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self):
+        self.pending: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                signum = getattr(signal, name)
+                self._previous[signum] = signal.signal(signum, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.pending is not None:  # asked twice: stop now
+            self._restore()
+            self._deliver(signum, frame)
+        self.pending = signum
+
+    def _restore(self) -> None:
+        import signal
+
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
+
+    def _deliver(self, signum, frame=None) -> None:
+        import signal
+
+        handler = signal.getsignal(signum)
+        if callable(handler):
+            handler(signum, frame)
+        else:  # SIG_DFL: what the signal would have done
+            signal.raise_signal(signum)
+        raise KeyboardInterrupt  # a handler that returned: stop all the same
+
+    def fire(self) -> None:
+        """Deliver the pending signal (after the caller's checkpoint)."""
+        signum, self.pending = self.pending, None
+        self._restore()
+        self._deliver(signum)
+
+    def __exit__(self, *exc):
+        self._restore()
+        return False
+
+
 def _as_loss(out: LossOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     if isinstance(out, dict):
         if "loss" not in out:
@@ -325,14 +384,22 @@ def train(
                 "lr_scale": lr_scale, "skipped": skipped, "rng": _rng_state(), "finished": finished,
                 "total_steps": total, "seed": seed, "best": best, "final_loss": last_loss, "val_loss": val_loss,
                 "time_plan": time_plan,
+                # the losses of the log interval in progress, so that a resumed run logs what an uninterrupted one does
+                "interval": {"losses": [v.detach().cpu() for v in interval_losses],
+                             "extras": {k: torch.as_tensor(v).detach().cpu() for k, v in extras_sum.items()}},
             },
             ckpt_path,
         )
 
     from tqdm.auto import tqdm
 
-    show = progress if progress is not None else None
-    bar = tqdm(total=total, initial=step, desc=description, unit="step", disable=(show is False) or (show is None and not os.isatty(2)), dynamic_ncols=True, mininterval=1.0)
+    # on a terminal the bar redraws every second; in a batch job's log (no terminal) it
+    # writes a line every 30 s, so the log shows the training's progress too
+    terminal = os.isatty(2)
+    bar = tqdm(total=total, initial=step, desc=description, unit="step", disable=progress is False, dynamic_ncols=True,
+               mininterval=1.0 if terminal else 30.0)
+    if resumed_from is not None and progress is not False:
+        bar.write(f"{description}: resumed from {ckpt_path} at step {step} of {total} (epoch {epoch})")
     t0 = time.perf_counter()
     # kept as tensors and read once per logging interval: no device sync per step
     interval_losses: list[torch.Tensor] = []
@@ -341,6 +408,10 @@ def train(
     history: list[dict] = []
     val_loss = resumed_val_loss
     last_loss = resumed_loss
+    if resumed_from is not None:
+        kept = state.get("interval") or {}
+        interval_losses = [v.to(device) for v in kept.get("losses", [])]
+        extras_sum = {k: v.to(device) for k, v in kept.get("extras", {}).items()}
     limit = cfg.time_limit_s
     # a time-limited run times steps plan_from .. plan_at, then fits its length to the budget
     plan_from = step + PLAN_WARMUP_STEPS if limit is not None and time_plan is None else None
@@ -351,7 +422,9 @@ def train(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    interrupts = _DeferredInterrupts()
     try:
+        interrupts.__enter__()
         model.train()
         while step < total:
             order = _batch_order(n, batch_size, seed, epoch, sample_weights).to(device)  # one copy per epoch
@@ -436,6 +509,9 @@ def train(
                     interval_losses, extras_sum = [], {}
                 if step % cfg.checkpoint_every == 0 and step < total:
                     checkpoint()
+                if interrupts.pending is not None:
+                    checkpoint()
+                    interrupts.fire()
             else:
                 epoch += 1
                 if val is not None:
@@ -447,6 +523,9 @@ def train(
                         best = {"epoch": epoch, "val_loss": val_loss,
                                 "model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} if cfg.keep_best else None}
                     model.train()
+                if interrupts.pending is not None:
+                    checkpoint()
+                    interrupts.fire()
                 continue
             break
         if interval_losses:
@@ -455,10 +534,11 @@ def train(
         if cfg.keep_best and best is not None and best["epoch"] != epoch:
             model.load_state_dict(best["model"])
             metrics.write({"step": step, "epoch": epoch, "event": "kept_best", "best_epoch": best["epoch"], "best_val_loss": best["val_loss"]})
-    except KeyboardInterrupt:
-        checkpoint()
-        raise
+        if interrupts.pending is not None:  # came after the last step: the run is finished and saved
+            interrupts.fire()
     finally:
+        # an interruption was checkpointed at the step it came after (_DeferredInterrupts)
+        interrupts.__exit__(None, None, None)
         bar.close()
         metrics.close()
     return TrainResult(

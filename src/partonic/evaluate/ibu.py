@@ -230,8 +230,9 @@ def bootstrap_chi2(truth_bins, sample_bins, unfold, n_bins: int, replicas: int, 
     errors; uncorrected, the bootstrap overstates the error by up to a factor of two
     (tests/test_ibu.py measures both against independent test sets).
 
-    Returns the error of the difference (sampled − binned), so corrected, and the
-    replicas' uncorrected one. (Each χ²/ndf alone is left without an error: near
+    Returns the error of the difference (sampled − binned), so corrected (NaN where the
+    correction exceeds the replicas' variance: undetermined), and the replicas'
+    uncorrected one, an upper bound. (Each χ²/ndf alone is left without an error: near
     χ²/ndf ≈ 1 its correction is as large as its replicas' variance, and the estimate
     often comes out at zero.)
     """
@@ -263,4 +264,8 @@ def bootstrap_chi2(truth_bins, sample_bins, unfold, n_bins: int, replicas: int, 
 
     diff = chi2[:, 0] - chi2[:, 1]
     variance = diff.var(ddof=1) - 2 * (noise[:, 0] - noise[:, 1]).var(ddof=1)
-    return {"replicas": replicas, "difference_error": float(np.sqrt(max(variance, 0.0))), "difference_error_uncorrected": float(diff.std(ddof=1))}
+    # the correction can exceed the replicas' own variance (few replicas, or a difference
+    # dominated by the noise term): the error is then not determined, and the uncorrected
+    # one, which overstates it, is the bound that is left
+    return {"replicas": replicas, "difference_error": float(np.sqrt(variance)) if variance > 0 else float("nan"),
+            "difference_error_uncorrected": float(diff.std(ddof=1))}

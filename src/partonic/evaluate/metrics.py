@@ -111,10 +111,12 @@ class HistogramComparison:
 
     Fields: ``edges``; ``ratio`` sample/reference and ``ratio_error`` (both samples'
     statistics); ``pull`` (difference / combined error); ``chi2`` and ``ndf`` over
-    bins where both are filled; ``max_bulk_deviation`` max |ratio − 1| over bins
-    holding ≥ ``bulk_fraction`` of the reference, ``max_bulk_deviation_error`` the
-    statistical error of the ratio in that bin; ``max_bulk_pull`` max |pull| over the
-    same bins.
+    bins where either has an error (ndf counts the bins; no constraint is subtracted
+    for the normalisation); ``max_bulk_deviation`` max |ratio − 1| over bins
+    holding ≥ ``bulk_fraction`` of the reference, whether or not the sample fills
+    them (an empty one is a ratio of 0), ``max_bulk_deviation_error`` the
+    statistical error of the ratio in that bin (NaN where the sample is empty);
+    ``max_bulk_pull`` max |pull| over the same bins.
     """
 
     edges: list
@@ -161,13 +163,17 @@ def _compare(hs, es, hr, er, edges, bulk_fraction) -> HistogramComparison:
         ratio = np.where(pr > 0, ps / pr, np.nan)
         ratio_err = np.where(filled, ratio * np.sqrt((es_n / np.where(ps > 0, ps, 1)) ** 2 + (er_n / np.where(pr > 0, pr, 1)) ** 2), np.nan)
         sigma = np.sqrt(es_n**2 + er_n**2)
-        pull = np.where(sigma > 0, (ps - pr) / sigma, 0.0)
-    chi2 = float((pull[filled] ** 2).sum())
-    bulk = filled & (pr >= bulk_fraction)
+        # a bin that differs with no error on either side (an empty sample bin against an
+        # exactly known reference) is infinitely far off; the χ² sums the bins with an error
+        pull = np.where(sigma > 0, (ps - pr) / sigma, np.where(ps == pr, 0.0, np.sign(ps - pr) * np.inf))
+    used = sigma > 0
+    chi2 = float((pull[used] ** 2).sum())
+    # the bulk is where the reference is: a bulk bin the sample leaves empty is a ratio of 0
+    bulk = pr >= bulk_fraction
     worst = int(np.flatnonzero(bulk)[np.argmax(np.abs(ratio[bulk] - 1))]) if bulk.any() else -1
     return HistogramComparison(
         edges=list(map(float, edges)), ratio=[float(r) for r in ratio], ratio_error=[float(r) for r in ratio_err],
-        pull=[float(p) for p in pull], chi2=chi2, ndf=int(filled.sum()),
+        pull=[float(p) for p in pull], chi2=chi2, ndf=int(used.sum()),
         max_bulk_deviation=float(abs(ratio[worst] - 1)) if worst >= 0 else float("nan"),
         max_bulk_pull=float(np.abs(pull[bulk]).max()) if bulk.any() else float("nan"),
         max_bulk_deviation_error=float(ratio_err[worst]) if worst >= 0 else float("nan"),

@@ -109,15 +109,41 @@ def _save(fig, path: str | Path) -> list[Path]:
     return written
 
 
-def calibration_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = "") -> list[Path]:
+def calibration_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = "",
+                     floor: float | None = None, labels: dict[str, str] | None = None,
+                     focus: tuple[str, ...] | None = None, target: float | None = None) -> list[Path]:
     """Quantile-coverage curves: fraction of events whose truth lies below the q-quantile
-    of their own posterior samples, against q (ideal: the diagonal)."""
+    of their own posterior samples, against q (ideal: the diagonal), and below them the
+    deviation coverage − q, where calibrated curves differ: with ``floor``, the band that
+    a calibrated posterior stays within by chance on as many events (95%); with
+    ``target``, dotted lines at ±target. ``labels`` names the curves (default: their
+    keys); the deviation panel's range fits the ``focus`` curves (default: all), the
+    others may leave it."""
     _style()
-    fig, ax = plt.subplots(figsize=(6, 6))
+    fig, (ax, rax) = plt.subplots(2, 1, figsize=(6, 7.5), sharex=True, gridspec_kw={"height_ratios": [2.2, 1], "hspace": 0.05})
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
-    for i, (label, (q, cov)) in enumerate(curves.items()):
-        ax.plot(q, cov, label=label, color=_COLORS[(i + 1) % len(_COLORS)])
-    ax.set_xlabel("quantile q")
+    rax.axhline(0.0, color="grey", linestyle="--", linewidth=1)
+    if floor is not None and np.isfinite(floor):
+        rax.axhspan(-floor, floor, color="grey", alpha=0.2, label=f"calibrated, 95% (±{floor:.3f})")
+    if target is not None:
+        for sign in (-1, 1):
+            rax.axhline(sign * target, color="black", linestyle=":", linewidth=1, label=f"target ±{target:g}" if sign > 0 else None)
+    largest = 0.0
+    for i, (name, (q, cov)) in enumerate(curves.items()):
+        color = _COLORS[(i + 1) % len(_COLORS)]
+        label = (labels or {}).get(name, name)
+        ax.plot(q, cov, label=label, color=color)
+        rax.plot(q, np.asarray(cov) - np.asarray(q), color=color)
+        if focus is None or name in focus:
+            largest = max(largest, float(np.abs(np.asarray(cov) - np.asarray(q)).max()))
+    if title:
+        ax.set_title(title, fontsize=11, loc="left")
     ax.set_ylabel("fraction of events with truth below q")
-    ax.legend(title=title or None, fontsize=10)
+    ax.legend(fontsize=9, loc="upper left", ncol=2 if len(curves) > 4 else 1)
+    limit = max(0.02, 1.25 * largest, 1.5 * (floor or 0.0), 1.3 * (target or 0.0))
+    rax.set_ylim(-limit, limit)
+    rax.set_ylabel("coverage − q", fontsize=10)
+    rax.set_xlabel("quantile q")
+    if (floor is not None and np.isfinite(floor)) or target is not None:
+        rax.legend(fontsize=8, loc="lower left", ncol=2)
     return _save(fig, path)

@@ -84,6 +84,13 @@ def _open_tree(path: Path, tree: str, names: tuple[str, ...], truth: bool):
                     " Delphes output, or pass truth=False to read detector objects only)"
                 )
             raise DetectorInputError(message)
+    except DetectorInputError:
+        fh.close()
+        raise
+    except Exception as exc:  # noqa: BLE001 - uproot's reader on a truncated or damaged file
+        fh.close()
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DetectorInputError(f"{path}: tree '{tree}' cannot be read ({first}); the file is truncated or damaged (a copy cut short?)") from None
     except BaseException:
         fh.close()
         raise
@@ -250,7 +257,16 @@ def read_delphes(
         fh, ttree, keys = _open_tree(path, tree, names, truth)
         with fh:
             stop = ttree.num_entries if remaining is None else min(remaining, ttree.num_entries)
-            data = {name: ttree[key].array(library="ak", entry_stop=stop) for name, key in keys.items()}
+            data = {}
+            for name, key in keys.items():
+                try:
+                    data[name] = ttree[key].array(library="ak", entry_stop=stop)
+                except Exception as exc:  # noqa: BLE001 - a truncated or damaged file fails in uproot's reader
+                    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    raise DetectorInputError(
+                        f"{path}: branch {key!r} of tree '{tree}' cannot be read ({first}); "
+                        "the file is truncated or damaged (a copy cut short?)"
+                    ) from None
         if remaining is not None:
             remaining -= stop
         jet_p4, n_jets = _select_jets(data, jets, max_jets, jet_pt_min, jet_eta_max)

@@ -40,6 +40,12 @@ def cache_key(kind: str, data_section: Any, seed: int, **extra: Any) -> str:
     return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_target(path: str | Path, suffix: str = ".tmp", fsync: bool = True) -> Iterator[Path]:
     """A temporary file beside ``path`` for the block to write: renamed onto ``path``
@@ -50,6 +56,9 @@ def atomic_target(path: str | Path, suffix: str = ".tmp", fsync: bool = True) ->
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
+        # mkstemp makes the file private (0600); the result follows the umask, as any
+        # file the user writes, so that a group can read a run folder or a shared cache
+        os.chmod(tmp, 0o666 & ~_umask())
         yield Path(tmp)
         if fsync:
             with open(tmp, "rb") as fh:

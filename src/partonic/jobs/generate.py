@@ -15,7 +15,7 @@ import torch
 
 from ..evaluate.metrics import amplification, classifier_auc, compare_histograms, fit_breit_wigner, qmse, quantile_edges
 from ..evaluate.plots import Series, ratio_plot
-from ..io.lhe import LHEError, LHEEvents, LHEInit, LHEProcess, iter_lhe_chunks, write_lhe
+from ..io.lhe import LHEError, LHEEvents, iter_lhe_chunks, write_lhe
 from ..io.store import DatasetCache, cache_key
 from ..models.mmd_gan import QUARK_MASSES, RESONANCES, MMDGAN, TopQuarkRepresentation, resonance_masses
 from ..physics import kinematics as kin
@@ -23,7 +23,7 @@ from ..physics.constants import ALPHA_EM_MZ, GEV2_TO_PB
 from ..physics.matrix_elements import ttbar_me2
 from ..physics.pdf import PDFError, from_card
 from ..train import TrainingError, seed_everything, train
-from .common import JobError, RunFolder, atomic_write_bytes, resolve_device
+from .common import JobError, RunFolder, atomic_write_bytes, lhe_init, resolve_device
 
 __all__ = ["run", "on_shell", "quarks_from_lhe", "observables", "ttbar_lhe_events", "incoming_probabilities"]
 
@@ -545,8 +545,7 @@ def run(card, args) -> int:
         t0 = time.perf_counter()
         events, lhe_info = ttbar_lhe_events(samples["generated"][:n_lhe], truth_ids[pick], sigma or 1.0, card.physics.sqrt_s, pdf, alpha_s, gen)
         name = "events.lhe.gz" if card.lhe.compress else "events.lhe"
-        init = LHEInit(beams=card.physics.beams, energies=(card.physics.sqrt_s / 2,) * 2, weighting=3,
-                       processes=[LHEProcess(sigma or 1.0, 0.0, sigma or 1.0, 1)], generator_version=report["partonic_version"])
+        init = lhe_init(card, sigma or 1.0, version=report["partonic_version"])
         write_lhe(folder.path / name, events, init, comment="partonic generate: pp -> t t~ -> 6 quarks, MMD GAN")
         timing["lhe_write_events_per_s"] = len(events) / (time.perf_counter() - t0)
         report["outputs"]["lhe"] = name

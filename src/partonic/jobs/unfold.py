@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
+import math
 import shutil
 import time
 import warnings
@@ -25,17 +26,18 @@ import torch
 from tqdm.auto import tqdm
 
 from partonic.cards import card_to_dict, parse_card
-from partonic.evaluate.calibration import calibration
+from partonic.evaluate.calibration import calibration, noise_floor
 from partonic.evaluate.ibu import bin_index, bootstrap_chi2, chi2_ndf, clipped_histogram, ibu_unfold
 from partonic.evaluate.metrics import compare_histograms, fwhm
 from partonic.evaluate.plots import Series, calibration_plot, ratio_plot
-from partonic.io.lhe import LHEEvents, LHEInit, LHEProcess, write_lhe
+from partonic.io.lhe import LHEEvents, write_lhe
 from partonic.io.store import DatasetCache, atomic_target, cache_key
-from partonic.jobs.common import JobError, RunFolder, atomic_write_bytes, resolve_device
+from partonic.jobs.common import JobError, RunFolder, atomic_write_bytes, lhe_init, resolve_device
 from partonic.models.cinn import Unfolder, parton_observables, quark_jet_distances
 from partonic.physics.constants import M_ELECTRON, M_MUON
+from partonic.physics.pdf import AlphaS
 from partonic.simulate.detector import CHANNELS, DetectorEvents, DetectorInputError, apply_detector, lepton_pt_resolution
-from partonic.train import TrainingError, load_checkpoint, seed_everything, train
+from partonic.train import TrainingError, seed_everything, train
 
 __all__ = ["run", "load_events", "OBSERVABLES", "CALIBRATED", "detector_observables"]
 
@@ -60,6 +62,8 @@ CALIBRATED = ("pt_q1", "pt_q2", "eta_q1", "m_jj", "pt_l1")
 #: functions of partons and detector (ΔR of each quark to the nearest jet): calibration
 #: only, no ratio; they test where the posteriors put the quarks relative to the jets
 JET_RELATIVE = ("dr_q1_jet", "dr_q2_jet")
+#: the calibration target of the ZW cards, max |coverage − q| (drawn in the calibration plots)
+CALIBRATION_TARGET = 0.03
 #: IBU comparison: parton observable → its detector-level proxy (same name in detector_observables)
 IBU_OBSERVABLES = ("m_jj", "pt_q1")
 CHANNEL_NAMES = ("inclusive",) + CHANNELS
@@ -351,12 +355,21 @@ def evaluate(events: DetectorEvents, samples: torch.Tensor, card, out: Path, rep
             cal = calibration(rel_gen[name][mask], rel_truth[name][mask])
             cal_report[channel][name] = cal.as_dict()
             curves[name] = (np.asarray(cal.q), np.asarray(cal.coverage))
-        draw(calibration_plot, curves, out / "plots" / channel / "calibration", title=f"{title}, {channel}")
+        labels = {name: OBSERVABLES[name][0].split(" [")[0] for name in curves if name in OBSERVABLES}
+        labels.update({"dr_q1_jet": r"$\Delta R(q_1, j)$", "dr_q2_jet": r"$\Delta R(q_2, j)$"})
+        draw(calibration_plot, curves, out / "plots" / channel / "calibration", title=f"{title}, {channel}",
+             floor=cal_report[channel][CALIBRATED[0]]["noise_floor"], labels=labels, focus=CALIBRATED, target=CALIBRATION_TARGET)
     report["calibration"] = cal_report
     report["ratio_to_truth"] = ratio_report
     report["max_calibration_deviation"] = {c: max(cal_report[c][o]["max_deviation"] for o in CALIBRATED) for c in cal_report}
     # what a calibrated posterior would show by chance on each channel's test events (95%)
     report["calibration_noise_floor"] = {c: cal_report[c][CALIBRATED[0]]["noise_floor"] for c in cal_report}
+    # max_calibration_deviation is the largest of len(CALIBRATED) observables' deviations, which
+    # exceeds one observable's floor more often than 5%; for independent observables its 95%
+    # point is one's at 0.95^(1/k): an upper bound for correlated ones
+    report["calibration_noise_floor_of_max"] = {
+        c: noise_floor(cal_report[c][CALIBRATED[0]]["n_events"], s, cal_report[c][CALIBRATED[0]]["q"], level=0.95 ** (1 / len(CALIBRATED)))
+        for c in cal_report}
     # no target, but a posterior that is right puts the quarks as far from the jets as the truth is
     report["max_jet_distance_calibration_deviation"] = {c: max(cal_report[c][o]["max_deviation"] for o in JET_RELATIVE) for c in cal_report}
 
@@ -399,6 +412,7 @@ def evaluate(events: DetectorEvents, samples: torch.Tensor, card, out: Path, rep
                 ibu_report[name].update({
                     "chi2_ndf_difference": ibu_report[name]["cinn_chi2_ndf"] - ibu_report[name]["ibu_chi2_ndf"],
                     "chi2_ndf_difference_error": boot["difference_error"], "bootstrap_replicas": boot["replicas"],
+                    "chi2_ndf_difference_error_uncorrected": boot["difference_error_uncorrected"],
                 })
             draw(_ibu_plot, edges, t_counts, c_counts, res.counts, res.errors, OBSERVABLES[name][0], out / "plots" / f"ibu_{name}", title)
         report["ibu_comparison"] = ibu_report
@@ -433,16 +447,22 @@ def _ibu_plot(edges, truth, cinn, ibu, ibu_err, xlabel, path, title):
 
 
 # --------------------------------------------------------------------- LHE
-def lhe_events(samples: torch.Tensor, flavour: np.ndarray, sigma_pb: float) -> LHEEvents:
+def lhe_events(samples: torch.Tensor, flavour: np.ndarray, sigma_pb: float, alpha_em: float = 1 / 132.507,
+               alpha_s=None) -> LHEEvents:
     """One unfolded sample per event as u d̄ → Z W⁺ → ℓ⁻ℓ⁺ u d̄ (quark flavours are not
     unfolded: the momenta are, the flavour assignment is a convention), incoming
-    partons along the beams so that momentum balances, XWGTUP = σ."""
+    partons along the beams so that momentum balances, XWGTUP = σ. AQEDUP is
+    ``alpha_em``, AQCDUP ``alpha_s`` (a callable of Q²) at the event's scale
+    (default: AlphaS(0.130), the card's default)."""
     p = samples.double().clone()
     n = len(p)
     # the leptons on their mass shells (the network's partons are massless), as
     # Pythia would otherwise reshuffle them to be
     m_lep = torch.where(torch.as_tensor(flavour) == 13, M_MUON, M_ELECTRON).to(p.dtype)[:, None]
     p[:, :2, 0] = torch.sqrt((p[:, :2, 1:] ** 2).sum(-1) + m_lep**2)
+    # and the quarks massless as written: samples kept in float32 (an input unfolded in
+    # chunks) carry E² − p² of rounding, up to a few tenths of a GeV² at a TeV
+    p[:, 2:, 0] = p[:, 2:, 1:].norm(dim=-1)
     z, w = p[:, 0] + p[:, 1], p[:, 2] + p[:, 3]
     tot = z + w
     zero = torch.zeros(n, dtype=torch.float64)
@@ -456,12 +476,13 @@ def lhe_events(samples: torch.Tensor, flavour: np.ndarray, sigma_pb: float) -> L
     mass[:, 4:6] = m_lep
     mass[:, 2] = (z[:, 0] ** 2 - (z[:, 1:] ** 2).sum(-1)).clamp(min=0).sqrt()
     mass[:, 3] = (w[:, 0] ** 2 - (w[:, 1:] ** 2).sum(-1)).clamp(min=0).sqrt()
+    scale = (mass[:, 2] + mass[:, 3]) / 2
     return LHEEvents(
         pid=pid, status=row([-1, -1, 2, 2, 1, 1, 1, 1]), mother1=row([0, 0, 1, 1, 3, 3, 4, 4]), mother2=row([0, 0, 2, 2, 3, 3, 4, 4]),
         color1=row([501, 0, 0, 0, 0, 0, 502, 0]), color2=row([0, 501, 0, 0, 0, 0, 0, 502]),
         momenta=momenta, mass=mass, weight=torch.full((n,), sigma_pb, dtype=torch.float64),
-        scale=(mass[:, 2] + mass[:, 3]) / 2, aqed=torch.tensor(1 / 128.0, dtype=torch.float64),
-        aqcd=torch.tensor(0.118, dtype=torch.float64), process_id=torch.tensor(1),
+        scale=scale, aqed=torch.tensor(alpha_em, dtype=torch.float64),
+        aqcd=(alpha_s or AlphaS(0.130))(scale * scale).double().cpu(), process_id=torch.tensor(1),
     )
 
 
@@ -478,13 +499,14 @@ def _write_lhe(folder: RunFolder, card, picked: tuple, flavour: np.ndarray, sigm
     n = min(len(picked[0]), card.lhe.max_events or len(picked[0]))
     xs = sigma_pb if sigma_pb else 1.0
     name = "unfolded.lhe.gz" if card.lhe.compress else "unfolded.lhe"
-    init = LHEInit(beams=card.physics.beams, energies=(card.physics.sqrt_s / 2,) * 2, weighting=3,
-                   processes=[LHEProcess(xs, 0.0, xs, 1)], generator_version=report["partonic_version"])
+    init = lhe_init(card, xs, version=report["partonic_version"])
     comment = "partonic unfold: one cINN posterior sample per detector event; quark flavours by convention (u dbar)"
     if not sigma_pb:
         comment += "; cross section unknown, weights set to 1"
     chosen, physical, first_ok = (x[:n] for x in picked)
-    write_lhe(folder.path / name, lhe_events(chosen[physical], flavour[:n][physical.numpy()], xs), init, comment=comment)
+    alpha_s = AlphaS(card.physics.alpha_s.value_mz, order=card.physics.alpha_s.order)
+    events = lhe_events(chosen[physical], flavour[:n][physical.numpy()], xs, card.physics.electroweak.alpha_em, alpha_s)
+    write_lhe(folder.path / name, events, init, comment=comment)
     report["outputs"]["lhe"] = name
     report["lhe"] = {"events": int(physical.sum()), "dropped_unphysical": int(n - physical.sum()),
                      "first_sample_unphysical": int((physical & ~first_ok).sum())}
@@ -538,8 +560,9 @@ def _summary(report: dict, path: Path) -> str:
         sel = report["selection"]
         lines.append(f"  events: {sel.get('generated', '?')} generated, {sel['selected']} selected; train {report['training_events']}, unfold {report['test_events']} × {report['samples_per_event']} samples")
     if "max_calibration_deviation" in report:
-        floor = report.get("calibration_noise_floor", {})
-        dev = ", ".join(f"{c} {v:.3f}" + (f" (noise {floor[c]:.3f})" if c in floor else "") for c, v in report["max_calibration_deviation"].items())
+        floor, of_max = report.get("calibration_noise_floor", {}), report.get("calibration_noise_floor_of_max", {})
+        dev = ", ".join(f"{c} {v:.3f}" + (f" (noise {floor[c]:.3f}" + (f", of the max {of_max[c]:.3f})" if c in of_max else ")") if c in floor else "")
+                        for c, v in report["max_calibration_deviation"].items())
         lines.append(f"  calibration, max |coverage − q| over {', '.join(CALIBRATED)}: {dev}")
     if "max_jet_distance_calibration_deviation" in report:
         dev = ", ".join(f"{c} {v:.3f}" for c, v in report["max_jet_distance_calibration_deviation"].items())
@@ -564,7 +587,13 @@ def _summary(report: dict, path: Path) -> str:
     for name, v in report.get("ibu_comparison", {}).items():
         line = f"  {name}: χ²/ndf to truth, cINN {v['cinn_chi2_ndf']:.2f} vs IBU {v['ibu_chi2_ndf']:.2f}"
         if "chi2_ndf_difference_error" in v:
-            line += f" (difference {v['chi2_ndf_difference']:+.2f} ± {v['chi2_ndf_difference_error']:.2f}, {v['bootstrap_replicas']} test-set bootstraps)"
+            error = v["chi2_ndf_difference_error"]
+            if error is not None and math.isfinite(error):
+                line += f" (difference {v['chi2_ndf_difference']:+.2f} ± {error:.2f}, {v['bootstrap_replicas']} test-set bootstraps)"
+            else:  # the corrected bootstrap error is undetermined: its upper bound
+                bound = v.get("chi2_ndf_difference_error_uncorrected", float("nan"))
+                line += (f" (difference {v['chi2_ndf_difference']:+.2f}, error ≤ {bound:.2f}: undetermined by"
+                         f" {v['bootstrap_replicas']} test-set bootstraps, the bound uncorrected)")
         lines.append(line)
     ensemble = report.get("ensemble", {})
     alone = "alone, before the mixture's refiner" if ensemble.get("refine") == "mixture" else "alone"
@@ -897,9 +926,10 @@ def load_models(path: str | Path, device: torch.device) -> tuple[list[Unfolder],
     if not path.is_file():
         raise JobError(f"--model {path}: no such file")
     try:
-        state = load_checkpoint(path, "cpu")
+        state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error here
-        raise JobError(f"--model {path}: not a readable model file ({exc})") from None
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise JobError(f"--model {path}: not a readable model file ({first}); give the model.pt of a finished unfold run") from None
     kind = state.get("kind") if isinstance(state, dict) else None
     if kind not in ("partonic-unfold-cinn", ENSEMBLE_KIND):
         raise JobError(f"--model {path}: not a partonic unfolding model (expected the model.pt of an unfold run)")
@@ -1026,6 +1056,14 @@ def apply_model(card, args) -> int:
         raise JobError(str(exc)) from None
     if len(events) == 0:
         raise JobError(f"--input {' '.join(map(str, inputs))}: no event passes the selection")
+    slots, wanted = events.max_jets, trained.data.detector.max_jets
+    short = int((np.asarray(events.n_jets) > slots).sum()) if slots < wanted else 0
+    if short:
+        raise JobError(
+            f"--input {' '.join(map(str, inputs))}: {short} events count more jets (n_jets) than the input's {slots} jet "
+            f"slots, and the model was trained with {wanted}: their jets beyond slot {slots} are missing. Write the "
+            f"input with {wanted} jet slots (pT ordered, zero padded)"
+        )
     folder = RunFolder.create(card, device, output, args.resume)
     report = folder.report_base()
     report["model"] = str(paths[0]) if len(paths) == 1 else [str(p) for p in paths]

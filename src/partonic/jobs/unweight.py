@@ -22,7 +22,7 @@ from ..evaluate.metrics import (
     unweighting_efficiency,
 )
 from ..evaluate.plots import Series, ratio_plot
-from ..io.lhe import LHEError, LHEEvents, LHEInit, LHEProcess, iter_lhe_chunks, write_lhe
+from ..io.lhe import LHEError, LHEEvents, iter_lhe_chunks, write_lhe
 from ..io.store import DatasetCache, cache_key
 from ..models.refine import ClassifierRefiner, unweight_with_copies
 from ..models.weighted_flow import DrellYanPreprocessing, WeightedFlow
@@ -31,7 +31,7 @@ from ..physics import kinematics as kin
 from ..physics.pdf import from_card
 from ..simulate.weighted import CHANNELS, DrellYanGenerator, DrellYanSetup, electroweak_from_card, exact_histograms
 from ..train import TrainingError, seed_everything, train
-from .common import JobError, RunFolder, atomic_write_bytes, resolve_device
+from .common import JobError, RunFolder, atomic_write_bytes, lhe_init, resolve_device
 
 __all__ = ["run", "training_weights", "drell_yan_setup", "network_preprocessing", "network_model", "observables", "leptons_from_kinematics", "kinematics_from_leptons", "lhe_events_from_kinematics", "unweight_with_copies"]
 
@@ -589,11 +589,14 @@ def run(card, args) -> int:
         t0 = time.perf_counter()
         events = lhe_events_from_kinematics(x_phys[:n_lhe], gen_phi[physical][:n_lhe], generator, lhe_sigma, sample_gen)
         name = "events.lhe.gz" if card.lhe.compress else "events.lhe"
-        init = LHEInit(beams=card.physics.beams, energies=(card.physics.sqrt_s / 2,) * 2, weighting=3,
-                       processes=[LHEProcess(lhe_sigma, lhe_err, lhe_sigma, 1)], generator_version=report["partonic_version"])
+        init = lhe_init(card, lhe_sigma, lhe_err, version=report["partonic_version"])
         write_lhe(folder.path / name, events, init, comment=f"partonic unweight, method {method}")
         timing["lhe_write_events_per_s"] = n_lhe / (time.perf_counter() - t0)
         report["outputs"]["lhe"] = name
+        # the file holds the physical events only: fewer than asked for when the network
+        # put some outside phase space (unphysical_fraction)
+        report["lhe"] = {"events": n_lhe, "requested": int(min(len(x_gen), card.lhe.max_events or len(x_gen))),
+                         "dropped_unphysical": int((~physical).sum())}
     report["outputs"]["plots"] = plots
     report["methods"] = {method: method_report}
     report["method"] = method
@@ -626,4 +629,9 @@ def _summary(report: dict, path: Path) -> str:
         lines.append(f"  without the marginal calibration: {raw['max_bulk_deviation']:.3f} ± {raw['max_bulk_deviation_error']:.3f} ({raw['worst_observable']})")
     if "unweighting_efficiency" in m:
         lines.append(f"  exact reweighting: unweighting efficiency {m['unweighting_efficiency']:.3f}, σ = {m['sigma_pb']:.2f} ± {m['sigma_error_pb']:.2f} pb")
+    if "lhe" in report:
+        lhe = report["lhe"]
+        dropped = (f" ({lhe['dropped_unphysical']} generated events outside phase space left out, "
+                   f"{m['unphysical_fraction']:.1%})") if lhe["dropped_unphysical"] else ""
+        lines.append(f"  LHE: {lhe['events']} events in {report['outputs']['lhe']}{dropped}")
     return "\n".join(lines)

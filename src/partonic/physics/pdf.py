@@ -37,6 +37,7 @@ __all__ = [
     "pdf_search_paths",
     "find_pdf_member",
     "available_pdf_sets",
+    "lhapdf_id",
     "from_card",
 ]
 
@@ -127,6 +128,42 @@ def find_pdf_member(name: str, member: int = 0) -> Path:
         f"PDF set {name!r} member {member} not found. Searched: {searched}. "
         f"Available lhagrid1 sets: {sets}. Set LHAPDF_DATA_PATH to add a folder."
     )
+
+
+# LHAPDF's numeric ids (pdfsets.index) of sets the pythia8mc wheel ships without their
+# .info files; other sets are looked up in LHAPDF's own metadata.
+_KNOWN_LHAPDF_IDS = {"NNPDF23_lo_as_0130_qed": 247000}
+
+
+def lhapdf_id(name: str, member: int = 0) -> int:
+    """The LHAPDF id of a set member (the set's SetIndex + member), as LHE files'
+    PDFSUP: from the lhapdf module when importable, else the set's ``.info`` file, a
+    ``pdfsets.index`` on the search path, or the ids of the card's default set; 0
+    (not given) when none of them knows the set."""
+    try:
+        import lhapdf  # type: ignore
+
+        return int(lhapdf.getPDFSet(name).lhapdfID) + int(member)
+    except Exception:  # noqa: BLE001 - the module is optional, and may not know the set
+        pass
+    try:
+        index = _read_info(find_pdf_member(name, member)).get("SetIndex")
+    except PDFError:
+        index = None
+    if index is None:
+        for folder in pdf_search_paths():
+            table = folder / "pdfsets.index"
+            if table.is_file():
+                for line in table.read_text().splitlines():
+                    parts = line.split()
+                    if len(parts) >= 2 and parts[1] == name and parts[0].lstrip("-").isdigit():
+                        index = int(parts[0])
+                        break
+            if index is not None:
+                break
+    if index is None:
+        index = _KNOWN_LHAPDF_IDS.get(name)
+    return 0 if index is None else int(index) + int(member)
 
 
 def _read_info(dat: Path) -> dict:
