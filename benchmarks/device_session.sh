@@ -10,7 +10,8 @@
 #   STAGE=zw_full: cards/zw_full.yaml end to end in one call: its network, with less simulation
 #           (8e5 + 2e5 events on the machine's cores: 100-170 s at 16 x 400-600 events/s; the card's
 #           3e6 take about 5 min there) and the training fitted to 200 s (training.time_limit_s):
-#           about 7 minutes in all; JOB_LIMIT 500. Its CPU dry run (SIZE=tiny) took 2 min 8 s on 2026-12-06.
+#           about 7 minutes in all; JOB_LIMIT 500. Its CPU dry run (SIZE=tiny) took 2 min 8 s on 2026-12-06, and
+#           3 min 4 s with the card's refine.fits 3 and data.resmear 2 (2-core CPU).
 # Results (JSON, logs, report.json; the plots stay behind) come back as $OUT/session.tar.gz, the JSON and
 # steps.txt beside it.
 #
