@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-card", help="validate a card without running it",
                            description="Validate a process card (with optional --set overrides) and print it resolved.")
     check.add_argument("card", help="process card (YAML)")
-    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a card entry before validating it, e.g. --set training.epochs=5 (repeatable)")
     check.add_argument("--quiet", action="store_true", help="print only 'ok' or the errors")
     return parser
 
