@@ -182,8 +182,28 @@ def test_run_folder_keeps_card_version_seed_device(tmp_path):
         RunFolder.create(other, torch.device("cpu"), output=str(tmp_path / "run"), resume=True)
     longer = load_card("cards/zw.yaml", ["seed=7", "training.epochs=50"])
     assert RunFolder.create(longer, torch.device("cpu"), output=str(tmp_path / "run"), resume=True).path == tmp_path / "run"
+    # a folder in use by a live run elsewhere is refused, even one that has kept nothing yet
+    import platform
+
+    (run.path / "checkpoint.pt").unlink()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        info = json.loads((run.path / "run.json").read_text())
+        assert info["status"] == "running" and info["pid"]
+        info.update(pid=other.pid, host=platform.node())
+        (run.path / "run.json").write_text(json.dumps(info))
+        with pytest.raises(JobError, match=f"in use by a run in progress \\(pid {other.pid} on this host\\)"):
+            RunFolder.create(card, torch.device("cpu"), output=str(tmp_path / "run"), resume=True)
+    finally:
+        other.kill()
+        other.wait()
+    # that process gone (killed without a word): the folder is free again
+    assert RunFolder.create(card, torch.device("cpu"), output=str(tmp_path / "run")).path == tmp_path / "run"
+    run.write_report(run.report_base())
+    assert json.loads((run.path / "run.json").read_text())["status"] == "finished"
+    (tmp_path / "notes.txt").write_text("a file")
     with pytest.raises(JobError, match="is a file"):
-        RunFolder.create(card, torch.device("cpu"), output=str(tmp_path / "run" / "checkpoint.pt"))
+        RunFolder.create(card, torch.device("cpu"), output=str(tmp_path / "notes.txt"))
     for change in ("training.batch_size=256", "training.validation_fraction=0.2"):
         with pytest.raises(JobError, match=f"training.{change.split('.')[1].split('=')[0]} differs"):
             RunFolder.create(load_card("cards/zw.yaml", ["seed=7", "training.epochs=50", change]), torch.device("cpu"),
@@ -218,23 +238,21 @@ def test_report_json_is_strict_json(tmp_path):
 
 
 
-def test_written_files_follow_the_umask(tmp_path):
+def test_written_files_follow_the_umask(tmp_path, monkeypatch):
     """Atomic writes go through mkstemp, whose files are private (0600): the result
-    must follow the umask like any file the user writes (colleagues read run folders)."""
-    import os
+    must follow the umask (read once, at import) like any file the user writes
+    (colleagues read run folders)."""
     import stat
 
+    from partonic.io import store
     from partonic.io.store import DatasetCache
 
-    old = os.umask(0o022)
-    try:
-        atomic_write_json(tmp_path / "report.json", {"a": 1})
-        cache = DatasetCache(tmp_path / "cache")
-        cache.save("k", {"x": torch.zeros(3).numpy()})
-        os.umask(0o027)
-        atomic_write_json(tmp_path / "group.json", {"a": 1})
-    finally:
-        os.umask(old)
+    monkeypatch.setattr(store, "_UMASK", 0o022)
+    atomic_write_json(tmp_path / "report.json", {"a": 1})
+    cache = DatasetCache(tmp_path / "cache")
+    cache.save("k", {"x": torch.zeros(3).numpy()})
+    monkeypatch.setattr(store, "_UMASK", 0o027)
+    atomic_write_json(tmp_path / "group.json", {"a": 1})
     assert stat.S_IMODE((tmp_path / "report.json").stat().st_mode) == 0o644
     cached = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
     assert cached and all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in cached)

@@ -1,6 +1,7 @@
 """The training loop: interrupted + resumed equals uninterrupted, NaN guard, schedules."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -35,7 +36,7 @@ TOY = textwrap.dedent(
         xb, yb = batch
         noise = 0.01 * torch.randn_like(xb)  # uses the global RNG, which must resume too
         return ((m(xb + noise) - yb) ** 2).mean()
-    cfg = TrainingSection(batch_size=64, epochs=6, checkpoint_every=40, log_every=10,
+    cfg = TrainingSection(batch_size=64, epochs=6, checkpoint_every=int(os.environ.get("CKPT_EVERY", 40)), log_every=10,
                           schedule={"name": "cosine", "warmup_steps": 20})
     res = train(model, loss_fn, (x[:1600], y[:1600]), cfg, run_dir, seed=11,
                 val_data=(x[1600:], y[1600:]), resume=resume, progress=False)
@@ -45,11 +46,13 @@ TOY = textwrap.dedent(
 )
 
 
-def run_toy(tmp_path, name, kill_at=-1, resume=False, kill_with="SIGKILL"):
+def run_toy(tmp_path, name, kill_at=-1, resume=False, kill_with="SIGKILL", ignore_sigint=False, checkpoint_every=40):
     script = tmp_path / "toy.py"
     script.write_text(TOY)
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
+    env = {**os.environ, "CKPT_EVERY": str(checkpoint_every)}
     return subprocess.run([sys.executable, str(script), str(tmp_path / name), str(kill_at), "1" if resume else "0", kill_with],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, preexec_fn=ignore, env=env)
 
 
 def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
@@ -77,19 +80,24 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
     assert [r.get("loss") for r in full_losses] == [r.get("loss") for r in cut_losses]
 
 
-@pytest.mark.parametrize("kill_with, kill_at, step", [("SIGINT", 120, 99), ("SIGTERM", 60, 50)])
-def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, kill_with, kill_at, step):
+@pytest.mark.parametrize("kill_with, kill_at, step, every", [("SIGINT", 120, 99, 40), ("SIGTERM", 60, 50, 40), ("SIGINT", 185, 150, 40),
+                                                           ("SIGKILL", 40, 25, 25)])
+def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, kill_with, kill_at, step, every):
     """Ctrl-C in the middle of a training step (loss call 120: step 98, after its noise
-    is drawn and before its update), or SIGTERM in an epoch's validation (call 60, epoch
-    1): the checkpoint is written after that step or validation, and the resumed run has
-    the uninterrupted one's weights and every line of its log, validation losses too."""
-    full = run_toy(tmp_path, "full")
+    is drawn and before its update), SIGTERM in an epoch's validation (call 60, epoch
+    1), or Ctrl-C in the very last step (call 185): the checkpoint is written after that
+    step or validation (after the last one, the run ends first, its last validation
+    included), and the resumed run has the uninterrupted one's weights and every line of
+    its log, validation losses too. The last case: a periodic checkpoint on an epoch's last
+    step (25), its validation logged after it, then a hard kill: the resumed run validates
+    again, and the line is in the log once."""
+    full = run_toy(tmp_path, "full", checkpoint_every=every)
     assert full.returncode == 0, full.stderr
-    cut = run_toy(tmp_path, "cut", kill_at=kill_at, kill_with=kill_with)
+    cut = run_toy(tmp_path, "cut", kill_at=kill_at, kill_with=kill_with, checkpoint_every=every)
     assert cut.returncode != 0
     ckpt = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
-    assert ckpt["step"] == step and not ckpt["finished"]
-    resumed = run_toy(tmp_path, "cut", resume=True)
+    assert ckpt["step"] == step and ckpt["finished"] == (step == 150)
+    resumed = run_toy(tmp_path, "cut", resume=True, checkpoint_every=every)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed_from {step}" in resumed.stdout
     a, b = torch.load(tmp_path / "full" / "final.pt"), torch.load(tmp_path / "cut" / "final.pt")
@@ -99,6 +107,14 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, kill_with, 
     full_log = [strip(json.loads(line)) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     cut_log = [strip(json.loads(line)) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert cut_log == full_log
+
+
+def test_an_ignored_sigint_stays_ignored(tmp_path):
+    """A background job of a shell script inherits SIGINT ignored: Ctrl-C in that terminal
+    must not stop its training."""
+    run = run_toy(tmp_path, "bg", kill_at=120, kill_with="SIGINT", ignore_sigint=True)
+    assert run.returncode == 0, run.stderr
+    assert "steps 150" in run.stdout
 
 
 def test_training_reduces_the_loss(tmp_path):

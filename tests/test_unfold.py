@@ -233,8 +233,14 @@ def test_interval_coverage_has_no_offset_from_the_number_of_samples():
     for level, value in ((0.68, cal.coverage_68), (0.95, cal.coverage_95)):
         error = math.sqrt(level * (1 - level) / n)
         assert value == pytest.approx(level, abs=4 * error)
-        # the order-statistic estimate is off by level·2/(S + 1): 6 and 4 standard errors here
-        assert level - level * (s - 1) / (s + 1) > 4 * error
+    # the order-statistic estimate, as before 2026-12-06, misses by level·2/(S + 1): more
+    # than 4 standard errors at both levels, so this test tells the two apart
+    samples, truth = rng.normal(size=(n, s)), rng.normal(size=n)
+    for level in (0.68, 0.95):
+        lo, hi = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2], axis=1)
+        old = np.mean((truth >= lo) & (truth <= hi))
+        assert level - old > 4 * math.sqrt(level * (1 - level) / n)
+        assert getattr(calibration(samples, truth), f"coverage_{round(100 * level)}") == pytest.approx(level, abs=4 * math.sqrt(level * (1 - level) / n))
 
 
 def test_calibration_noise_floor_is_the_95_percent_point_for_calibrated_posteriors():
@@ -1239,7 +1245,11 @@ def test_lhe_record_of_float32_samples_is_on_shell_and_balanced():
     # AQEDUP and AQCDUP: the card's α_em and its running α_s at the event's scale
     from partonic.physics.pdf import AlphaS
 
-    torch.testing.assert_close(ev.aqcd, AlphaS(0.130)(ev.scale**2).double())
+    torch.testing.assert_close(ev.aqcd, AlphaS(0.130, order=1)(ev.scale**2).double())
+    # what the job passes: the card's α_s, here a two-loop one of another value
+    other = lhe_events(p.float(), np.array([11, 13] * (n // 2)), 1.0, 1 / 128.0, AlphaS(0.118, order=2))
+    torch.testing.assert_close(other.aqcd, AlphaS(0.118, order=2)(other.scale**2).double())
+    assert not torch.allclose(other.aqcd, ev.aqcd) and torch.all(other.aqed == 1 / 128.0)
     assert torch.all(ev.aqed == 1 / 132.507)
 
 

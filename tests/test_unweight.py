@@ -533,17 +533,20 @@ def test_comparison_with_an_exact_reference_has_the_sample_error_only():
 
 def test_a_bulk_bin_the_sample_leaves_empty_is_its_worst_bin():
     """Reference uniform in 10 bins, the sample the same but empty in one: that bin is a
-    ratio of 0 (deviation 1), counted in χ² and ndf; against an exact reference, where
-    it has no error at all, its pull is infinite."""
+    ratio of 0 (deviation 1), counted in χ² and ndf; against an exact reference the
+    empty bin's error is that of the 900 events expected there, so its pull is −30."""
     edges = np.arange(11.0)
     reference = np.repeat(np.arange(10) + 0.5, 1000)
     sample = np.repeat(np.arange(10) + 0.5, [1000] * 5 + [0] + [1000] * 4)
     c = compare_histograms(sample, reference, edges)
     assert c.ratio[5] == 0.0 and c.max_bulk_deviation == 1.0
-    assert c.ndf == 10 and c.pull[5] == pytest.approx(-0.1 / math.sqrt(1000) * 10000)
+    # the reference's error in that bin, √1000/10⁴, and the 900 events the sample should hold there
+    assert c.ndf == 10 and c.pull[5] == pytest.approx(-0.1 / math.sqrt(1000 / 1e8 + 0.1 / 9000))
     assert c.chi2 > c.pull[5] ** 2 - 1e-9
     exact = compare_to_expected(sample, np.ones(10), edges)
-    assert exact.max_bulk_deviation == 1.0 and exact.max_bulk_pull == math.inf and exact.ndf == 9
+    assert exact.max_bulk_deviation == 1.0 and exact.ndf == 10
+    assert exact.pull[5] == pytest.approx(-30.0) and exact.max_bulk_pull == pytest.approx(30.0)
+    assert exact.chi2 == pytest.approx(900 + sum(p**2 for k, p in enumerate(exact.pull) if k != 5))
 
 
 def test_lepton_kinematics_round_trip():

@@ -80,28 +80,48 @@ def _check_card(args) -> int:
 
 
 def _check_pdf_set(card, source) -> None:
-    """The card's PDF set member must be found (lhapdf module or grid files), as the job
-    will need it: an unknown set is a card error."""
+    """The card's PDF set member must be found as the job will look for it (the lhapdf
+    module for backend lhapdf; the module or the grid files for auto; the grid files for
+    grid): an unknown set is a card error. An unfolding card that reads its events from
+    files needs no PDF."""
     from .physics.pdf import PDFError, find_pdf_member
 
+    if card.job == "unfold" and getattr(card.data, "source", "pythia") != "pythia":
+        return
     pdf = card.physics.pdf
-    if pdf.backend != "grid":
+    problem = None
+    if pdf.backend in ("auto", "lhapdf"):
         try:
             import lhapdf  # type: ignore
 
             lhapdf.setVerbosity(0)
             lhapdf.mkPDF(pdf.set, pdf.member)
             return
-        except Exception:  # noqa: BLE001 - no module, or it does not know the set: try the grid files
-            pass
+        except ImportError:
+            problem = "backend 'lhapdf' asks for the lhapdf Python module, which is not importable"
+        except Exception as exc:  # noqa: BLE001 - the module does not know the set
+            problem = f"the lhapdf module cannot open it ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        if pdf.backend == "lhapdf":
+            raise CardError(f"invalid card {source}:\n  physics.pdf.set = {pdf.set!r} (member {pdf.member}): {problem}")
     try:
         find_pdf_member(pdf.set, pdf.member)
     except PDFError as exc:
         raise CardError(f"invalid card {source}:\n  physics.pdf.set = {pdf.set!r} (member {pdf.member}): {exc}") from None
 
 
+def _mark_ended(status: str) -> None:
+    """run.json of the run this job made, if any, says how it ended (so that a folder whose
+    run failed before keeping anything can be taken over, and a live one cannot)."""
+    from .jobs import common
+
+    common.mark_ended(status)
+
+
 def _run_job(args) -> int:
+    from .jobs import common
     from .jobs.common import JobError
+
+    common._ACTIVE = None  # noqa: SLF001 - this job's folder, not an earlier one's in the same process
 
     card = load_card(args.card, args.overrides)
     if card.job != args.command:
@@ -156,7 +176,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check-card":
             return _check_card(args)
         with _sigterm_interrupts():
-            return _run_job(args)
+            try:
+                return _run_job(args)
+            except KeyboardInterrupt:
+                _mark_ended("interrupted")
+                raise
+            except BaseException:
+                _mark_ended("failed")
+                raise
     except CardError as exc:
         return _fail(str(exc))
     except (JobError, PDFError, FileNotFoundError) as exc:

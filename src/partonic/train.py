@@ -217,6 +217,8 @@ class _DeferredInterrupts:
         if threading.current_thread() is threading.main_thread():
             for name in self.SIGNALS:
                 signum = getattr(signal, name)
+                if signal.getsignal(signum) in (signal.SIG_IGN, None):
+                    continue  # ignored (a background job of a script): it stays ignored
                 self._previous[signum] = signal.signal(signum, self._handler)
         return self
 
@@ -264,17 +266,27 @@ def _as_loss(out: LossOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 
 
 class _Metrics:
-    def __init__(self, path: Path, resume_step: int | None):
+    """metrics.jsonl. A resumed run keeps the lines its checkpoint had seen (``lines``,
+    counted by the checkpoint), so that lines written after the checkpoint and written
+    again by the resumed run appear once; checkpoints from before that count keep the
+    lines up to the checkpoint's step."""
+
+    def __init__(self, path: Path, resume_step: int | None, lines: int | None = None):
         self.path = path
+        self.count = 0
         if resume_step is not None and path.exists():
             kept = []
             for line in path.read_text().splitlines():
+                if lines is not None and len(kept) >= lines:
+                    break
                 try:
-                    if json.loads(line).get("step", 0) <= resume_step:
+                    if lines is not None or json.loads(line).get("step", 0) <= resume_step:
+                        json.loads(line)
                         kept.append(line)
                 except json.JSONDecodeError:
                     continue  # a line cut by the interruption
             path.write_text("".join(k + "\n" for k in kept))
+            self.count = len(kept)
         elif resume_step is None and path.exists():
             path.unlink()
         self.fh = open(path, "a")
@@ -282,6 +294,7 @@ class _Metrics:
     def write(self, record: dict) -> None:
         self.fh.write(json.dumps(record) + "\n")
         self.fh.flush()
+        self.count += 1
 
     def close(self):
         self.fh.close()
@@ -375,7 +388,7 @@ def train(
         resumed_loss, resumed_val_loss = state.get("final_loss", float("nan")), state.get("val_loss")
         _set_rng_state(state["rng"])
         resumed_from = step
-    metrics = _Metrics(run_dir / METRICS, resumed_from)
+    metrics = _Metrics(run_dir / METRICS, resumed_from, state.get("metrics_lines") if resumed_from is not None else None)
 
     def checkpoint(finished: bool = False) -> None:
         _atomic_torch_save(
@@ -383,7 +396,7 @@ def train(
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
                 "lr_scale": lr_scale, "skipped": skipped, "rng": _rng_state(), "finished": finished,
                 "total_steps": total, "seed": seed, "best": best, "final_loss": last_loss, "val_loss": val_loss,
-                "time_plan": time_plan,
+                "time_plan": time_plan, "metrics_lines": metrics.count,
                 # the losses of the log interval in progress, so that a resumed run logs what an uninterrupted one does
                 "interval": {"losses": [v.detach().cpu() for v in interval_losses],
                              "extras": {k: torch.as_tensor(v).detach().cpu() for k, v in extras_sum.items()}},
@@ -509,7 +522,9 @@ def train(
                     interval_losses, extras_sum = [], {}
                 if step % cfg.checkpoint_every == 0 and step < total:
                     checkpoint()
-                if interrupts.pending is not None:
+                # (after the last step the run ends first: its epoch's validation and the
+                # finished checkpoint, then the signal, after the loop)
+                if interrupts.pending is not None and step < total:
                     checkpoint()
                     interrupts.fire()
             else:
@@ -523,7 +538,7 @@ def train(
                         best = {"epoch": epoch, "val_loss": val_loss,
                                 "model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()} if cfg.keep_best else None}
                     model.train()
-                if interrupts.pending is not None:
+                if interrupts.pending is not None and step < total:
                     checkpoint()
                     interrupts.fire()
                 continue

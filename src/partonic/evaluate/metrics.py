@@ -111,7 +111,8 @@ class HistogramComparison:
 
     Fields: ``edges``; ``ratio`` sample/reference and ``ratio_error`` (both samples'
     statistics); ``pull`` (difference / combined error); ``chi2`` and ``ndf`` over
-    bins where either has an error (ndf counts the bins; no constraint is subtracted
+    bins where either has an error, a bin the sample leaves empty with the error of the
+    count the reference expects there (ndf counts the bins; no constraint is subtracted
     for the normalisation); ``max_bulk_deviation`` max |ratio − 1| over bins
     holding ≥ ``bulk_fraction`` of the reference, whether or not the sample fills
     them (an empty one is a ratio of 0), ``max_bulk_deviation_error`` the
@@ -159,13 +160,18 @@ def _compare(hs, es, hr, er, edges, bulk_fraction) -> HistogramComparison:
     ps, pr = hs / ns, hr / nr
     es_n, er_n = es / ns, er / nr
     filled = (pr > 0) & (ps > 0)
+    # a bin the sample leaves empty has no error of its own (√Σw² = 0): it gets the error
+    # of the count the reference expects there, pr/n_eff with the sample's effective
+    # number of events (Pearson's error), so that it counts, most of all against an
+    # exactly known reference
+    n_eff = ns**2 / max(float((es**2).sum()), 1e-300)
+    empty = (ps == 0) & (pr > 0)
+    es_n = np.where(empty, np.sqrt(np.clip(pr, 0.0, None) / n_eff), es_n)  # (a negative-weight bin is never "empty")
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(pr > 0, ps / pr, np.nan)
         ratio_err = np.where(filled, ratio * np.sqrt((es_n / np.where(ps > 0, ps, 1)) ** 2 + (er_n / np.where(pr > 0, pr, 1)) ** 2), np.nan)
         sigma = np.sqrt(es_n**2 + er_n**2)
-        # a bin that differs with no error on either side (an empty sample bin against an
-        # exactly known reference) is infinitely far off; the χ² sums the bins with an error
-        pull = np.where(sigma > 0, (ps - pr) / sigma, np.where(ps == pr, 0.0, np.sign(ps - pr) * np.inf))
+        pull = np.where(sigma > 0, (ps - pr) / sigma, 0.0)
     used = sigma > 0
     chi2 = float((pull[used] ** 2).sum())
     # the bulk is where the reference is: a bulk bin the sample leaves empty is a ratio of 0

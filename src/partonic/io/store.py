@@ -40,10 +40,14 @@ def cache_key(kind: str, data_section: Any, seed: int, **extra: Any) -> str:
     return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+#: the process's umask, read once (reading it sets it, which would race with other threads)
+_UMASK = _read_umask()
 
 
 @contextmanager
@@ -58,7 +62,11 @@ def atomic_target(path: str | Path, suffix: str = ".tmp", fsync: bool = True) ->
     try:
         # mkstemp makes the file private (0600); the result follows the umask, as any
         # file the user writes, so that a group can read a run folder or a shared cache
-        os.chmod(tmp, 0o666 & ~_umask())
+        # (a file system that refuses chmod keeps the private file)
+        try:
+            os.chmod(tmp, 0o666 & ~_UMASK)
+        except OSError:
+            pass
         yield Path(tmp)
         if fsync:
             with open(tmp, "rb") as fh:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -21,7 +22,7 @@ from ..io.lhe import LHEInit, LHEProcess
 from ..io.store import atomic_target
 from ..physics.pdf import lhapdf_id
 
-__all__ = ["JobError", "resolve_device", "atomic_write_text", "atomic_write_json", "json_ready", "lhe_init", "RunFolder"]
+__all__ = ["JobError", "resolve_device", "atomic_write_text", "atomic_write_json", "json_ready", "lhe_init", "mark_ended", "RunFolder"]
 
 
 class JobError(RuntimeError):
@@ -139,8 +140,12 @@ class RunFolder:
         card_file = path / "card.yaml"
         if path.exists() and not path.is_dir():
             raise JobError(f"the output folder {path} is a file; choose another --output")
-        # a run that failed before it kept anything (bad input, unknown PDF set) leaves only
-        # its card and run.json: the folder is taken over, with or without --resume
+        running = _running_elsewhere(path / "run.json")
+        if running:
+            raise JobError(f"output folder {path} is in use by a run in progress ({running}); "
+                           "wait for it, or choose another --output")
+        # a run that failed or was stopped before it kept anything (bad input, unknown PDF
+        # set) leaves only its card and run.json: the folder is taken over, with or without --resume
         started = path.exists() and any(p.name not in ("card.yaml", "run.json") for p in path.iterdir())
         if started:
             if resume:
@@ -177,8 +182,21 @@ class RunFolder:
                 info["resumed_from"] = json.loads(previous.read_text())
             except json.JSONDecodeError:
                 pass
+        info.update(status="running", pid=os.getpid(), host=platform.node())
         atomic_write_json(previous, info)
+        global _ACTIVE
+        _ACTIVE = run
         return run
+
+    def set_status(self, status: str) -> None:
+        """Record in run.json how the run ended: finished, failed or interrupted."""
+        target = self.path / "run.json"
+        try:
+            info = json.loads(target.read_text())
+        except (OSError, json.JSONDecodeError):
+            return
+        info["status"] = status
+        atomic_write_json(target, info)
 
     def provenance(self) -> dict:
         return {
@@ -209,4 +227,45 @@ class RunFolder:
     def write_report(self, report: dict) -> Path:
         target = self.path / "report.json"
         atomic_write_json(target, report)
+        self.set_status("finished")
         return target
+
+
+#: the run folder this process works in (for ``mark_ended``)
+_ACTIVE: RunFolder | None = None
+
+
+def mark_ended(status: str) -> None:
+    """Record in this process's run folder that its run ``status`` (failed, interrupted)
+    unless it finished: the command line calls this on its way out of an error."""
+    if _ACTIVE is not None:
+        try:
+            current = json.loads((_ACTIVE.path / "run.json").read_text()).get("status")
+        except (OSError, json.JSONDecodeError):
+            return
+        if current == "running":
+            _ACTIVE.set_status(status)
+
+
+def _running_elsewhere(run_json: Path) -> str | None:
+    """'pid N on HOST' when run.json belongs to a run still in progress in another
+    process: running on this host with that process alive, or running on another host
+    (which cannot be checked from here). None otherwise."""
+    try:
+        info = json.loads(run_json.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if info.get("status") != "running" or "pid" not in info:
+        return None
+    pid, host = int(info["pid"]), info.get("host")
+    if host != platform.node():
+        return f"pid {pid} on {host}; if that run is dead, set \"status\" in {run_json} to \"failed\""
+    if pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None  # ended without saying how (killed): nothing runs there
+    except PermissionError:
+        pass  # alive, another user's
+    return f"pid {pid} on this host"

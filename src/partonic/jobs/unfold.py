@@ -453,7 +453,7 @@ def lhe_events(samples: torch.Tensor, flavour: np.ndarray, sigma_pb: float, alph
     unfolded: the momenta are, the flavour assignment is a convention), incoming
     partons along the beams so that momentum balances, XWGTUP = σ. AQEDUP is
     ``alpha_em``, AQCDUP ``alpha_s`` (a callable of Q²) at the event's scale
-    (default: AlphaS(0.130), the card's default)."""
+    (default: α_s(M_Z) = 0.130 at one loop, the card's default)."""
     p = samples.double().clone()
     n = len(p)
     # the leptons on their mass shells (the network's partons are massless), as
@@ -482,7 +482,7 @@ def lhe_events(samples: torch.Tensor, flavour: np.ndarray, sigma_pb: float, alph
         color1=row([501, 0, 0, 0, 0, 0, 502, 0]), color2=row([0, 501, 0, 0, 0, 0, 0, 502]),
         momenta=momenta, mass=mass, weight=torch.full((n,), sigma_pb, dtype=torch.float64),
         scale=scale, aqed=torch.tensor(alpha_em, dtype=torch.float64),
-        aqcd=(alpha_s or AlphaS(0.130))(scale * scale).double().cpu(), process_id=torch.tensor(1),
+        aqcd=(alpha_s or AlphaS(0.130, order=1))(scale * scale).double().cpu(), process_id=torch.tensor(1),
     )
 
 

@@ -595,8 +595,8 @@ def run(card, args) -> int:
         report["outputs"]["lhe"] = name
         # the file holds the physical events only: fewer than asked for when the network
         # put some outside phase space (unphysical_fraction)
-        report["lhe"] = {"events": n_lhe, "requested": int(min(len(x_gen), card.lhe.max_events or len(x_gen))),
-                         "dropped_unphysical": int((~physical).sum())}
+        requested = int(min(len(x_gen), card.lhe.max_events or len(x_gen)))
+        report["lhe"] = {"events": n_lhe, "requested": requested, "dropped_unphysical": requested - n_lhe}
     report["outputs"]["plots"] = plots
     report["methods"] = {method: method_report}
     report["method"] = method
@@ -631,7 +631,7 @@ def _summary(report: dict, path: Path) -> str:
         lines.append(f"  exact reweighting: unweighting efficiency {m['unweighting_efficiency']:.3f}, σ = {m['sigma_pb']:.2f} ± {m['sigma_error_pb']:.2f} pb")
     if "lhe" in report:
         lhe = report["lhe"]
-        dropped = (f" ({lhe['dropped_unphysical']} generated events outside phase space left out, "
-                   f"{m['unphysical_fraction']:.1%})") if lhe["dropped_unphysical"] else ""
+        dropped = (f" of {lhe['requested']} asked for: the network put {m['unphysical_fraction']:.1%} of its events "
+                   "outside phase space") if lhe["dropped_unphysical"] else ""
         lines.append(f"  LHE: {lhe['events']} events in {report['outputs']['lhe']}{dropped}")
     return "\n".join(lines)
