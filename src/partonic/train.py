@@ -280,11 +280,11 @@ class _Metrics:
                 if lines is not None and len(kept) >= lines:
                     break
                 try:
-                    if lines is not None or json.loads(line).get("step", 0) <= resume_step:
-                        json.loads(line)
-                        kept.append(line)
+                    record = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut by the interruption
+                if lines is not None or record.get("step", 0) <= resume_step:
+                    kept.append(line)
             path.write_text("".join(k + "\n" for k in kept))
             self.count = len(kept)
         elif resume_step is None and path.exists():

@@ -89,12 +89,17 @@ def _open_tree(path: Path, tree: str, names: tuple[str, ...], truth: bool):
         raise
     except Exception as exc:  # noqa: BLE001 - uproot's reader on a truncated or damaged file
         fh.close()
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DetectorInputError(f"{path}: tree '{tree}' cannot be read ({first}); the file is truncated or damaged (a copy cut short?)") from None
+        raise _damaged(path, f"tree '{tree}'", exc) from None
     except BaseException:
         fh.close()
         raise
     return fh, ttree, found
+
+
+def _damaged(path: Path, what: str, exc: Exception) -> DetectorInputError:
+    """The error for a file uproot cannot read through (its own error's first line)."""
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return DetectorInputError(f"{path}: {what} cannot be read ({first}); the file is truncated or damaged (a copy cut short?)")
 
 
 def _has_branches(path: Path, tree: str, names: tuple[str, ...]) -> bool:
@@ -262,11 +267,7 @@ def read_delphes(
                 try:
                     data[name] = ttree[key].array(library="ak", entry_stop=stop)
                 except Exception as exc:  # noqa: BLE001 - a truncated or damaged file fails in uproot's reader
-                    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                    raise DetectorInputError(
-                        f"{path}: branch {key!r} of tree '{tree}' cannot be read ({first}); "
-                        "the file is truncated or damaged (a copy cut short?)"
-                    ) from None
+                    raise _damaged(path, f"branch {key!r} of tree '{tree}'", exc) from None
         if remaining is not None:
             remaining -= stop
         jet_p4, n_jets = _select_jets(data, jets, max_jets, jet_pt_min, jet_eta_max)

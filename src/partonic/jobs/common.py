@@ -55,22 +55,23 @@ def atomic_write_json(path: Path, data: Any) -> None:
     """Strict JSON: NaN and ±inf (an empty bin's ratio, an undefined figure) are written
     as null, which every JSON reader accepts; Python's NaN literal is not JSON and stops
     JavaScript's, Go's or serde's parsers."""
-    text = json.dumps(json_ready(data), indent=2, sort_keys=False, allow_nan=False, default=_json_default)
+    text = json.dumps(json_ready(data), indent=2, sort_keys=False, allow_nan=False)
     atomic_write_text(path, text + "\n")
 
 
-def lhe_init(card, cross_section: float, error: float = 0.0, max_weight: float | None = None, version: str = __version__) -> LHEInit:
+def lhe_init(card, cross_section: float, error: float = 0.0, version: str = __version__) -> LHEInit:
     """The ``<init>`` block of a job's LHE file: the card's beams and energies, its PDF
     set member's LHAPDF id (PDFSUP; 0 where unknown), unweighted events (IDWTUP 3) of
     one process with this cross section in pb."""
     pdf = lhapdf_id(card.physics.pdf.set, card.physics.pdf.member)
     return LHEInit(beams=tuple(card.physics.beams), energies=(card.physics.sqrt_s / 2,) * 2, pdf_set=(pdf, pdf), weighting=3,
-                   processes=[LHEProcess(cross_section, error, cross_section if max_weight is None else max_weight, 1)],
+                   processes=[LHEProcess(cross_section, error, cross_section, 1)],
                    generator_version=version)
 
 
 def json_ready(obj: Any) -> Any:
-    """``obj`` with tensors and arrays as lists, and every non-finite float as None."""
+    """``obj`` with tensors and arrays as lists, paths as text, and every non-finite
+    float as None."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
@@ -81,14 +82,6 @@ def json_ready(obj: Any) -> Any:
         return obj
     if hasattr(obj, "tolist"):  # tensors, arrays and numpy scalars
         return json_ready(obj.tolist())
-    return obj
-
-
-def _json_default(obj):
-    if isinstance(obj, (torch.Tensor,)):
-        return obj.tolist()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"cannot write {type(obj).__name__} to JSON")

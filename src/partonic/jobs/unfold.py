@@ -1056,19 +1056,14 @@ def apply_model(card, args) -> int:
         raise JobError(str(exc)) from None
     if len(events) == 0:
         raise JobError(f"--input {' '.join(map(str, inputs))}: no event passes the selection")
-    slots, wanted = events.max_jets, trained.data.detector.max_jets
-    short = int((np.asarray(events.n_jets) > slots).sum()) if slots < wanted else 0
-    if short:
-        raise JobError(
-            f"--input {' '.join(map(str, inputs))}: {short} events count more jets (n_jets) than the input's {slots} jet "
-            f"slots, and the model was trained with {wanted}: their jets beyond slot {slots} are missing. Write the "
-            f"input with {wanted} jet slots (pT ordered, zero padded)"
-        )
+    try:
+        events = events.with_jet_slots(trained.data.detector.max_jets)
+    except DetectorInputError as exc:
+        raise JobError(f"--input {' '.join(map(str, inputs))}: {exc} (the model was trained with {trained.data.detector.max_jets})") from None
     folder = RunFolder.create(card, device, output, args.resume)
     report = folder.report_base()
     report["model"] = str(paths[0]) if len(paths) == 1 else [str(p) for p in paths]
     report["input"] = str(inputs[0]) if len(inputs) == 1 else [str(f) for f in inputs]
-    events = events.with_jet_slots(trained.data.detector.max_jets)
     if card.evaluation.test_events:
         events = events.subset(slice(0, card.evaluation.test_events))
     report["test_events"] = len(events)

@@ -135,9 +135,17 @@ class DetectorEvents:
         )
 
     def with_jet_slots(self, k: int) -> "DetectorEvents":
-        """The same events with at least ``k`` jet slots (extra slots zero)."""
+        """The same events with at least ``k`` jet slots (extra slots zero). Events that
+        count more jets (n_jets) than the slots they came with would then claim absent
+        jets they had: a :class:`DetectorInputError`."""
         if self.max_jets >= k:
             return self
+        short = int((np.asarray(self.n_jets) > self.max_jets).sum())
+        if short:
+            raise DetectorInputError(
+                f"{short} events count more jets (n_jets) than the input's {self.max_jets} jet slots, and {k} are needed: "
+                f"their jets beyond slot {self.max_jets} are missing. Write the events with {k} jet slots (pT ordered, zero padded)"
+            )
         jets = np.concatenate([self.jets, np.zeros((len(self), k - self.max_jets, 4))], 1)
         return DetectorEvents(self.leptons, self.lepton_flavour, jets, self.n_jets, self.partons, self.parton_ids, self.n_generated, self.cutflow)
 
